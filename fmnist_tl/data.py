@@ -1,0 +1,319 @@
+"""Fashion-MNIST as a LightningDataModule.
+
+The loaders move uint8 (B, 1, 28, 28) batches; resizing to the backbone's input size, grey to
+3 channels and normalisation run batched on the accelerator in `on_after_batch_transfer`, so
+the dataset is never materialised at 224 px (60k x 3 x 224 x 224 float32 would be 36 GB).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import shutil
+import tempfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torchvision.datasets import FashionMNIST
+
+from fmnist_tl.utils import FmnistError, atomic_write_bytes, remove_stale_temp_files
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES: tuple[str, ...] = tuple(FashionMNIST.classes)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")
+# (file stem, kind, split) for the four IDX files torchvision's FashionMNIST reads from raw/.
+IDX_FILES = (
+    ("train-images-idx3-ubyte", "images", "train"),
+    ("train-labels-idx1-ubyte", "labels", "train"),
+    ("t10k-images-idx3-ubyte", "images", "test"),
+    ("t10k-labels-idx1-ubyte", "labels", "test"),
+)
+IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
+DEFAULT_SIZES = {"train": 60000, "test": 10000}
+
+
+def parse_idx(raw: bytes, name: str, kind: str, expected_count: int | None) -> torch.Tensor:
+    """Check one decompressed IDX file and return its contents as a uint8 tensor.
+
+    Checks use explicit raises (not `assert`) so they survive `python -O`.
+    """
+
+    def bad(why: str) -> FmnistError:
+        return FmnistError(f"{name}: {why}; delete it (and fix the mirror) so it is fetched again")
+
+    ndim = 3 if kind == "images" else 1
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise bad(f"file is {len(raw)} bytes, too short for an IDX header")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != IDX_MAGIC[kind]:
+        raise bad(f"wrong IDX magic 0x{magic:08x}, expected 0x{IDX_MAGIC[kind]:08x} for {kind}")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    if kind == "images" and dims[1:] != [28, 28]:
+        raise bad(f"images are {dims[1]}x{dims[2]}, expected 28x28")
+    payload = len(raw) - header
+    expected_payload = dims[0] * (784 if kind == "images" else 1)
+    if payload != expected_payload:
+        raise bad(f"header says {dims[0]} items ({expected_payload} bytes) but payload is {payload} bytes")
+    if expected_count is not None and dims[0] != expected_count:
+        raise bad(f"holds {dims[0]} {kind}, expected {expected_count}")
+    data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
+    if kind == "labels" and data.numel() and int(data.max()) > 9:
+        raise bad(f"label {int(data.max())} is out of range 0-9")
+    return data
+
+
+def read_gz(path: Path) -> bytes:
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        # gzip raises BadGzipFile (not gzip / CRC), EOFError (truncated) or zlib.error (corrupt).
+        raise FmnistError(f"{path}: not a valid gzip file ({e or type(e).__name__}); replace it") from e
+
+
+def load_split(raw_dir: Path, split: str, expected_count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read and validate one split's images and labels from torchvision's raw/ folder."""
+    tensors = {}
+    for stem, kind, file_split in IDX_FILES:
+        if file_split == split:
+            path = raw_dir / stem
+            tensors[kind] = parse_idx(path.read_bytes(), str(path), kind, expected_count)
+    images, labels = tensors["images"], tensors["labels"]
+    if len(images) != len(labels):
+        raise FmnistError(
+            f"{raw_dir}: {split} split has {len(images)} images but {len(labels)} labels; "
+            "delete the raw folder so it is fetched again"
+        )
+    return images, labels.long()
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with a permutation fixed by (seed, epoch), so a resumed run sees the same order.
+
+    Lightning calls `set_epoch` on samplers that have it at the start of every epoch.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ImagePreprocess(nn.Module):
+    """uint8 (B, 1, 28, 28) -> normalised float (B, 3, S, S), batched on whatever device holds it.
+
+    Kept as a module so prediction and export reuse exactly the training preprocessing.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.image_size = int(image_size)
+        self.channels_last = channels_last
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            # antialias only matters when shrinking; upsampling 28 -> 224 is plain bilinear.
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def augment_batch(images: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
+    """Per-sample random horizontal flip and a small integer translation of uint8 28x28 images."""
+    b = images.shape[0]
+    flip = torch.rand(b, device=images.device) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1), images.flip(-1), images)
+    if max_shift > 0:
+        padded = F.pad(x, (max_shift,) * 4)
+        dx = torch.randint(0, 2 * max_shift + 1, (b,), device=images.device)
+        dy = torch.randint(0, 2 * max_shift + 1, (b,), device=images.device)
+        h, w = x.shape[-2:]
+        rows = (dy.view(b, 1) + torch.arange(h, device=images.device)).view(b, 1, h, 1).expand(b, 1, h, w)
+        cols = (dx.view(b, 1) + torch.arange(w, device=images.device)).view(b, 1, 1, w).expand(b, 1, h, w)
+        batch_idx = torch.arange(b, device=images.device).view(b, 1, 1)
+        x = padded[:, 0][batch_idx, rows[:, 0], cols[:, 0]].unsqueeze(1)
+    return x
+
+
+class FashionMNISTDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data_dir: str = "data",
+        mirror_dir: str | None = None,
+        val_size: int = 5000,
+        image_size: int = 224,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        augment: bool = False,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        channels_last: bool = False,
+        train_subset: int | None = None,
+        test_subset: int | None = None,
+        expected_sizes: dict[str, int] | None = None,
+        download: bool = True,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.mirror_dir = mirror_dir
+        self.val_size = int(val_size)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.augment = bool(augment)
+        self.train_subset = train_subset
+        self.test_subset = test_subset
+        self.expected_sizes = DEFAULT_SIZES if expected_sizes is None else dict(expected_sizes)
+        self.download = download
+        self.seed = int(seed)
+        self.preprocess = ImagePreprocess(image_size, mean, std, channels_last)
+        self.class_names = CLASS_NAMES
+        self.num_classes = len(CLASS_NAMES)
+        self.data_train: Dataset | None = None
+        self.data_val: Dataset | None = None
+        self.data_test: Dataset | None = None
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / "FashionMNIST" / "raw"
+
+    def _mirror(self) -> Path | None:
+        if self.mirror_dir is not None:
+            path = Path(self.mirror_dir)
+            if not path.is_dir():
+                raise FmnistError(f"data.mirror_dir={path} does not exist; point it at the folder with the *-ubyte.gz files")
+            return path
+        return DEBIAN_MIRROR if DEBIAN_MIRROR.is_dir() else None
+
+    def prepare_data(self) -> None:
+        """Put validated IDX files in raw/: from the local mirror first, else torchvision's download."""
+        self.raw_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.raw_dir)
+        missing = [(s, k, sp) for s, k, sp in IDX_FILES if not (self.raw_dir / s).is_file()]
+        if not missing:
+            return
+        mirror = self._mirror()
+        if mirror is not None:
+            for stem, kind, split in missing:
+                src = mirror / f"{stem}.gz"
+                if src.is_file():
+                    raw = read_gz(src)
+                elif (mirror / stem).is_file():
+                    raw = (mirror / stem).read_bytes()
+                else:
+                    raise FmnistError(f"{src}: missing from the data mirror; add it or set data.mirror_dir")
+                parse_idx(raw, str(src), kind, self.expected_sizes.get(split))
+                atomic_write_bytes(self.raw_dir / stem, raw)
+            log.info("Fashion-MNIST copied from mirror %s to %s", mirror, self.raw_dir)
+            return
+        if not self.download:
+            raise FmnistError(
+                f"Fashion-MNIST not found in {self.raw_dir} and no mirror; install Debian's "
+                "dataset-fashion-mnist, set data.mirror_dir, or allow data.download=true"
+            )
+        self._download(missing)
+
+    def _download(self, missing: list[tuple[str, str, str]]) -> None:
+        # Download into a temp dir beside raw/ so a failed or partial download never lands in raw/.
+        with tempfile.TemporaryDirectory(dir=self.data_dir, prefix=".download-") as tmp:
+            try:
+                for train in (True, False):
+                    FashionMNIST(tmp, train=train, download=True)
+            except Exception as e:  # network errors come in many types (URLError, HTTPError, socket, ...)
+                raise FmnistError(
+                    f"could not download Fashion-MNIST ({e}); install Debian's dataset-fashion-mnist "
+                    "or set data.mirror_dir to a folder with the *-ubyte.gz files"
+                ) from e
+            for stem, kind, split in missing:
+                path = Path(tmp) / "FashionMNIST" / "raw" / stem
+                raw = path.read_bytes()
+                parse_idx(raw, str(path), kind, self.expected_sizes.get(split))
+                shutil.move(str(path), self.raw_dir / f".{stem}.download.tmp")
+                (self.raw_dir / f".{stem}.download.tmp").replace(self.raw_dir / stem)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data_train is not None:
+            return
+        train_x, train_y = load_split(self.raw_dir, "train", self.expected_sizes.get("train"))
+        test_x, test_y = load_split(self.raw_dir, "test", self.expected_sizes.get("test"))
+        g = torch.Generator().manual_seed(self.seed)
+        if self.train_subset:
+            keep = torch.randperm(len(train_x), generator=g)[: int(self.train_subset)]
+            train_x, train_y = train_x[keep], train_y[keep]
+        if self.test_subset:
+            test_x, test_y = test_x[: int(self.test_subset)], test_y[: int(self.test_subset)]
+        if not 0 < self.val_size < len(train_x):
+            raise FmnistError(f"data.val_size={self.val_size} must be between 1 and {len(train_x) - 1}")
+        perm = torch.randperm(len(train_x), generator=g)
+        val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
+        self.data_train = TensorDataset(train_x[train_idx].unsqueeze(1), train_y[train_idx])
+        self.data_val = TensorDataset(train_x[val_idx].unsqueeze(1), train_y[val_idx])
+        self.data_test = TensorDataset(test_x.unsqueeze(1), test_y)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        sampler = None
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if shuffle and not distributed:
+            sampler = EpochShuffleSampler(len(dataset), self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=shuffle and distributed,  # Lightning swaps in a seeded DistributedSampler
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        if images.dtype == torch.uint8:  # cached features arrive as float and pass through
+            if self.augment and self.trainer is not None and self.trainer.training:
+                images = augment_batch(images)
+            images = self.preprocess.to(images.device)(images)
+        return images, labels

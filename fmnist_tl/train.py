@@ -1,0 +1,211 @@
+"""Train the transfer classifier: `python -m fmnist_tl.train [hydra overrides]`.
+
+`train(cfg)` is the whole job as a function (tests and sweepers call it); `main` adds Hydra and
+turns user errors into one-line messages with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fmnist_tl.model import TransferClassifier, check_backbone
+from fmnist_tl.utils import FmnistError, atomic_write_json, bf16_supported
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+TOP_LEVEL_KEYS = {
+    "data", "model", "callbacks", "logger", "trainer", "paths", "hydra", "experiment", "hparams_search",
+    "debug", "task_name", "tags", "seed", "ckpt_path", "test", "optimized_metric",
+}
+
+
+def _positive_number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FmnistError(f"{name}={value!r} must be a number, e.g. {name}=0.001")
+    if not math.isfinite(value) or value <= 0:
+        raise FmnistError(f"{name}={value} must be a positive finite number")
+    return float(value)
+
+
+def _int_at_least(value: Any, name: str, low: int, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise FmnistError(f"{name}={value!r} must be an integer >= {low}{why}")
+    return value
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject bad values before anything is built or written, with one line naming the key."""
+    unknown = sorted(set(cfg.keys()) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise FmnistError(f"unknown config key '{unknown[0]}'; check the spelling (see conf/train.yaml)")
+    m, d = cfg.model, cfg.data
+    check_backbone(m.backbone, m.weights)
+    _positive_number(m.optimizer.lr, "model.optimizer.lr")
+    if m.optimizer.get("weight_decay") is not None and (
+        not isinstance(m.optimizer.weight_decay, (int, float)) or m.optimizer.weight_decay < 0
+    ):
+        raise FmnistError(f"model.optimizer.weight_decay={m.optimizer.weight_decay!r} must be a number >= 0")
+    dropout = m.head.get("dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise FmnistError(f"model.head.dropout={dropout!r} must be in [0, 1)")
+    for i, width in enumerate(m.head.get("hidden_dims") or []):
+        _int_at_least(width, f"model.head.hidden_dims[{i}]", 1)
+    _int_at_least(d.batch_size, "data.batch_size", 1)
+    _int_at_least(d.image_size, "data.image_size", 32, " (ResNets downsample 32x)")
+    _int_at_least(d.val_size, "data.val_size", 1)
+    _int_at_least(d.num_workers, "data.num_workers", 0)
+    if cfg.trainer.get("max_epochs") is not None:
+        _int_at_least(cfg.trainer.max_epochs, "trainer.max_epochs", 1)
+    if m.weights_path is not None and not Path(m.weights_path).is_file():
+        raise FmnistError(f"model.weights_path={m.weights_path} does not exist")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt not in (None, "last") and not Path(ckpt).is_file():
+        raise FmnistError(f"ckpt_path={ckpt} does not exist; pass a .ckpt file or ckpt_path=last")
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    precision = str(trainer_cfg.get("precision", "auto"))
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if bf16_supported(str(trainer_cfg.get("accelerator", "auto"))) else "32-true"
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """`last` means the newest checkpoints/last.ckpt of an earlier run of this task.
+
+    Exception checkpoints (on_exception.ckpt, written after a crash or NaN) are never picked.
+    """
+    if cfg.ckpt_path != "last":
+        return cfg.ckpt_path
+    root = Path(cfg.paths.log_dir) / cfg.task_name
+    here = Path(cfg.paths.output_dir).resolve()
+    found = [p for p in root.glob("**/checkpoints/last.ckpt") if here not in p.resolve().parents]
+    if not found:
+        raise FmnistError(f"ckpt_path=last: no checkpoints/last.ckpt under {root}; pass ckpt_path=PATH instead")
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    log.info("Resuming from %s", newest)
+    return str(newest)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of what determines the result (not where files go or whether we resume)."""
+    keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items()
+            if k not in ("paths", "hydra", "ckpt_path", "tags", "callbacks", "logger")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def _metric(trainer: L.Trainer, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint, write metrics.json into the run dir; return the metrics."""
+    start = time.time()
+    validate_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_ckpt_path(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    # Data problems surface here, before a Trainer exists, so they leave no checkpoint behind.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model: TransferClassifier = instantiate(cfg.model, _recursive_=False)
+    log.info("Backbone %s, weights %s", cfg.model.backbone, model.weights_id)
+
+    precision = resolve_precision(cfg.trainer)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")),
+        logger=_instantiate_group(cfg.get("logger")) or False, precision=precision,
+    )
+    log.info("Precision %s", precision)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    val = {k: _metric(trainer, k) for k in ("val/acc", "val/f1", "val/loss")}
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    test: dict[str, float | None] = {}
+    if cfg.get("test"):
+        use_best = bool(best) and not trainer.fast_dev_run
+        trainer.test(model, datamodule=datamodule, ckpt_path=best if use_best else None, weights_only=True)
+        test = {k: _metric(trainer, k) for k in ("test/acc", "test/f1", "test/loss")}
+    if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
+        val[cfg.optimized_metric] = float(trainer.checkpoint_callback.best_model_score)
+
+    metrics = {
+        "status": "completed",
+        **val,
+        **test,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "best_model_path": best,
+        "wall_time_s": round(time.time() - start, 2),
+        "weights_id": model.weights_id,
+        "backbone": cfg.model.backbone,
+        "image_size": cfg.data.image_size,
+        "precision": precision,
+        "config_hash": config_hash(cfg),
+        "optimized_metric": cfg.optimized_metric,
+        "resumed_from": ckpt_path,
+    }
+    if trainer.is_global_zero:
+        atomic_write_json(output_dir / "metrics.json", metrics)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+        log.info("val acc %s, test acc %s -> %s", metrics.get("val/acc"), metrics.get("test/acc"), output_dir / "metrics.json")
+    return metrics
+
+
+def _is_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except (FmnistError, KeyboardInterrupt) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+        if _is_multirun():
+            # One failing job must not kill the sweep: record it and let the launcher go on.
+            atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", {"status": "failed", "error": message})
+            log.error("job failed: %s", message)
+            return float("nan")
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
+    value = metrics.get(cfg.optimized_metric)
+    print(json.dumps({k: metrics[k] for k in ("val/acc", "val/f1", "test/acc", "test/f1") if k in metrics}))
+    return value
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    main()
