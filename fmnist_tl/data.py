@@ -87,6 +87,8 @@ def load_split(raw_dir: Path, split: str, expected_count: int | None) -> tuple[t
     for stem, kind, file_split in IDX_FILES:
         if file_split == split:
             path = raw_dir / stem
+            if not path.is_file():
+                raise FmnistError(f"{path} is missing; call prepare_data() first (train does) or check data.data_dir")
             tensors[kind] = parse_idx(path.read_bytes(), str(path), kind, expected_count)
     images, labels = tensors["images"], tensors["labels"]
     if len(images) != len(labels):
@@ -214,7 +216,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if self.mirror_dir is not None:
             path = Path(self.mirror_dir)
             if not path.is_dir():
-                raise FmnistError(f"data.mirror_dir={path} does not exist; point it at the folder with the *-ubyte.gz files")
+                raise FmnistError(
+                    f"data.mirror_dir={path} does not exist; point it at the folder with the *-ubyte.gz files"
+                )
             return path
         return DEBIAN_MIRROR if DEBIAN_MIRROR.is_dir() else None
 

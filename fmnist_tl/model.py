@@ -53,7 +53,9 @@ def load_state_dict_file(path: str | os.PathLike, what: str) -> dict[str, torch.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FmnistError(f"{what} {path} refused: not a plain tensor file ({first})") from e
     except Exception as e:  # truncated zip, bad magic, EOF ...
-        raise FmnistError(f"{what} {path} is corrupt or truncated ({type(e).__name__}: {e}); delete it and fetch it again") from e
+        raise FmnistError(
+            f"{what} {path} is corrupt or truncated ({type(e).__name__}: {e}); delete it and fetch it again"
+        ) from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -71,9 +73,14 @@ def load_backbone_state(net: nn.Module, state: dict[str, torch.Tensor], source: 
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
-        parts = [f"{name} keys: {few(keys)}" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)) if keys]
-        raise FmnistError(f"{source} does not fit {backbone}: " + "; ".join(parts) + "; pass weights saved from the same architecture")
+        parts = [
+            f"{name} keys: {few(keys)}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
+            if keys
+        ]
+        raise FmnistError(
+            f"{source} does not fit {backbone}: " + "; ".join(parts) + "; pass weights saved from the same architecture"
+        )
     net.load_state_dict(state, strict=True)
 
 
@@ -140,15 +147,25 @@ class TransferClassifier(L.LightningModule):
         mean, std = list(to_container(mean)), list(to_container(std))
         self.save_hyperparameters(
             {
-                "backbone": backbone, "weights": weights, "weights_path": weights_path, "num_classes": num_classes,
-                "head": head, "freeze_backbone": freeze_backbone, "optimizer": optimizer or DEFAULT_OPTIMIZER,
-                "scheduler": scheduler, "image_size": image_size, "mean": mean, "std": std,
+                "backbone": backbone,
+                "weights": weights,
+                "weights_path": weights_path,
+                "num_classes": num_classes,
+                "head": head,
+                "freeze_backbone": freeze_backbone,
+                "optimizer": optimizer or DEFAULT_OPTIMIZER,
+                "scheduler": scheduler,
+                "image_size": image_size,
+                "mean": mean,
+                "std": std,
                 "channels_last": channels_last,
             }
         )
         self.backbone, self.weights_id = build_backbone(backbone, weights, weights_path, load=load_weights)
         self.feature_dim = BACKBONES[backbone]
-        self.head = self._build_head(self.feature_dim, num_classes, head.get("hidden_dims", [256]), head.get("dropout", 0.5))
+        self.head = self._build_head(
+            self.feature_dim, num_classes, head.get("hidden_dims", [256]), head.get("dropout", 0.5)
+        )
         # Preprocessing lives with the model too, so predict/export rebuild it from the checkpoint alone.
         self.preprocess = ImagePreprocess(image_size, mean, std)
         self.freeze_backbone = freeze_backbone
@@ -157,8 +174,12 @@ class TransferClassifier(L.LightningModule):
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         metrics = MetricCollection(
-            {"acc": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")}
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+            }
         )
+        self.train()  # apply the BatchNorm policy from the start, not only after a train() call
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -181,9 +202,13 @@ class TransferClassifier(L.LightningModule):
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise FmnistError(f"checkpoint {path} refused: it holds objects other than tensors and plain containers") from e
+            raise FmnistError(
+                f"checkpoint {path} refused: it holds objects other than tensors and plain containers"
+            ) from e
         except Exception as e:
-            raise FmnistError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); use another checkpoint") from e
+            raise FmnistError(
+                f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); use another checkpoint"
+            ) from e
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
             raise FmnistError(f"checkpoint {path} is not an fmnist_tl checkpoint (no state_dict/hyper_parameters)")
         model = cls(**ckpt["hyper_parameters"], load_weights=False)
@@ -203,6 +228,11 @@ class TransferClassifier(L.LightningModule):
             # requires_grad=False alone still lets BatchNorm update its running stats in train mode.
             self.backbone.eval()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning restores per-module train/eval flags around validation without calling train(),
+        # so enforce the frozen BatchNorm policy here as well.
+        self.train(True)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, (B, 2048) for resnet50, from preprocessed images."""
@@ -227,8 +257,15 @@ class TransferClassifier(L.LightningModule):
                 "lower model.optimizer.lr"
             )
         metrics.update(logits.detach().float(), y)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "test",
-                 batch_size=len(y), sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=stage != "test",
+            batch_size=len(y),
+            sync_dist=stage != "train",
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
         return loss
 

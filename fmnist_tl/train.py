@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +21,37 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.model import TransferClassifier, check_backbone
-from fmnist_tl.utils import FmnistError, atomic_write_json, bf16_supported
+from fmnist_tl.utils import FmnistError, atomic_write_json, atomic_write_text, bf16_supported
 
 log = logging.getLogger(__name__)
+# The frozen backbone is in eval mode on purpose (BatchNorm stats must not move).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 TOP_LEVEL_KEYS = {
-    "data", "model", "callbacks", "logger", "trainer", "paths", "hydra", "experiment", "hparams_search",
-    "debug", "task_name", "tags", "seed", "ckpt_path", "test", "optimized_metric",
+    "data",
+    "model",
+    "callbacks",
+    "logger",
+    "trainer",
+    "paths",
+    "hydra",
+    "experiment",
+    "hparams_search",
+    "debug",
+    "task_name",
+    "tags",
+    "seed",
+    "ckpt_path",
+    "test",
+    "optimized_metric",
 }
 
 
@@ -106,15 +125,31 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 def config_hash(cfg: DictConfig) -> str:
     """Hash of what determines the result (not where files go or whether we resume)."""
-    keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items()
-            if k not in ("paths", "hydra", "ckpt_path", "tags", "callbacks", "logger")}
+    keep = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg, resolve=False).items()
+        if k not in ("paths", "hydra", "ckpt_path", "tags", "callbacks", "logger")
+    }
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build(cfg: DictConfig, **kwargs: Any) -> Any:
+    """hydra's instantiate, but our own one-line errors come out unwrapped."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, FmnistError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from e
+        raise
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
-    return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+    return [build(c) for c in group.values() if c is not None and "_target_" in c]
 
 
 def _metric(trainer: L.Trainer, name: str) -> float | None:
@@ -131,17 +166,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_ckpt_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule: L.LightningDataModule = instantiate(cfg.data)
-    # Data problems surface here, before a Trainer exists, so they leave no checkpoint behind.
+    # Weights and data problems surface here, before a Trainer exists, so they leave no checkpoint.
+    model: TransferClassifier = build(cfg.model, _recursive_=False)
+    log.info("Backbone %s, weights %s", cfg.model.backbone, model.weights_id)
+    datamodule: L.LightningDataModule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model: TransferClassifier = instantiate(cfg.model, _recursive_=False)
-    log.info("Backbone %s, weights %s", cfg.model.backbone, model.weights_id)
 
     precision = resolve_precision(cfg.trainer)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")),
-        logger=_instantiate_group(cfg.get("logger")) or False, precision=precision,
+    trainer: L.Trainer = build(
+        cfg.trainer,
+        callbacks=_instantiate_group(cfg.get("callbacks")),
+        logger=_instantiate_group(cfg.get("logger")) or False,
+        precision=precision,
     )
     log.info("Precision %s", precision)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -174,8 +211,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         atomic_write_json(output_dir / "metrics.json", metrics)
-        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-        log.info("val acc %s, test acc %s -> %s", metrics.get("val/acc"), metrics.get("test/acc"), output_dir / "metrics.json")
+        atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        log.info(
+            "val acc %s, test acc %s -> %s",
+            metrics.get("val/acc"),
+            metrics.get("test/acc"),
+            output_dir / "metrics.json",
+        )
     return metrics
 
 

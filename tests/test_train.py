@@ -1,0 +1,134 @@
+"""End to end on tiny data: real Trainer, real checkpoints, real Hydra CLI."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from fmnist_tl.model import TransferClassifier
+from fmnist_tl.train import resolve_precision, train
+from fmnist_tl.utils import cpu_supports_bf16
+from tests.conftest import run_cli, tiny_overrides
+
+
+class RecordBackboneMode(L.Callback):
+    def __init__(self) -> None:
+        self.modes: set[bool] = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes |= {m.training for m in pl_module.backbone.modules()}
+        assert pl_module.head.training
+
+
+def test_fast_dev_run(tiny_cfg):
+    metrics = train(tiny_cfg("debug=fdr"))
+    assert metrics["status"] == "completed"
+    assert metrics["global_step"] == 1
+
+
+def test_fit_and_test_writes_metrics_and_checkpoints_and_keeps_backbone_frozen(tiny_cfg, tmp_path, monkeypatch):
+    cfg = tiny_cfg("trainer.max_epochs=2")
+    seen: dict = {}
+    orig_fit = L.Trainer.fit
+
+    def spy_fit(self, model, *a, **k):
+        recorder = RecordBackboneMode()
+        self.callbacks.append(recorder)
+        seen["before"] = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        seen["head_before"] = {k: v.clone() for k, v in model.head.state_dict().items()}
+        out = orig_fit(self, model, *a, **k)
+        seen["after"] = model.backbone.state_dict()
+        seen["head_after"] = model.head.state_dict()
+        seen["modes"] = recorder.modes
+        return out
+
+    monkeypatch.setattr(L.Trainer, "fit", spy_fit)
+    metrics = train(cfg)
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    for key in ("val/acc", "val/f1", "test/acc", "test/f1"):
+        assert 0.0 <= on_disk[key] <= 1.0
+    assert on_disk["epochs"] == 2 and on_disk["weights_id"] == "random-init"
+    # The tiny classes are easy: a head on a random frozen backbone beats chance (10%) clearly.
+    assert on_disk["test/acc"] > 0.3
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert on_disk["best_model_path"].endswith(".ckpt")
+    # Frozen means frozen: weights and BatchNorm running stats bit-identical, BN never in train mode.
+    assert seen["modes"] == {False}
+    assert all(torch.equal(seen["before"][k], seen["after"][k]) for k in seen["before"])
+    assert not all(torch.equal(seen["head_before"][k], seen["head_after"][k]) for k in seen["head_before"])
+    # Our checkpoints load with weights_only=True and rebuild the model without fetching weights.
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["weights_id"] == "random-init"
+    model = TransferClassifier.from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert torch.equal(model.head[0].weight, ckpt["state_dict"]["head.0.weight"])
+
+
+def test_resume_from_last(tiny_cfg, tmp_path):
+    first = train(tiny_cfg("trainer.max_epochs=1", output="runs/a"))
+    assert first["epochs"] == 1
+    # ckpt_path=last finds runs/a/checkpoints/last.ckpt under paths.log_dir/task_name.
+    cfg = tiny_cfg(
+        "trainer.max_epochs=2", "ckpt_path=last", f"paths.log_dir={tmp_path}", "task_name=runs", output="runs/b"
+    )
+    second = train(cfg)
+    assert second["resumed_from"].endswith("a/checkpoints/last.ckpt")
+    assert second["epochs"] == 2
+    # One more epoch only: global_step doubled, not tripled.
+    assert second["global_step"] == 2 * first["global_step"]
+
+
+def test_precision_auto_follows_hardware(tiny_cfg):
+    cfg = tiny_cfg("trainer.precision=auto")
+    assert resolve_precision(cfg.trainer) == ("bf16-mixed" if cpu_supports_bf16() else "32-true")
+    assert resolve_precision(tiny_cfg("trainer.precision=16-mixed").trainer) == "16-mixed"
+
+
+@pytest.mark.slow
+def test_cli_run_prints_metrics(tiny_mirror, tmp_path):
+    proc = run_cli(*tiny_overrides(tiny_mirror, tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = list((tmp_path / "logs" / "train" / "runs").glob("*/metrics.json"))
+    assert len(runs) == 1
+    assert json.loads(runs[0].read_text())["test/acc"] == printed["test/acc"]
+
+
+@pytest.mark.slow
+def test_multirun_two_jobs(tiny_mirror, tmp_path):
+    proc = run_cli("-m", *tiny_overrides(tiny_mirror, tmp_path), "model.head.dropout=0.2,0.5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*/*/metrics.json"))
+    assert len(jobs) == 2
+    dropouts = set()
+    for job in jobs:
+        assert json.loads(job.read_text())["status"] == "completed"
+        dropouts.add((job.parent / "config.yaml").read_text().count("dropout: 0.2"))
+    assert dropouts == {0, 1}
+
+
+@pytest.mark.slow
+def test_ddp_sim_two_processes(tiny_mirror, tmp_path):
+    proc = run_cli(
+        *tiny_overrides(tiny_mirror, tmp_path),
+        "trainer=ddp_sim",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (metrics_file,) = (tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["status"] == "completed" and metrics["test/acc"] is not None
+
+
+def test_cli_without_weights_offline_stops_at_once(tmp_path):
+    proc = run_cli(f"paths.root_dir={tmp_path}", env={"TORCH_HOME": str(tmp_path / "torch")}, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot get resnet50 IMAGENET1K_V1 weights")
+    assert "hub/checkpoints/resnet50-0676ba61.pth" in last and "model.weights=null" in last
+    assert not list(tmp_path.rglob("*.ckpt"))
