@@ -275,6 +275,18 @@ class TransferClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, self.val_metrics, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        # Refuse to go on (and so to save last.ckpt) once the weights are no longer finite:
+        # ModelCheckpoint saves after this hook, so a diverged model never becomes `last`.
+        if self.trainer.sanity_checking:
+            return
+        bad = [n for n, p in self.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise FmnistError(
+                f"training diverged: parameter {bad[0]} is not finite after epoch {self.current_epoch}; "
+                "lower model.optimizer.lr"
+            )
+
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, self.test_metrics, "test")
 

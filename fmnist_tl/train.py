@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import random
 import sys
 import time
 import warnings
@@ -19,15 +21,25 @@ from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.model import TransferClassifier, check_backbone
-from fmnist_tl.utils import FmnistError, atomic_write_json, atomic_write_text, bf16_supported
+from fmnist_tl.utils import (
+    FmnistError,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    bf16_supported,
+    remove_stale_temp_files,
+)
 
 log = logging.getLogger(__name__)
 # The frozen backbone is in eval mode on purpose (BatchNorm stats must not move).
@@ -99,6 +111,49 @@ def validate_config(cfg: DictConfig) -> None:
         raise FmnistError(f"ckpt_path={ckpt} does not exist; pass a .ckpt file or ckpt_path=last")
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temp file and renamed, read back with weights_only=True.
+
+    A kill -9 mid-save leaves the previous checkpoint intact and at worst a stray temp file,
+    which the next run over that directory removes.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+class ReseedEachEpoch(L.Callback):
+    """Seed the RNGs from (seed, epoch, rank) at every epoch start.
+
+    Dropout masks then depend only on the epoch, so 1 epoch + resume gives the same weights as
+    2 epochs straight (the sampler's order is fixed by (seed, epoch) too).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seed = (self.seed * 1_000_003 + trainer.current_epoch * 1009 + trainer.global_rank) % (2**31)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+
+def check_checkpoint_file(path: str) -> None:
+    """Refuse a checkpoint Lightning could not load safely, before any training starts."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise FmnistError(f"ckpt_path={path} refused: it holds objects other than tensors and plain containers") from e
+    except Exception as e:
+        why = type(e).__name__
+        raise FmnistError(f"ckpt_path={path} is corrupt or truncated ({why}); pick another checkpoint") from e
+
+
 def resolve_precision(trainer_cfg: DictConfig) -> str:
     precision = str(trainer_cfg.get("precision", "auto"))
     if precision != "auto":
@@ -112,6 +167,8 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     Exception checkpoints (on_exception.ckpt, written after a crash or NaN) are never picked.
     """
     if cfg.ckpt_path != "last":
+        if cfg.ckpt_path is not None:
+            check_checkpoint_file(cfg.ckpt_path)
         return cfg.ckpt_path
     root = Path(cfg.paths.log_dir) / cfg.task_name
     here = Path(cfg.paths.output_dir).resolve()
@@ -119,6 +176,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if not found:
         raise FmnistError(f"ckpt_path=last: no checkpoints/last.ckpt under {root}; pass ckpt_path=PATH instead")
     newest = max(found, key=lambda p: p.stat().st_mtime)
+    check_checkpoint_file(str(newest))
     log.info("Resuming from %s", newest)
     return str(newest)
 
@@ -164,6 +222,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path:
+        remove_stale_temp_files(Path(ckpt_path).parent)
     L.seed_everything(cfg.seed, workers=True)
 
     # Weights and data problems surface here, before a Trainer exists, so they leave no checkpoint.
@@ -176,12 +236,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     precision = resolve_precision(cfg.trainer)
     trainer: L.Trainer = build(
         cfg.trainer,
-        callbacks=_instantiate_group(cfg.get("callbacks")),
+        callbacks=[*_instantiate_group(cfg.get("callbacks")), ReseedEachEpoch(cfg.seed)],
         logger=_instantiate_group(cfg.get("logger")) or False,
         precision=precision,
+        plugins=[AtomicCheckpointIO()],
     )
     log.info("Precision %s", precision)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except (SIGTERMException, KeyboardInterrupt, SystemExit) as e:
+        # Lightning already ran OnExceptionCheckpoint; say where it is and how to go on.
+        saved = output_dir / "checkpoints" / "on_exception.ckpt"
+        where = f"; checkpoint saved at {saved}, resume with ckpt_path={saved}" if saved.is_file() else ""
+        raise FmnistError(f"training interrupted ({type(e).__name__}){where}") from e
     val = {k: _metric(trainer, k) for k in ("val/acc", "val/f1", "val/loss")}
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
