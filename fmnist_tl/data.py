@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import shutil
 import tempfile
 import zlib
 from collections.abc import Sequence
@@ -226,21 +225,20 @@ class FashionMNISTDataModule(L.LightningDataModule):
         """Put validated IDX files in raw/: from the local mirror first, else torchvision's download."""
         self.raw_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(self.raw_dir)
-        missing = [(s, k, sp) for s, k, sp in IDX_FILES if not (self.raw_dir / s).is_file()]
-        if not missing:
+        if all((self.raw_dir / stem).is_file() for stem, _, _ in IDX_FILES):
             return
         mirror = self._mirror()
         if mirror is not None:
-            for stem, kind, split in missing:
+            files = {}
+            for stem, _, _ in IDX_FILES:
                 src = mirror / f"{stem}.gz"
                 if src.is_file():
-                    raw = read_gz(src)
+                    files[stem] = (str(src), read_gz(src))
                 elif (mirror / stem).is_file():
-                    raw = (mirror / stem).read_bytes()
+                    files[stem] = (str(mirror / stem), (mirror / stem).read_bytes())
                 else:
                     raise FmnistError(f"{src}: missing from the data mirror; add it or set data.mirror_dir")
-                parse_idx(raw, str(src), kind, self.expected_sizes.get(split))
-                atomic_write_bytes(self.raw_dir / stem, raw)
+            self._install(files)
             log.info("Fashion-MNIST copied from mirror %s to %s", mirror, self.raw_dir)
             return
         if not self.download:
@@ -248,9 +246,6 @@ class FashionMNISTDataModule(L.LightningDataModule):
                 f"Fashion-MNIST not found in {self.raw_dir} and no mirror; install Debian's "
                 "dataset-fashion-mnist, set data.mirror_dir, or allow data.download=true"
             )
-        self._download(missing)
-
-    def _download(self, missing: list[tuple[str, str, str]]) -> None:
         # Download into a temp dir beside raw/ so a failed or partial download never lands in raw/.
         with tempfile.TemporaryDirectory(dir=self.data_dir, prefix=".download-") as tmp:
             try:
@@ -261,12 +256,27 @@ class FashionMNISTDataModule(L.LightningDataModule):
                     f"could not download Fashion-MNIST ({e}); install Debian's dataset-fashion-mnist "
                     "or set data.mirror_dir to a folder with the *-ubyte.gz files"
                 ) from e
-            for stem, kind, split in missing:
-                path = Path(tmp) / "FashionMNIST" / "raw" / stem
-                raw = path.read_bytes()
-                parse_idx(raw, str(path), kind, self.expected_sizes.get(split))
-                shutil.move(str(path), self.raw_dir / f".{stem}.download.tmp")
-                (self.raw_dir / f".{stem}.download.tmp").replace(self.raw_dir / stem)
+            downloaded = Path(tmp) / "FashionMNIST" / "raw"
+            self._install(
+                {stem: (str(downloaded / stem), (downloaded / stem).read_bytes()) for stem, _, _ in IDX_FILES}
+            )
+
+    def _install(self, files: dict[str, tuple[str, bytes]]) -> None:
+        """Validate all four files, and each split's images against its labels, before writing any."""
+        counts = {}
+        for stem, kind, split in IDX_FILES:
+            source, raw = files[stem]
+            counts[(split, kind, source)] = len(parse_idx(raw, source, kind, self.expected_sizes.get(split)))
+        for split in ("train", "test"):
+            (images_src, n_images), (labels_src, n_labels) = [
+                (src, n) for (sp, _, src), n in counts.items() if sp == split
+            ]
+            if n_images != n_labels:
+                raise FmnistError(
+                    f"{labels_src}: {n_labels} labels for {n_images} images in {images_src}; replace both"
+                )
+        for stem, (_, raw) in files.items():
+            atomic_write_bytes(self.raw_dir / stem, raw)
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:
