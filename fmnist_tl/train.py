@@ -28,6 +28,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import callbacks
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -126,8 +127,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
+class OnExceptionCheckpoint(callbacks.OnExceptionCheckpoint):
+    """Lightning's, but a failure to save (say, the disk is full) never hides the original error."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        try:
+            super().on_exception(trainer, pl_module, exception)
+        except Exception as e:
+            log.warning("could not save the exception checkpoint: %s", e)
+
+
 class ReseedEachEpoch(L.Callback):
-    """Seed the RNGs from (seed, epoch, rank) at every epoch start.
+    """Seed the RNGs from (seed, epoch, rank) at the start of every training epoch.
 
     Dropout masks then depend only on the epoch, so 1 epoch + resume gives the same weights as
     2 epochs straight (the sampler's order is fixed by (seed, epoch) too).
@@ -136,7 +147,13 @@ class ReseedEachEpoch(L.Callback):
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # At the first batch, not at epoch start: creating the loader iterator draws from the
+        # global RNG, and Lightning does that at different points in a fresh and a resumed fit.
+        if batch_idx != 0:
+            return
         seed = (self.seed * 1_000_003 + trainer.current_epoch * 1009 + trainer.global_rank) % (2**31)
         random.seed(seed)
         np.random.seed(seed)
@@ -234,9 +251,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
 
     precision = resolve_precision(cfg.trainer)
+    callback_list = _instantiate_group(cfg.get("callbacks"))
+    if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
+        # Keep checkpointing where the resumed run did: Lightning restores the best score and
+        # top-k bookkeeping only when the checkpoint directory is unchanged.
+        for cb in callback_list:
+            if type(cb) is callbacks.ModelCheckpoint:
+                cb.dirpath = str(Path(ckpt_path).parent)
+        log.info("Checkpoints continue in %s", Path(ckpt_path).parent)
     trainer: L.Trainer = build(
         cfg.trainer,
-        callbacks=[*_instantiate_group(cfg.get("callbacks")), ReseedEachEpoch(cfg.seed)],
+        callbacks=[*callback_list, ReseedEachEpoch(cfg.seed)],
         logger=_instantiate_group(cfg.get("logger")) or False,
         precision=precision,
         plugins=[AtomicCheckpointIO()],

@@ -61,7 +61,8 @@ def tiny_overrides(mirror: Path, tmp: Path) -> list[str]:
     return [
         f"paths.root_dir={tmp}",
         f"data.mirror_dir={mirror}",
-        "data.expected_sizes={train: 400, test: 100}",
+        "data.expected_sizes.train=400",
+        "data.expected_sizes.test=100",
         "data.val_size=100",
         "data.image_size=32",
         "data.batch_size=32",
