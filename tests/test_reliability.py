@@ -44,8 +44,8 @@ DATA_CASES = {
     "not_gzip": ("train-labels-idx1-ubyte.gz", b"hello, not gzip at all", "not a valid gzip file"),
     "wrong_magic": ("train-labels-idx1-ubyte.gz", _gz(b"\x00\x00\x08\x03" + idx_bytes("labels", LABELS)[4:]), "magic"),
     "count_vs_payload": ("train-images-idx3-ubyte.gz", _gz(idx_bytes("images", IMAGES)[:-784]), "payload is"),
-    "labels_vs_images": ("train-labels-idx1-ubyte.gz", _gz(idx_bytes("labels", LABELS[:-1])), "399 labels for 400 images"),
-    "label_10": ("t10k-labels-idx1-ubyte.gz", _gz(idx_bytes("labels", torch.full((100,), 10))), "label 10 is out of range"),
+    "labels_vs_images": ("train-labels-idx1-ubyte.gz", _gz(idx_bytes("labels", LABELS[:-1])), "399 labels for 400"),
+    "label_10": ("t10k-labels-idx1-ubyte.gz", _gz(idx_bytes("labels", torch.full((100,), 10))), "label 10 is out"),
     "not_28x28": ("t10k-images-idx3-ubyte.gz", _gz(idx_bytes("images", torch.zeros(100, 32, 32))), "expected 28x28"),
 }
 
@@ -85,8 +85,9 @@ def test_bad_data_file_cli_one_line_exit_nonzero(case, optimize, tmp_path):
     assert not list((tmp_path / "data").rglob("*ubyte"))
     # With HYDRA_FULL_ERROR=1 the user gets the full trace instead.
     if not optimize:
-        full = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
-                              env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+        full = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "1"}
+        )
         assert full.returncode != 0 and "Traceback" in full.stderr
 
 
@@ -130,8 +131,14 @@ def test_truncated_checkpoint_is_clear(tiny_cfg, tmp_path):
 def _start_long_run(tmp_path: Path, mirror: Path) -> subprocess.Popen:
     args = [*tiny_overrides(mirror, tmp_path), "trainer.max_epochs=500", "callbacks.early_stopping=null"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "fmnist_tl.train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fmnist_tl.train", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(path_glob, root: Path, timeout: float = 120) -> Path:
@@ -199,8 +206,12 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_bad_file(tmp_path):
 
 def test_resume_parity_two_epochs_vs_one_plus_resume(tiny_cfg, tmp_path):
     # A constant LR: a cosine schedule's length follows the max_epochs of the run that created it.
-    common = ["trainer.deterministic=true", "callbacks.early_stopping=null", "model.head.dropout=0.3",
-              "model.scheduler=null"]
+    common = [
+        "trainer.deterministic=true",
+        "callbacks.early_stopping=null",
+        "model.head.dropout=0.3",
+        "model.scheduler=null",
+    ]
     straight = train(tiny_cfg(*common, "trainer.max_epochs=2", output="straight"))
     train(tiny_cfg(*common, "trainer.max_epochs=1", output="part1"))
     part1_last = tmp_path / "part1" / "checkpoints" / "last.ckpt"
@@ -295,8 +306,17 @@ def test_enospc_on_metrics_json_keeps_previous(tmp_path, monkeypatch):
 def test_two_runs_started_together_get_separate_dirs(tiny_mirror, tmp_path):
     args = [*tiny_overrides(tiny_mirror, tmp_path), "debug=fdr"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, "-m", "fmnist_tl.train", *args], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fmnist_tl.train", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
     dirs = list((tmp_path / "logs" / "debug" / "runs").iterdir())
