@@ -82,6 +82,12 @@ def test_resume_from_last(tiny_cfg, tmp_path):
     assert second["global_step"] == 2 * first["global_step"]
 
 
+@pytest.mark.parametrize("schedule", ["model/scheduler=onecycle", "model.scheduler=null"])
+def test_other_schedules_train(tiny_cfg, schedule):
+    metrics = train(tiny_cfg(schedule, "test=false"))
+    assert metrics["status"] == "completed" and metrics["val/acc"] > 0.2
+
+
 def test_precision_auto_follows_hardware(tiny_cfg):
     cfg = tiny_cfg("trainer.precision=auto")
     assert resolve_precision(cfg.trainer) == ("bf16-mixed" if cpu_supports_bf16() else "32-true")
