@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fmnist_tl.features import feature_cache_for
 from fmnist_tl.model import TransferClassifier, check_backbone
 from fmnist_tl.utils import FmnistError, atomic_write_json, atomic_write_text, bf16_supported
 
@@ -42,6 +43,7 @@ TOP_LEVEL_KEYS = {
     "logger",
     "trainer",
     "paths",
+    "features",
     "hydra",
     "experiment",
     "hparams_search",
@@ -174,9 +176,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
 
     precision = resolve_precision(cfg.trainer)
+    # Frozen backbone, no augmentation: train the head on features extracted once (features.py).
+    feature_cache = feature_cache_for(cfg, model, datamodule)
     trainer: L.Trainer = build(
         cfg.trainer,
-        callbacks=_instantiate_group(cfg.get("callbacks")),
+        callbacks=_instantiate_group(cfg.get("callbacks")) + ([feature_cache] if feature_cache else []),
         logger=_instantiate_group(cfg.get("logger")) or False,
         precision=precision,
     )
@@ -205,6 +209,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "backbone": cfg.model.backbone,
         "image_size": cfg.data.image_size,
         "precision": precision,
+        "feature_cache": feature_cache.summary() if feature_cache else "off",
         "config_hash": config_hash(cfg),
         "optimized_metric": cfg.optimized_metric,
         "resumed_from": ckpt_path,
