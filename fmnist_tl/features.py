@@ -76,6 +76,10 @@ class ExtractionSettings:
     compile: bool | str = "auto"
     compile_min_images: int = 4000
     progress: bool = True
+    # CPU threads while training/evaluating the head on cached features; null leaves torch's
+    # default. A head step is a few small matmuls: a second thread saves little, and on a busy
+    # or oversubscribed CPU (parallel sweep jobs, shared machines) OpenMP barriers make it ~8x slower.
+    head_threads: int | None = 1
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict | None) -> ExtractionSettings:
@@ -93,8 +97,10 @@ class ExtractionSettings:
             )
         if settings.compile not in ("auto", True, False):
             raise FmnistError(f"features.compile={settings.compile} must be auto, true or false")
-        if settings.batch_size is not None and (not isinstance(settings.batch_size, int) or settings.batch_size < 1):
-            raise FmnistError(f"features.batch_size={settings.batch_size} must be a positive integer or null")
+        for key in ("batch_size", "head_threads"):
+            value = getattr(settings, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise FmnistError(f"features.{key}={value} must be a positive integer or null")
         return settings
 
 
@@ -520,6 +526,7 @@ class FeatureCache(L.Callback):
         self.settings = settings or ExtractionSettings()
         self.results: dict[str, CacheResult] = {}
         self._extractor: FeatureExtractor | None = None
+        self._threads_before: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles callbacks; a compiled function does not pickle and is per process anyway.
@@ -552,8 +559,9 @@ class FeatureCache(L.Callback):
             log.info("Feature cache off: the trainer has no FashionMNISTDataModule to serve features from")
             return
         splits = [s for s in STAGE_SPLITS.get(stage, ()) if not dm.split_tensors(s)[0].is_floating_point()]
-        if not splits:
-            return  # already serving features (e.g. test after fit in the same process)
+        if not splits:  # already serving features (e.g. a second test in the same process)
+            self._use_head_threads(trainer.strategy.root_device)
+            return
         precision = precision_for(self.settings.precision, trainer.precision)
         store_dtype = store_dtype_for(self.settings.store_dtype, precision)
         backbone_name = pl_module.hparams.get("backbone", type(pl_module.backbone).__name__)
@@ -566,6 +574,8 @@ class FeatureCache(L.Callback):
             jobs.append((split, name, fp, images, labels, self.store.lock(name)))
 
         device = trainer.strategy.root_device
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)  # extraction wants every core
         extra = {
             "weights_id": getattr(pl_module, "weights_id", None),
             "device": str(device),
@@ -598,6 +608,17 @@ class FeatureCache(L.Callback):
         finally:
             for lock in held:
                 lock.release()
+        self._use_head_threads(device)
+
+    def _use_head_threads(self, device: torch.device) -> None:
+        if device.type == "cpu" and self.settings.head_threads:
+            self._threads_before = self._threads_before or torch.get_num_threads()
+            torch.set_num_threads(min(self.settings.head_threads, self._threads_before))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
 
 def feature_cache_for(cfg: DictConfig, model: nn.Module, datamodule: Any) -> FeatureCache | None:

@@ -25,7 +25,7 @@ from fmnist_tl.features import (
 from fmnist_tl.model import TransferClassifier, build_backbone
 from fmnist_tl.train import build, train
 from fmnist_tl.utils import FmnistError
-from tests.conftest import REPO, idx_bytes, make_cfg, run_cli, tiny_overrides, tiny_split
+from tests.conftest import REPO, idx_bytes, make_cfg, tiny_overrides, tiny_split
 
 N = 48
 
@@ -336,12 +336,4 @@ def test_cached_and_uncached_runs_reach_same_val_acc(faint_mirror, tmp_path):
     assert abs(acc - cached["test/acc"]) <= 0.01
 
 
-@pytest.mark.slow
-def test_ddp_sim_rank0_extracts_once_and_all_ranks_train_on_features(tiny_mirror, tmp_path):
-    proc = run_cli(*tiny_overrides(tiny_mirror, tmp_path), "trainer=ddp_sim", "data.cache_features=true")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (metrics_file,) = (tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")
-    assert json.loads(metrics_file.read_text())["status"] == "completed"
-    manifests = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "features").glob("*.json")]
-    assert sorted(m["fingerprint"]["split"] for m in manifests) == ["test", "train", "val"]
-    assert {m["extracted_by"]["global_rank"] for m in manifests} == {0}
+# DDP (trainer=ddp_sim) with the cache on: tests/test_train.py::test_ddp_sim_two_processes.
