@@ -185,6 +185,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         expected_sizes: dict[str, int] | None = None,
         download: bool = True,
         seed: int = 42,
+        cache_features: str | bool = "auto",
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -200,6 +201,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.expected_sizes = DEFAULT_SIZES if expected_sizes is None else dict(expected_sizes)
         self.download = download
         self.seed = int(seed)
+        # auto/true/false; read by fmnist_tl.features.feature_cache_for, which decides and logs why.
+        self.cache_features = cache_features
         self.preprocess = ImagePreprocess(image_size, mean, std, channels_last)
         self.class_names = CLASS_NAMES
         self.num_classes = len(CLASS_NAMES)
@@ -297,6 +300,32 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.data_val = TensorDataset(train_x[val_idx].unsqueeze(1), train_y[val_idx])
         self.data_test = TensorDataset(test_x.unsqueeze(1), test_y)
 
+    # --- cached features (fmnist_tl/features.py) ---------------------------------------------
+    def split_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images uint8 (N,1,28,28) or cached features (N,D), labels) of train/val/test after setup."""
+        dataset = getattr(self, f"data_{split}", None)
+        if not isinstance(dataset, TensorDataset):
+            raise FmnistError(f"split {split!r} is not set up; call setup() first")
+        return dataset.tensors[0], dataset.tensors[1]
+
+    def use_cached_features(self, split: str, features: torch.Tensor) -> None:
+        """Serve (pooled features, labels) for this split; on_after_batch_transfer passes floats through."""
+        labels = self.split_tensors(split)[1]
+        if len(features) != len(labels):
+            raise FmnistError(f"cached {split} features hold {len(features)} rows for {len(labels)} labels")
+        setattr(self, f"data_{split}", TensorDataset(features, labels))
+
+    def split_info(self) -> dict:
+        """How the splits were carved, recorded in feature-cache manifests for people reading them."""
+        return {
+            "raw_dir": str(self.raw_dir),
+            "val_size": self.val_size,
+            "split_seed": self.seed,
+            "train_subset": self.train_subset,
+            "test_subset": self.test_subset,
+        }
+
+    # -------------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
         sampler = None
         distributed = self.trainer is not None and self.trainer.world_size > 1

@@ -32,6 +32,7 @@ from lightning.pytorch import callbacks
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from fmnist_tl.features import feature_cache_for
 from fmnist_tl.model import TransferClassifier, check_backbone
 from fmnist_tl.utils import (
     FmnistError,
@@ -55,6 +56,7 @@ TOP_LEVEL_KEYS = {
     "logger",
     "trainer",
     "paths",
+    "features",
     "hydra",
     "experiment",
     "hparams_search",
@@ -259,6 +261,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if type(cb) is callbacks.ModelCheckpoint:
                 cb.dirpath = str(Path(ckpt_path).parent)
         log.info("Checkpoints continue in %s", Path(ckpt_path).parent)
+    # Frozen backbone, no augmentation: train the head on features extracted once (features.py).
+    feature_cache = feature_cache_for(cfg, model, datamodule)
+    if feature_cache:
+        callback_list.append(feature_cache)
     trainer: L.Trainer = build(
         cfg.trainer,
         callbacks=[*callback_list, ReseedEachEpoch(cfg.seed)],
@@ -297,6 +303,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "backbone": cfg.model.backbone,
         "image_size": cfg.data.image_size,
         "precision": precision,
+        "feature_cache": feature_cache.summary() if feature_cache else "off",
         "config_hash": config_hash(cfg),
         "optimized_metric": cfg.optimized_metric,
         "resumed_from": ckpt_path,

@@ -129,6 +129,10 @@ def test_ddp_sim_two_processes(tiny_mirror, tmp_path):
     (metrics_file,) = (tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["status"] == "completed" and metrics["test/acc"] is not None
+    # data.cache_features=auto is on here: rank 0 extracted each split once, the other rank loaded it.
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "features").glob("*.json")]
+    assert sorted(m["fingerprint"]["split"] for m in manifests) == ["test", "train", "val"]
+    assert {m["extracted_by"]["global_rank"] for m in manifests} == {0}
 
 
 def test_cli_without_weights_offline_stops_at_once(tmp_path):
