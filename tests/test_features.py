@@ -314,6 +314,9 @@ def test_cached_and_uncached_runs_reach_same_val_acc(faint_mirror, tmp_path):
             "data.expected_sizes={train: 800, test: 200}",
             "data.val_size=400",  # 0.5 accuracy points = 2 images
             f"data.cache_features={cache}",
+            # fp32 features, as the uncached fp32 run sees them: this compares the two paths, not
+            # storage rounding (test_cached_logits_equal_image_logits covers the 16-bit store).
+            "features.store_dtype=float32",
         ]
         return train(make_cfg(overrides, tmp_path / output))
 
