@@ -460,9 +460,9 @@ class TransferClassifier(L.LightningModule):
         """Pooled backbone features, (B, 2048) for resnet50, from preprocessed images."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.finetune_start is not None and not self.finetune_active and torch.is_grad_enabled():
+        if self.training and self.finetune_start is not None and not self.finetune_active and torch.is_grad_enabled():
             # Head-only epochs of a fine-tune run: the stages to unfreeze already require grad (for DDP),
-            # but must not get any yet; no_grad also skips their backward.
+            # but must not get any yet; no_grad also skips their backward. (Eval, export: never here.)
             with torch.no_grad():
                 return self.backbone(images)
         return self.backbone(images)

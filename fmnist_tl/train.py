@@ -92,7 +92,9 @@ def validate_config(cfg: DictConfig) -> None:
     _int_at_least(d.num_workers, "data.num_workers", 0)
     if cfg.trainer.get("max_epochs") is not None:
         _int_at_least(cfg.trainer.max_epochs, "trainer.max_epochs", 1)
-    check_finetune(m.get("finetune"), m.get("freeze_backbone", True), cfg.trainer.get("max_epochs"))
+    # fast_dev_run runs one batch whatever the epochs, so a fine-tune config is still worth a smoke test.
+    epochs = None if cfg.trainer.get("fast_dev_run") else cfg.trainer.get("max_epochs")
+    check_finetune(m.get("finetune"), m.get("freeze_backbone", True), epochs)
     if m.weights_path is not None and not Path(m.weights_path).is_file():
         raise FmnistError(f"model.weights_path={m.weights_path} does not exist")
     ckpt = cfg.get("ckpt_path")

@@ -126,7 +126,9 @@ def test_two_phases_backbone_identical_then_only_chosen_stages_change(tiny_cfg, 
 
 
 def test_resume_across_the_unfreeze_keeps_groups_lrs_and_optimizer_state(tiny_cfg, recorder, tmp_path):
-    three = ("model.finetune.start_epoch=1", "trainer.max_epochs=3", "callbacks.model_checkpoint.save_top_k=-1")
+    # Every epoch's checkpoint, no last.ckpt copies (they only cost disk time here).
+    every_epoch = ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.save_last=false")
+    three = ("model.finetune.start_epoch=1", "trainer.max_epochs=3", *every_epoch)
     train(tiny_cfg(*three, *FAST, output="straight"))
     straight_lrs = list(recorder.lrs)
     assert straight_lrs[0]["backbone"] == 0.0 and straight_lrs[1]["backbone"] > straight_lrs[2]["backbone"] > 0
@@ -253,6 +255,7 @@ def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path):
         "trainer.accelerator=cpu",
         "trainer.precision=32-true",
         "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.save_last=false",
         *TWO_PHASES,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
