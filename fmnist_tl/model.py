@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,26 @@ from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess
 from fmnist_tl.utils import FmnistError, sha256_file
 
 log = logging.getLogger(__name__)
+# DDP warns when find_unused_parameters=True finds none; in a fine-tune run that is the fine-tune
+# phase, after head-only epochs that did have unused parameters (the case the warning itself names).
+warnings.filterwarnings("ignore", message=r".*find_unused_parameters=True was specified in DDP constructor.*")
 
 # Pooled feature width of each supported backbone; one code path builds all of them.
 BACKBONES: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 1e-4}
+# Top-level children of a torchvision ResNet that hold parameters, input to output.
+RESNET_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+# model.finetune (see conf/model/resnet50.yaml for what each key means).
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "start_epoch": None,
+    "init_from": None,
+    "unfreeze": ["layer4"],
+    "backbone_lr_factor": 0.1,
+    "bn": "frozen",
+    "lr": None,
+    "warmup_epochs": 0,
+    "schedule": "cosine",
+}
 
 
 def weight_names(backbone: str) -> list[str]:
@@ -63,25 +81,48 @@ def load_state_dict_file(path: str | os.PathLike, what: str) -> dict[str, torch.
     return obj
 
 
-def load_backbone_state(net: nn.Module, state: dict[str, torch.Tensor], source: str, backbone: str) -> None:
-    expected = net.state_dict()
+def state_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
+    """None when `state` has exactly the keys and shapes of `expected`, else which keys differ (one line)."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
 
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
-        parts = [
-            f"{name} keys: {few(keys)}"
-            for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
-            if keys
-        ]
+    parts = [
+        f"{name} keys: {few(keys)}"
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
+        if keys
+    ]
+    return "; ".join(parts) or None
+
+
+def load_backbone_state(net: nn.Module, state: dict[str, torch.Tensor], source: str, backbone: str) -> None:
+    mismatch = state_mismatch(net.state_dict(), state)
+    if mismatch:
         raise FmnistError(
-            f"{source} does not fit {backbone}: " + "; ".join(parts) + "; pass weights saved from the same architecture"
+            f"{source} does not fit {backbone}: {mismatch}; pass weights saved from the same architecture"
         )
     net.load_state_dict(state, strict=True)
+
+
+def read_checkpoint(
+    path: str | os.PathLike, what: str = "checkpoint", map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """One of our Lightning checkpoints, loaded with weights_only=True (a pickle that would run code is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FmnistError(f"{what} {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise FmnistError(f"{what} {path} refused: it holds objects other than tensors and plain containers") from e
+    except Exception as e:
+        raise FmnistError(f"{what} {path} is corrupt or truncated ({type(e).__name__}); use another checkpoint") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise FmnistError(f"{what} {path} is not an fmnist_tl checkpoint (no state_dict/hyper_parameters)")
+    return ckpt
 
 
 def fetch_torchvision_weights(backbone: str, weights: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -125,6 +166,123 @@ def to_container(x: Any) -> Any:
     return x
 
 
+def finetune_options(finetune: Mapping[str, Any] | None) -> dict[str, Any]:
+    """model.finetune with defaults filled in, checked, `unfreeze` spelled out as stage names; plain containers."""
+    given = to_container(finetune) or {}
+    unknown = sorted(set(given) - set(FINETUNE_DEFAULTS))
+    if unknown:
+        raise FmnistError(
+            f"model.finetune.{unknown[0]} is not a fine-tune option; use one of {', '.join(FINETUNE_DEFAULTS)}"
+        )
+    ft = {**FINETUNE_DEFAULTS, **given}
+
+    def bad(key: str, why: str) -> FmnistError:
+        return FmnistError(f"model.finetune.{key}={ft[key]!r} {why}")
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_positive(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+    if ft["start_epoch"] is not None and not (is_int(ft["start_epoch"]) and ft["start_epoch"] >= 0):
+        raise bad("start_epoch", "must be null (no fine-tune phase) or an integer >= 0 (head-only epochs before it)")
+    if ft["init_from"] is not None and not isinstance(ft["init_from"], str):
+        raise bad("init_from", "must be null or the path of a checkpoint")
+    unfreeze = ft["unfreeze"]
+    names = [unfreeze] if isinstance(unfreeze, str) else unfreeze
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise bad("unfreeze", f"must be a list of stage names ({', '.join(RESNET_STAGES)}) or all")
+    wrong = [n for n in names if n != "all" and n not in RESNET_STAGES]
+    if wrong:
+        raise FmnistError(
+            f"model.finetune.unfreeze: {wrong[0]} is not a ResNet stage; use names from "
+            f"{', '.join(RESNET_STAGES)}, or all"
+        )
+    # Input-to-output order, no duplicates: the same list on every rank and in every checkpoint.
+    ft["unfreeze"] = [s for s in RESNET_STAGES if "all" in names or s in names]
+    if not is_positive(ft["backbone_lr_factor"]):
+        raise bad("backbone_lr_factor", "must be a positive number (backbone LR = head LR x factor), e.g. 0.1")
+    if ft["bn"] not in ("frozen", "train"):
+        raise bad("bn", "must be frozen (BatchNorm stays in eval mode) or train")
+    if ft["lr"] is not None and not is_positive(ft["lr"]):
+        raise bad("lr", "must be null (model.optimizer.lr) or a positive number")
+    if not (is_int(ft["warmup_epochs"]) and ft["warmup_epochs"] >= 0):
+        raise bad("warmup_epochs", "must be an integer >= 0")
+    if ft["schedule"] not in ("cosine", "constant"):
+        raise bad("schedule", "must be cosine or constant")
+    return ft
+
+
+def finetune_start_epoch(finetune: Mapping[str, Any] | None) -> int | None:
+    """First epoch that trains the backbone, or None for a head-only run.
+
+    `start_epoch` when set; a run that starts from `init_from` fine-tunes from epoch 0. Backbone
+    features only stay valid (cacheable) while this is None or not yet reached.
+    """
+    ft = finetune_options(finetune)
+    if ft["start_epoch"] is not None:
+        return ft["start_epoch"]
+    return 0 if ft["init_from"] else None
+
+
+def check_finetune(finetune: Mapping[str, Any] | None, freeze_backbone: bool, max_epochs: int | None) -> None:
+    """Reject a fine-tune config that cannot run as asked, before anything is built."""
+    start = finetune_start_epoch(finetune)
+    if start is None:
+        return
+    if not freeze_backbone:
+        raise FmnistError(
+            "model.finetune needs model.freeze_backbone=true (false trains the whole backbone from epoch 0); "
+            "drop one of the two"
+        )
+    if max_epochs is not None and start >= max_epochs:
+        raise FmnistError(
+            f"model.finetune.start_epoch={start} leaves no fine-tune epoch with trainer.max_epochs={max_epochs}; "
+            f"raise trainer.max_epochs (fine-tuning runs epochs {start}..max_epochs-1)"
+        )
+    init_from = finetune_options(finetune)["init_from"]
+    if init_from is not None and not Path(init_from).is_file():
+        raise FmnistError(f"model.finetune.init_from={init_from} does not exist; pass a checkpoint from a head run")
+
+
+def head_phase_factors(scheduler: Mapping[str, Any] | None, epochs: int) -> list[float]:
+    """LR multipliers of the head-only epochs of a fine-tune run, from model.scheduler run over those epochs.
+
+    Replaying the configured scheduler on a throw-away optimizer keeps any epoch-based torch scheduler
+    usable; the result is a plain list, so the phase schedule below holds no scheduler state of its own.
+    """
+    if not scheduler or epochs == 0:
+        return [1.0] * epochs
+    cfg = dict(scheduler)
+    target = str(cfg.get("_target_", ""))
+    if cfg.pop("interval", "epoch") != "epoch" or target.endswith(("OneCycleLR", "ReduceLROnPlateau")):
+        raise FmnistError(
+            f"model.scheduler={target.rsplit('.', 1)[-1]} cannot drive the head epochs of a fine-tune run; "
+            "use an epoch scheduler (CosineAnnealingLR, StepLR, ...) or model.scheduler=null"
+        )
+    if target.endswith("CosineAnnealingLR") and cfg.get("T_max") is None:
+        cfg["T_max"] = epochs
+    probe = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = instantiate(cfg)(probe)
+    factors = []
+    for _ in range(epochs):
+        factors.append(float(probe.param_groups[0]["lr"]))
+        probe.step()  # a no-op (no grads); keeps torch from warning that the scheduler stepped first
+        schedule.step()
+    return factors
+
+
+def finetune_phase_factor(epoch_in_phase: int, phase_epochs: int, warmup_epochs: int, schedule: str) -> float:
+    """The fine-tune phase's own LR multiplier: linear warm-up, then constant or a half cosine that ends above 0."""
+    if epoch_in_phase < warmup_epochs:
+        return (epoch_in_phase + 1) / (warmup_epochs + 1)
+    if schedule == "constant":
+        return 1.0
+    span = max(1, phase_epochs - warmup_epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * min(epoch_in_phase - warmup_epochs, span) / span))
+
+
 class TransferClassifier(L.LightningModule):
     def __init__(
         self,
@@ -140,11 +298,16 @@ class TransferClassifier(L.LightningModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         channels_last: bool = True,
+        finetune: dict | None = None,
         load_weights: bool = True,
     ) -> None:
         super().__init__()
         head, optimizer, scheduler = to_container(head) or {}, to_container(optimizer), to_container(scheduler)
         mean, std = list(to_container(mean)), list(to_container(std))
+        self.finetune = finetune_options(finetune)
+        # First epoch that trains the backbone stages in finetune.unfreeze; None: the backbone never trains.
+        self.finetune_start = finetune_start_epoch(self.finetune)
+        check_finetune(self.finetune, freeze_backbone, max_epochs=None)
         self.save_hyperparameters(
             {
                 "backbone": backbone,
@@ -159,18 +322,30 @@ class TransferClassifier(L.LightningModule):
                 "mean": mean,
                 "std": std,
                 "channels_last": channels_last,
+                "finetune": self.finetune,
             }
         )
-        self.backbone, self.weights_id = build_backbone(backbone, weights, weights_path, load=load_weights)
+        init_from = self.finetune["init_from"] if load_weights else None
+        # Weights from init_from replace the backbone's anyway: no need to fetch ImageNet weights first.
+        self.backbone, self.weights_id = build_backbone(
+            backbone, weights, weights_path, load=load_weights and not init_from
+        )
         self.feature_dim = BACKBONES[backbone]
         self.head = self._build_head(
             self.feature_dim, num_classes, head.get("hidden_dims", [256]), head.get("dropout", 0.5)
         )
         # Preprocessing lives with the model too, so predict/export rebuild it from the checkpoint alone.
         self.preprocess = ImagePreprocess(image_size, mean, std)
+        if init_from:
+            self._load_init_from(init_from)
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
+        for stage in self.finetune_stages:
+            # Trainable from the start, so DDP registers the same parameter set on every rank for the
+            # whole run; before finetune_start they get no gradient (embed) and an LR of 0 (optimizer).
+            stage.requires_grad_(True)
+        self._finetune_announced = False
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         metrics = MetricCollection(
@@ -196,25 +371,54 @@ class TransferClassifier(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> TransferClassifier:
         """Rebuild from our own checkpoint: config from its hyper-parameters, tensors via weights_only=True."""
-        path = Path(path)
-        if not path.is_file():
-            raise FmnistError(f"checkpoint {path} does not exist")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise FmnistError(
-                f"checkpoint {path} refused: it holds objects other than tensors and plain containers"
-            ) from e
-        except Exception as e:
-            raise FmnistError(
-                f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); use another checkpoint"
-            ) from e
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-            raise FmnistError(f"checkpoint {path} is not an fmnist_tl checkpoint (no state_dict/hyper_parameters)")
+        ckpt = read_checkpoint(path, map_location=map_location)
         model = cls(**ckpt["hyper_parameters"], load_weights=False)
         model.load_state_dict(ckpt["state_dict"])
         model.weights_id = ckpt.get("weights_id", model.weights_id)
         return model.eval()
+
+    def _load_init_from(self, path: str) -> None:
+        """Start from a head-trained checkpoint: its tensors into this model, built from the current config."""
+        ckpt = read_checkpoint(path, "model.finetune.init_from")
+        theirs_hp, ours_hp = ckpt["hyper_parameters"], self.hparams
+
+        def arch(hp: Mapping[str, Any]) -> dict[str, Any]:
+            hidden = (hp.get("head") or {}).get("hidden_dims", [256])
+            return {
+                "backbone": hp.get("backbone"),
+                "head.hidden_dims": [int(w) for w in hidden],
+                "num_classes": hp.get("num_classes"),
+            }
+
+        theirs, ours = arch(theirs_hp), arch(ours_hp)
+        differ = [k for k in ours if theirs[k] != ours[k]]
+        if differ:
+            raise FmnistError(
+                f"model.finetune.init_from={path} does not fit this model: it has "
+                + ", ".join(f"{k}={theirs[k]}" for k in differ)
+                + ", the config "
+                + ", ".join(f"model.{k}={ours[k]}" for k in differ)
+                + "; set the same values or use a checkpoint of this architecture"
+            )
+        mismatch = state_mismatch(self.state_dict(), ckpt["state_dict"])
+        if mismatch:
+            raise FmnistError(f"model.finetune.init_from={path} does not fit this model: {mismatch}")
+        self.load_state_dict(ckpt["state_dict"], strict=True)
+        origin = ckpt.get("weights_id", "unknown")
+        self.weights_id = f"init_from:{Path(path).name}:sha256={sha256_file(path)} (from {origin})"
+        log.info("Initialised from %s", path)
+
+    @property
+    def finetune_stages(self) -> list[nn.Module]:
+        """The backbone stages a fine-tune phase trains (empty for a head-only run)."""
+        if self.finetune_start is None:
+            return []
+        return [self.backbone.get_submodule(name) for name in self.finetune["unfreeze"]]
+
+    @property
+    def finetune_active(self) -> bool:
+        """True from epoch `finetune_start` on: the unfrozen stages get gradients, BN follows finetune.bn."""
+        return self.finetune_start is not None and self.current_epoch >= self.finetune_start
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["weights_id"] = self.weights_id
@@ -227,17 +431,40 @@ class TransferClassifier(L.LightningModule):
         if self.freeze_backbone:
             # requires_grad=False alone still lets BatchNorm update its running stats in train mode.
             self.backbone.eval()
+            if mode and self.finetune["bn"] == "train" and self.finetune_active:
+                # Only the unfrozen stages' BatchNorm updates its stats; everything below stays as loaded.
+                for stage in self.finetune_stages:
+                    stage.train()
         return self
 
     def on_train_epoch_start(self) -> None:
         # Lightning restores per-module train/eval flags around validation without calling train(),
-        # so enforce the frozen BatchNorm policy here as well.
+        # so enforce the BatchNorm policy here as well (it also changes at the fine-tune epoch).
         self.train(True)
+        if self.finetune_active and not self._finetune_announced:
+            self._finetune_announced = True
+            if self.trainer.is_global_zero:
+                lrs = {g.get("name"): g["lr"] for g in self.trainer.optimizers[0].param_groups}
+                log.info(
+                    "Fine-tune phase from epoch %d (now %d): training backbone %s at lr %.3g (head %.3g), "
+                    "BatchNorm %s; backbone features change from here on, so no cached features are used",
+                    self.finetune_start,
+                    self.current_epoch,
+                    "+".join(self.finetune["unfreeze"]),
+                    lrs.get("backbone", float("nan")),
+                    lrs.get("head", float("nan")),
+                    self.finetune["bn"],
+                )
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, (B, 2048) for resnet50, from preprocessed images."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.training and self.finetune_start is not None and not self.finetune_active and torch.is_grad_enabled():
+            # Head-only epochs of a fine-tune run: the stages to unfreeze already require grad (for DDP),
+            # but must not get any yet; no_grad also skips their backward. (Eval, export: never here.)
+            with torch.no_grad():
+                return self.backbone(images)
         return self.backbone(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -245,6 +472,11 @@ class TransferClassifier(L.LightningModule):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # 2-D input is cached backbone features (see features.py); 4-D is preprocessed images.
+        if x.ndim == 2 and self.finetune_active:
+            raise FmnistError(
+                f"cached backbone features reached the model in its fine-tune phase (epoch {self.current_epoch}); "
+                "they are stale once the backbone trains: turn the feature cache off for fine-tune runs"
+            )
         return self.head(x.to(self.head[0].weight.dtype)) if x.ndim == 2 else self(x)
 
     def _step(self, batch, metrics: MetricCollection, stage: str) -> torch.Tensor:
@@ -295,6 +527,8 @@ class TransferClassifier(L.LightningModule):
         return self.logits(x).float().softmax(-1)
 
     def configure_optimizers(self) -> Any:
+        if self.finetune_start is not None:
+            return self._configure_finetune_optimizers()
         params = [p for p in self.parameters() if p.requires_grad]
         opt_cfg = dict(self.hparams.optimizer)
         optimizer = instantiate(opt_cfg)(params)
@@ -311,3 +545,40 @@ class TransferClassifier(L.LightningModule):
             sched_cfg["T_max"] = max(1, int(self.trainer.max_epochs or 1))
         scheduler = instantiate(sched_cfg)(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def _configure_finetune_optimizers(self) -> Any:
+        """Both param groups from the first step, the backbone's at LR 0 until finetune_start.
+
+        Adding a group at the unfreeze epoch breaks resuming (the saved optimizer has more groups than
+        the rebuilt one, Lightning issues 6891/8502) and DDP (which fixes its parameter set when it
+        wraps the model, issue 20340); a fixed set of groups with a phase-aware LR avoids both.
+        """
+        ft, start = self.finetune, int(self.finetune_start)
+        opt_cfg = dict(self.hparams.optimizer)
+        head_lr = float(opt_cfg["lr"])
+        phase_head_lr = float(ft["lr"] or head_lr)
+        groups = [
+            {"params": list(self.head.parameters()), "name": "head"},
+            {
+                "params": [p for stage in self.finetune_stages for p in stage.parameters()],
+                "lr": phase_head_lr * ft["backbone_lr_factor"],
+                "name": "backbone",
+            },
+        ]
+        optimizer = instantiate(opt_cfg)(groups)
+        head_factors = head_phase_factors(self.hparams.scheduler, start)
+        phase_epochs = max(1, int(self.trainer.max_epochs or start + 1) - start)
+
+        def phase(epoch: int) -> float:
+            return finetune_phase_factor(epoch - start, phase_epochs, ft["warmup_epochs"], ft["schedule"])
+
+        # Plain functions: LambdaLR leaves them out of its state_dict, so checkpoints hold only numbers,
+        # and a resumed run rebuilds the same schedule from the config.
+        def head_lambda(epoch: int) -> float:
+            return head_factors[epoch] if epoch < start else phase_head_lr / head_lr * phase(epoch)
+
+        def backbone_lambda(epoch: int) -> float:
+            return 0.0 if epoch < start else phase(epoch)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [head_lambda, backbone_lambda])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.features import feature_cache_for
-from fmnist_tl.model import TransferClassifier, check_backbone
+from fmnist_tl.model import TransferClassifier, check_backbone, check_finetune, finetune_start_epoch
 from fmnist_tl.utils import (
     FmnistError,
     atomic_path,
@@ -107,6 +107,9 @@ def validate_config(cfg: DictConfig) -> None:
     _int_at_least(d.num_workers, "data.num_workers", 0)
     if cfg.trainer.get("max_epochs") is not None:
         _int_at_least(cfg.trainer.max_epochs, "trainer.max_epochs", 1)
+    # fast_dev_run runs one batch whatever the epochs, so a fine-tune config is still worth a smoke test.
+    epochs = None if cfg.trainer.get("fast_dev_run") else cfg.trainer.get("max_epochs")
+    check_finetune(m.get("finetune"), m.get("freeze_backbone", True), epochs)
     if m.weights_path is not None and not Path(m.weights_path).is_file():
         raise FmnistError(f"model.weights_path={m.weights_path} does not exist")
     ckpt = cfg.get("ckpt_path")
@@ -200,6 +203,20 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(newest)
 
 
+def finetune_trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """DDP for a run with head-only epochs before its fine-tune phase.
+
+    The stages to unfreeze require grad from the first step (so every rank's DDP registers the same
+    parameters) but get no gradient until model.finetune.start_epoch; DDP accepts that only with
+    find_unused_parameters=True. Such parameters keep grad None, so the optimizer leaves them alone.
+    """
+    start = finetune_start_epoch(cfg.model.get("finetune"))
+    strategy = cfg.trainer.get("strategy")
+    if not start or not isinstance(strategy, str) or not strategy.startswith("ddp") or "find_unused" in strategy:
+        return {}
+    return {"strategy": f"{strategy}_find_unused_parameters_true"}
+
+
 def config_hash(cfg: DictConfig) -> str:
     """Hash of what determines the result (not where files go or whether we resume)."""
     keep = {
@@ -271,6 +288,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=_instantiate_group(cfg.get("logger")) or False,
         precision=precision,
         plugins=[AtomicCheckpointIO()],
+        **finetune_trainer_overrides(cfg),
     )
     log.info("Precision %s", precision)
     try:
