@@ -181,7 +181,7 @@ def plot_mistakes(
     """Grid of 28x28 uint8 images, each titled with its true and predicted class."""
     count = len(true)
     rows = max(1, math.ceil(count / columns))
-    fig = Figure(figsize=(columns * 1.45, rows * 1.75 + 0.5))
+    fig = Figure(figsize=(columns * 1.7, rows * 1.8 + 0.5))
     fig.suptitle(title)
     if count == 0:
         ax = fig.add_subplot()
@@ -190,7 +190,7 @@ def plot_mistakes(
     for i in range(count):
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.imshow(images[i].squeeze(0).numpy(), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"true: {true[i]}\npred: {predicted[i]} {confidence[i]:.0%}", fontsize=7.5)
+        ax.set_title(f"true: {true[i]}\npred: {predicted[i]} {confidence[i]:.1%}", fontsize=7.5)
         ax.axis("off")
     return _png_bytes(fig)
 
