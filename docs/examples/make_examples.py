@@ -38,7 +38,7 @@ cut = first(7)
 rgba = np.dstack([np.full_like(cut, 25)] * 3 + [cut])  # dark sneaker, alpha = shape, transparent black
 Image.fromarray(rgba, "RGBA").save(HERE / "sneaker_cutout.png")
 
-Image.fromarray((first(1).astype(np.uint16) * 250 + 800)).save(HERE / "trouser_16bit.png")
+Image.fromarray(first(1).astype(np.uint16) * 250 + 800).save(HERE / "trouser_16bit.png")
 
 Image.fromarray(255 - first(2)).convert("RGB").convert("CMYK").save(HERE / "pullover_cmyk.jpg", quality=90)
 
