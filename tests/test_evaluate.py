@@ -115,6 +115,3 @@ def test_evaluate_cli(trained_run, tiny_mirror, tmp_path):
     assert abs(printed["test/acc"] - metrics["test/acc"]) <= 1e-6
     (report_file,) = (tmp_path / "logs" / "evaluate" / "runs").glob("*/report.json")
     assert json.loads(report_file.read_text())["accuracy"] == printed["test/acc"]
-    bad = run_cli("ckpt_path=/no/such.ckpt", f"paths.root_dir={tmp_path}", module="fmnist_tl.evaluate")
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1] == "error: checkpoint /no/such.ckpt does not exist"

@@ -272,7 +272,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
 
     evil = tmp_path / "evil.ckpt"
     with open(evil, "wb") as f:
-        pickle.dump({"state_dict": {}, "hyper_parameters": Payload()}, f)
+        pickle.dump({"state_dict": {}, "hyper_parameters": Payload()}, f, protocol=2)
     Image.fromarray(to_u8(shape_image(1.0, 0.0))).save(tmp_path / "a.png")
     with pytest.raises(SystemExit) as exit_info:
         from fmnist_tl.predict import main
