@@ -304,8 +304,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     test: dict[str, float | None] = {}
     if cfg.get("test"):
         use_best = bool(best) and not trainer.fast_dev_run
+        # Imported here because evaluate imports this module. The recorder keeps the test logits,
+        # so the evaluation report costs no second pass over the test set.
+        from fmnist_tl.evaluate import RecordTestOutputs, write_report
+
+        recorder = RecordTestOutputs()
+        trainer.callbacks.append(recorder)
         trainer.test(model, datamodule=datamodule, ckpt_path=best if use_best else None, weights_only=True)
         test = {k: _metric(trainer, k) for k in ("test/acc", "test/f1", "test/loss")}
+        if use_best and trainer.world_size == 1:
+            write_report(recorder, datamodule, model, best, output_dir, test, precision)
+        elif use_best and trainer.is_global_zero:
+            log.info(
+                "no automatic report under %d processes; run: python -m fmnist_tl.evaluate ckpt_path=%s",
+                trainer.world_size,
+                best,
+            )
     if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
         val[cfg.optimized_metric] = float(trainer.checkpoint_callback.best_model_score)
 

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,3 +89,19 @@ def bf16_supported(accelerator: str) -> bool:
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return cpu_supports_bf16()
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """For CLI entry points: a FmnistError becomes `error: <msg>` on stderr and exit code 2.
+
+    Ctrl-C exits 130. HYDRA_FULL_ERROR=1 keeps the full traceback instead.
+    """
+    try:
+        yield
+    except (FmnistError, KeyboardInterrupt) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)

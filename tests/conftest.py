@@ -108,3 +108,39 @@ needs_real_data = pytest.mark.skipif(
     not (DEBIAN_MIRROR / "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian's dataset-fashion-mnist is not installed (CI installs it)",
 )
+
+
+# --- One trained tiny run shared by the evaluate / predict / export tests -------------------------
+
+
+def tiny_data_overrides(mirror: Path, tmp: Path) -> list[str]:
+    """Data, paths and trainer overrides for evaluate/export configs on the tiny mirror."""
+    return [
+        f"paths.root_dir={tmp}",
+        f"data.mirror_dir={mirror}",
+        "data.expected_sizes={train: 400, test: 100}",
+        "data.val_size=100",
+        "data.eval_batch_size=64",
+    ]
+
+
+def make_entry_cfg(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose conf/<config_name>.yaml as its CLI would, with the run directory set to output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_mirror, tmp_path_factory) -> Path:
+    """Run dir of one 2-epoch train() on the tiny data (resnet18, 32 px, fp32): checkpoints, metrics, report."""
+    from fmnist_tl.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    train(make_cfg([*tiny_overrides(tiny_mirror, tmp), "trainer.max_epochs=2"], tmp / "run"))
+    return tmp / "run"

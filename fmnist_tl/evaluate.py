@@ -1,0 +1,382 @@
+"""Evaluation report for a checkpoint: `python -m fmnist_tl.evaluate ckpt_path=<ckpt> [hydra overrides]`.
+
+Writes into the run directory:
+- report.json / report.md: test accuracy, macro-F1, per-class precision/recall/F1/support and
+  the most confused class pairs;
+- confusion_matrix.png (rows normalised) and mistakes.png (the most confident wrong predictions).
+
+The logits come from `trainer.test` itself (a callback records the head's output), so the report's
+numbers are computed from exactly what Lightning logged as test/acc and test/f1; `train` uses the
+same callback to write the report for its best checkpoint without a second pass over the test set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+from torch.utils.data import TensorDataset
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from fmnist_tl.model import TransferClassifier
+from fmnist_tl.train import CONFIG_DIR, build, resolve_precision
+from fmnist_tl.utils import FmnistError, atomic_write_bytes, atomic_write_json, atomic_write_text, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+EVALUATE_KEYS = {"data", "trainer", "paths", "hydra", "task_name", "seed", "ckpt_path", "report"}
+# The report must agree with what trainer.test logged for the same logits.
+AGREEMENT_TOLERANCE = 1e-6
+
+
+class RecordTestOutputs(L.Callback):
+    """Records the logits and labels of every test batch while `trainer.test` runs.
+
+    A forward hook on the model's head sees the logits for images and cached features alike;
+    test_step itself returns nothing, so this costs no extra forward pass.
+    """
+
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self._hook: Any = None
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.logits, self.labels = [], []
+        self._hook = pl_module.head.register_forward_hook(self._record)
+
+    def _record(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self.logits.append(output.detach().float().cpu())
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.labels.append(batch[1].detach().cpu())
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, C) float32, labels (N,) int64) in test-loader order."""
+        if not self.labels or len(self.logits) != len(self.labels):
+            raise RuntimeError(
+                f"test outputs incomplete: {len(self.logits)} logit batches for {len(self.labels)} label batches"
+            )
+        return torch.cat(self.logits), torch.cat(self.labels)
+
+
+def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...], top_pairs: int = 5):
+    """Metrics from logits with torchmetrics (the same classes the model logs test/acc and test/f1 with)."""
+    n = len(class_names)
+    metrics = MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(n, average="micro"),
+            "macro_f1": MulticlassF1Score(n, average="macro"),
+            "precision": MulticlassPrecision(n, average=None),
+            "recall": MulticlassRecall(n, average=None),
+            "f1": MulticlassF1Score(n, average=None),
+            "confusion": MulticlassConfusionMatrix(n),
+        }
+    )
+    values = metrics(logits, labels)
+    confusion = values["confusion"].long()
+    support = confusion.sum(1)
+    per_class = [
+        {
+            "class": name,
+            "precision": float(values["precision"][i]),
+            "recall": float(values["recall"][i]),
+            "f1": float(values["f1"][i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    ]
+    off_diagonal = [
+        (int(confusion[t, p]), t, p) for t in range(n) for p in range(n) if t != p and int(confusion[t, p]) > 0
+    ]
+    off_diagonal.sort(key=lambda c: (-c[0], c[1], c[2]))
+    most_confused = [
+        {
+            "true": class_names[t],
+            "predicted": class_names[p],
+            "count": count,
+            "share_of_true_class": count / max(1, int(support[t])),
+        }
+        for count, t, p in off_diagonal[:top_pairs]
+    ]
+    return {
+        "num_samples": len(labels),
+        "accuracy": float(values["accuracy"]),
+        "macro_f1": float(values["macro_f1"]),
+        "loss": float(torch.nn.functional.cross_entropy(logits, labels)),
+        "per_class": per_class,
+        "most_confused": most_confused,
+        "confusion_matrix": {"rows": "true class", "columns": "predicted class", "counts": confusion.tolist()},
+        "class_names": list(class_names),
+    }
+
+
+def _png_bytes(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)  # explicit Agg canvas: no GUI backend, no pyplot global state
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_confusion_matrix(confusion: torch.Tensor, class_names: tuple[str, ...], title: str) -> bytes:
+    counts = confusion.double()
+    normalised = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    n = len(class_names)
+    fig = Figure(figsize=(8.5, 7.5))
+    ax = fig.add_subplot()
+    image = ax.imshow(normalised.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), class_names, rotation=40, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    for t in range(n):
+        for p in range(n):
+            value = float(normalised[t, p])
+            if value >= 0.005:
+                ax.text(
+                    p,
+                    t,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if value > 0.5 else "black",
+                )
+    return _png_bytes(fig)
+
+
+def plot_mistakes(
+    images: torch.Tensor,
+    true: list[str],
+    predicted: list[str],
+    confidence: list[float],
+    title: str,
+    columns: int = 8,
+) -> bytes:
+    """Grid of 28x28 uint8 images, each titled with its true and predicted class."""
+    count = len(true)
+    rows = max(1, math.ceil(count / columns))
+    fig = Figure(figsize=(columns * 1.7, rows * 1.8 + 0.5))
+    fig.suptitle(title)
+    if count == 0:
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no wrong predictions", ha="center", va="center")
+    for i in range(count):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.imshow(images[i].squeeze(0).numpy(), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"true: {true[i]}\npred: {predicted[i]} {confidence[i]:.1%}", fontsize=7.5)
+        ax.axis("off")
+    return _png_bytes(fig)
+
+
+def images_of_test_split(datamodule: L.LightningDataModule, labels: torch.Tensor) -> torch.Tensor:
+    """The uint8 test images behind the collected outputs (the test loader is never shuffled)."""
+    dataset = getattr(datamodule, "data_test", None)
+    if not isinstance(dataset, TensorDataset) or dataset.tensors[0].dtype != torch.uint8:
+        raise RuntimeError("the datamodule's test split is not a TensorDataset of uint8 images")
+    images, split_labels = dataset.tensors[0], dataset.tensors[1]
+    if len(labels) > len(split_labels) or not torch.equal(split_labels[: len(labels)].long(), labels.long()):
+        raise RuntimeError("test outputs do not line up with the datamodule's test split")
+    return images[: len(labels)]
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Checkpoint: `{report['checkpoint']}`  ",
+        f"Backbone {report['backbone']} at {report['image_size']} px, precision {report['precision']}  ",
+        f"Test images: {report['num_samples']} · accuracy **{report['accuracy']:.2%}** · "
+        f"macro-F1 **{report['macro_f1']:.4f}** · loss {report['loss']:.4f}",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["per_class"]:
+        lines.append(
+            f"| {row['class']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |"
+        )
+    rows = report["per_class"]
+    macro = {k: sum(r[k] for r in rows) / len(rows) for k in ("precision", "recall", "f1")}
+    lines.append(
+        f"| **macro avg** | {macro['precision']:.4f} | {macro['recall']:.4f} | {macro['f1']:.4f} | "
+        f"{sum(r['support'] for r in rows)} |"
+    )
+    lines += ["", "## Most confused pairs", ""]
+    if report["most_confused"]:
+        lines += ["| true class | predicted as | count | share of true class |", "| --- | --- | ---: | ---: |"]
+        for pair in report["most_confused"]:
+            lines.append(
+                f"| {pair['true']} | {pair['predicted']} | {pair['count']} | {pair['share_of_true_class']:.1%} |"
+            )
+    else:
+        lines.append("No wrong predictions.")
+    lines += [
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "![most confident mistakes](mistakes.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(
+    collector: RecordTestOutputs,
+    datamodule: L.LightningDataModule,
+    model: TransferClassifier,
+    checkpoint: str,
+    output_dir: str | Path,
+    logged: dict[str, float | None],
+    precision: str,
+    top_pairs: int = 5,
+    num_mistakes: int = 24,
+) -> dict[str, Any]:
+    """Turn what `trainer.test` just ran into report.json, report.md and the two PNGs in output_dir."""
+    logits, labels = collector.result()
+    class_names = tuple(datamodule.class_names)
+    report = {
+        "checkpoint": str(checkpoint),
+        "split": "test",
+        "backbone": model.hparams.backbone,
+        "image_size": model.hparams.image_size,
+        "weights_id": model.weights_id,
+        "precision": precision,
+        **compute_report(logits, labels, class_names, top_pairs),
+    }
+    # Same logits, same torchmetrics classes: a mismatch here is a bug, not a user error.
+    for ours, theirs in (("accuracy", "test/acc"), ("macro_f1", "test/f1")):
+        if logged.get(theirs) is not None and abs(report[ours] - float(logged[theirs])) > AGREEMENT_TOLERANCE:
+            raise RuntimeError(f"report {ours}={report[ours]} differs from trainer.test {theirs}={logged[theirs]}")
+
+    images = images_of_test_split(datamodule, labels)
+    probs = logits.softmax(-1)
+    confidence, predicted = probs.max(-1)
+    wrong = (predicted != labels).nonzero().squeeze(1)
+    worst = wrong[confidence[wrong].argsort(descending=True, stable=True)][:num_mistakes]
+
+    output_dir = Path(output_dir)
+    confusion = torch.tensor(report["confusion_matrix"]["counts"])
+    atomic_write_bytes(
+        output_dir / "confusion_matrix.png",
+        plot_confusion_matrix(
+            confusion,
+            class_names,
+            f"Confusion matrix, rows normalised (accuracy {report['accuracy']:.2%}, n={report['num_samples']})",
+        ),
+    )
+    atomic_write_bytes(
+        output_dir / "mistakes.png",
+        plot_mistakes(
+            images[worst],
+            [class_names[int(i)] for i in labels[worst]],
+            [class_names[int(i)] for i in predicted[worst]],
+            [float(c) for c in confidence[worst]],
+            f"Most confident wrong predictions ({len(worst)} of {len(wrong)} mistakes)",
+        ),
+    )
+    report["mistakes_shown"] = [
+        {
+            "index": int(i),
+            "true": class_names[int(labels[i])],
+            "predicted": class_names[int(predicted[i])],
+            "confidence": float(confidence[i]),
+        }
+        for i in worst
+    ]
+    atomic_write_json(output_dir / "report.json", report)
+    atomic_write_text(output_dir / "report.md", markdown_report(report))
+    log.info(
+        "test accuracy %.4f, macro-F1 %.4f -> %s", report["accuracy"], report["macro_f1"], output_dir / "report.md"
+    )
+    return report
+
+
+def _check_config(cfg: DictConfig) -> str:
+    unknown = sorted(set(cfg.keys()) - EVALUATE_KEYS)
+    if unknown:
+        raise FmnistError(f"unknown config key '{unknown[0]}'; check the spelling (see conf/evaluate.yaml)")
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt:
+        raise FmnistError("ckpt_path is required: python -m fmnist_tl.evaluate ckpt_path=PATH/TO/checkpoint.ckpt")
+    for key in ("top_pairs", "mistakes"):
+        value = cfg.report.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise FmnistError(f"report.{key}={value!r} must be an integer >= 0")
+    batch_size = cfg.data.get("eval_batch_size") or cfg.data.get("batch_size")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise FmnistError(f"data.eval_batch_size={batch_size!r} must be an integer >= 1")
+    return str(ckpt)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Rebuild the model from the checkpoint, test it on the test split, write the report files."""
+    ckpt = _check_config(cfg)
+    model = TransferClassifier.from_checkpoint(ckpt)
+    hp = model.hparams
+    # The checkpoint's own preprocessing (image size, mean/std), whatever data.image_size says.
+    datamodule = build(cfg.data, image_size=hp.image_size, mean=hp.mean, std=hp.std, channels_last=hp.channels_last)
+    precision = resolve_precision(cfg.trainer)
+    collector = RecordTestOutputs()
+    # One device: a DistributedSampler would pad the test set and the numbers would drift.
+    trainer: L.Trainer = build(
+        cfg.trainer,
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        precision=precision,
+        logger=False,
+        callbacks=[collector, RichProgressBar()],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    (logged,) = trainer.test(model, datamodule=datamodule, verbose=False, weights_only=True)
+    return write_report(
+        collector,
+        datamodule,
+        model,
+        ckpt,
+        cfg.paths.output_dir,
+        logged,
+        precision,
+        top_pairs=cfg.report.top_pairs,
+        num_mistakes=cfg.report.mistakes,
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        report = evaluate(cfg)
+    summary = {"test/acc": report["accuracy"], "test/f1": report["macro_f1"], "num_samples": report["num_samples"]}
+    print(json.dumps({**summary, "report": str(Path(cfg.paths.output_dir) / "report.md")}))
+
+
+if __name__ == "__main__":
+    main()

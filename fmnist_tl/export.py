@@ -1,0 +1,224 @@
+"""Export a checkpoint for serving: `python -m fmnist_tl.export ckpt_path=<ckpt> format=onnx|torchscript`.
+
+The exported model takes what the data loaders hold -- a uint8 batch (N, 1, 28, 28), light object
+on a dark background -- and returns logits (N, 10): the model's own preprocessing (scale to
+[0, 1], resize, grey to 3 channels, normalise) is inside the graph, and N is dynamic.
+
+Before the file is moved into place it is checked against the PyTorch model on real test images
+(onnxruntime for ONNX, torch.jit.load for TorchScript): max |logit difference| and top-1 agreement
+are printed, and the export fails, writing nothing, if any top-1 prediction differs. The weights
+are also saved as safetensors (state_dict plus the hyper-parameters as metadata). All files are
+written atomically into the run directory, with export.json describing them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from fmnist_tl.data import CLASS_NAMES, ImagePreprocess
+from fmnist_tl.model import TransferClassifier
+from fmnist_tl.train import CONFIG_DIR, build
+from fmnist_tl.utils import (
+    FmnistError,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    exit_on_user_error,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
+
+EXPORT_KEYS = {"data", "paths", "hydra", "task_name", "seed", "ckpt_path", "format", "opset", "verify"}
+FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+# A second, odd batch size checks that the batch dimension really is dynamic.
+ODD_BATCH = 3
+
+
+class UInt8Classifier(nn.Module):
+    """uint8 (N, 1, 28, 28) -> logits (N, C): the model's preprocessing, backbone and head in one graph."""
+
+    def __init__(self, model: TransferClassifier) -> None:
+        super().__init__()
+        hp = model.hparams
+        self.preprocess = ImagePreprocess(hp.image_size, hp.mean, hp.std)
+        # Plain (NCHW-contiguous) copies: channels_last is a CPU/GPU speed trick, not part of the model.
+        self.backbone = copy.deepcopy(model.backbone).to(memory_format=torch.contiguous_format).eval()
+        self.head = copy.deepcopy(model.head).eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(self.preprocess(images)))
+
+
+def reference_logits(model: TransferClassifier, images: torch.Tensor) -> torch.Tensor:
+    """What the PyTorch model itself computes (the path used in training and test), float32 on CPU."""
+    with torch.inference_mode():
+        return model(model.preprocess(images)).float()
+
+
+def compare(name: str, reference: torch.Tensor, exported: torch.Tensor) -> dict[str, Any]:
+    agree = int((reference.argmax(-1) == exported.argmax(-1)).sum())
+    return {
+        "runtime": name,
+        "num_images": len(reference),
+        "max_abs_logit_diff": float((reference - exported).abs().max()),
+        "top1_agreement": agree / len(reference),
+        "top1_agreeing": agree,
+    }
+
+
+def export_onnx(module: UInt8Classifier, example: torch.Tensor, path: Path, opset: int, metadata: dict) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as e:
+        raise FmnistError("format=onnx needs onnx, onnxscript and onnxruntime: pip install 'fmnist_tl[export]'") from e
+    for name in ("onnx_ir", "onnxscript"):  # their per-pass INFO lines would flood the run log
+        logging.getLogger(name).setLevel(logging.WARNING)
+    batch = torch.export.Dim.DYNAMIC
+    program = torch.onnx.export(
+        module,
+        (example,),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes={"images": {0: batch}},
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
+    program.model.metadata_props.update({k: json.dumps(v) for k, v in metadata.items()})
+    program.save(path, external_data=False)  # one self-contained file
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
+
+
+def export_torchscript(module: UInt8Classifier, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+        torch.jit.script(module).save(str(path))
+
+
+def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    with torch.inference_mode():
+        return scripted(images).float()
+
+
+def verify(fmt: str, path: Path, model: TransferClassifier, images: torch.Tensor) -> dict[str, Any]:
+    """Exported file vs PyTorch on real images; raises FmnistError when any top-1 prediction differs."""
+    runner = run_onnx if fmt == "onnx" else run_torchscript
+    reference = reference_logits(model, images)
+    result = compare("onnxruntime" if fmt == "onnx" else "torch.jit", reference, runner(path, images))
+    odd = runner(path, images[:ODD_BATCH])
+    result["dynamic_batch_checked"] = [len(images), len(odd)]
+    result["odd_batch_max_abs_logit_diff"] = float((reference[:ODD_BATCH] - odd).abs().max())
+    print(
+        f"verified {fmt} with {result['runtime']} on {result['num_images']} test images: "
+        f"max |logit diff| {result['max_abs_logit_diff']:.3g}, top-1 agreement {result['top1_agreement']:.2%} "
+        f"({result['top1_agreeing']}/{result['num_images']}); batch of {len(odd)}: "
+        f"max |logit diff| {result['odd_batch_max_abs_logit_diff']:.3g}",
+        flush=True,
+    )
+    if result["top1_agreeing"] < result["num_images"] or (odd.argmax(-1) != reference[:ODD_BATCH].argmax(-1)).any():
+        raise FmnistError(
+            f"export verification failed: top-1 agreement {result['top1_agreement']:.2%} with PyTorch "
+            f"(max |logit diff| {result['max_abs_logit_diff']:.3g}); nothing written"
+        )
+    return result
+
+
+def save_safetensors(model: TransferClassifier, path: Path, metadata: dict[str, Any]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata={k: json.dumps(v) for k, v in metadata.items()}))
+
+
+def load_test_images(cfg: DictConfig, count: int) -> torch.Tensor:
+    datamodule = build(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    images = datamodule.data_test.tensors[0][:count]
+    if len(images) < ODD_BATCH:
+        raise FmnistError(f"verify.num_images: the test split holds only {len(images)} images")
+    return images
+
+
+def _check_config(cfg: DictConfig) -> str:
+    unknown = sorted(set(cfg.keys()) - EXPORT_KEYS)
+    if unknown:
+        raise FmnistError(f"unknown config key '{unknown[0]}'; check the spelling (see conf/export.yaml)")
+    if not cfg.get("ckpt_path"):
+        raise FmnistError("ckpt_path is required: python -m fmnist_tl.export ckpt_path=PATH/TO/checkpoint.ckpt")
+    if cfg.format not in FILE_NAMES:
+        raise FmnistError(f"format={cfg.format} is not supported; choose onnx or torchscript")
+    count = cfg.verify.num_images
+    if isinstance(count, bool) or not isinstance(count, int) or count < ODD_BATCH:
+        raise FmnistError(f"verify.num_images={count!r} must be an integer >= {ODD_BATCH}")
+    return str(cfg.ckpt_path)
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Export, verify, then move the files into place; returns what export.json records."""
+    ckpt = _check_config(cfg)
+    model = TransferClassifier.from_checkpoint(ckpt).float()
+    images = load_test_images(cfg, cfg.verify.num_images)
+    output_dir = Path(cfg.paths.output_dir)
+    module = UInt8Classifier(model).eval()
+    metadata = {
+        "class_names": list(CLASS_NAMES),
+        "input": "uint8 (N, 1, 28, 28), light object on a dark background",
+        "output": "logits (N, 10); softmax for probabilities",
+        "hyper_parameters": dict(model.hparams),
+        "weights_id": model.weights_id,
+        "checkpoint": ckpt,
+    }
+    target = output_dir / FILE_NAMES[cfg.format]
+    with atomic_path(target) as tmp:
+        if cfg.format == "onnx":
+            export_onnx(module, images[:ODD_BATCH], tmp, cfg.opset, metadata)
+        else:
+            export_torchscript(module, tmp)
+        check = verify(cfg.format, tmp, model, images)  # raising here leaves no file behind
+    safetensors_path = output_dir / "model.safetensors"
+    save_safetensors(model, safetensors_path, metadata)
+    record = {
+        "format": cfg.format,
+        "model": str(target),
+        "model_sha256": sha256_file(target),
+        "safetensors": str(safetensors_path),
+        "safetensors_sha256": sha256_file(safetensors_path),
+        "opset": cfg.opset if cfg.format == "onnx" else None,
+        "torch": torch.__version__,
+        "verification": check,
+        **metadata,
+    }
+    atomic_write_json(output_dir / "export.json", record)
+    size_mb = target.stat().st_size / 1e6
+    print(f"wrote {target} ({size_mb:.1f} MB), {safetensors_path} and {output_dir / 'export.json'}")
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        export(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Export round trips: ONNX through onnxruntime, TorchScript through torch.jit, weights via safetensors."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import fmnist_tl.export as export_module
+from fmnist_tl.data import CLASS_NAMES
+from fmnist_tl.export import export
+from fmnist_tl.model import TransferClassifier
+from fmnist_tl.utils import FmnistError
+from tests.conftest import make_entry_cfg, run_cli, tiny_data_overrides, tiny_split
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run) -> str:
+    return json.loads((trained_run / "metrics.json").read_text())["best_model_path"]
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> TransferClassifier:
+    return TransferClassifier.from_checkpoint(checkpoint)
+
+
+def export_cfg(tiny_mirror, tmp_path, *extra: str):
+    return make_entry_cfg("export", [*tiny_data_overrides(tiny_mirror, tmp_path), *extra], tmp_path / "export")
+
+
+def torch_logits(model: TransferClassifier, images: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(model.preprocess(images)).float()
+
+
+def fresh_images(n: int) -> torch.Tensor:
+    """uint8 (n, 1, 28, 28) images the export never saw (a different seed from the test split)."""
+    return tiny_split(n, 99)[0].unsqueeze(1)
+
+
+def test_onnx_round_trip_with_onnxruntime(tiny_mirror, tmp_path, checkpoint, model, capsys):
+    record = export(export_cfg(tiny_mirror, tmp_path, f"ckpt_path={checkpoint}", "format=onnx"))
+    out = capsys.readouterr().out
+    assert re.search(r"on 100 test images: max \|logit diff\| \S+, top-1 agreement 100\.00% \(100/100\)", out)
+    assert record["verification"]["top1_agreement"] == 1.0 and record["verification"]["max_abs_logit_diff"] < 1e-3
+    folder = tmp_path / "export"
+    assert sorted(p.name for p in folder.iterdir()) == ["export.json", "model.onnx", "model.safetensors"]
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "images" and inp.type == "tensor(uint8)"
+    assert not isinstance(inp.shape[0], int) and inp.shape[1:] == [1, 28, 28]  # dynamic batch
+    assert json.loads(session.get_modelmeta().custom_metadata_map["class_names"]) == list(CLASS_NAMES)
+    for n in (1, 7):
+        images = fresh_images(n)
+        got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+        want = torch_logits(model, images)
+        assert got.shape == (n, 10)
+        assert torch.allclose(got, want, atol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+    # safetensors: the full state_dict, reloadable into a model built from the stored hyper-parameters.
+    state = load_file(folder / "model.safetensors")
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        hparams = json.loads(f.metadata()["hyper_parameters"])
+    rebuilt = TransferClassifier(**hparams, load_weights=False).eval()
+    rebuilt.load_state_dict(state, strict=True)
+    images = fresh_images(4)
+    assert torch.equal(torch_logits(rebuilt, images), torch_logits(model, images))
+
+
+def test_torchscript_round_trip(tiny_mirror, tmp_path, checkpoint, model):
+    record = export(export_cfg(tiny_mirror, tmp_path, f"ckpt_path={checkpoint}", "format=torchscript"))
+    assert record["verification"]["runtime"] == "torch.jit"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(tmp_path / "export" / "model.torchscript.pt"))
+    for n in (1, 5):
+        images = fresh_images(n)
+        with torch.inference_mode():
+            got = scripted(images)
+        assert torch.allclose(got, torch_logits(model, images), atol=1e-5)
+
+
+def test_export_that_disagrees_with_pytorch_fails_and_writes_nothing(tiny_mirror, tmp_path, checkpoint, monkeypatch):
+    real = export_module.run_torchscript
+    monkeypatch.setattr(export_module, "run_torchscript", lambda path, images: real(path, images).roll(1, dims=-1))
+    cfg = export_cfg(tiny_mirror, tmp_path, f"ckpt_path={checkpoint}", "format=torchscript")
+    with pytest.raises(FmnistError, match=r"export verification failed: top-1 agreement \d+\.\d+% with PyTorch"):
+        export(cfg)
+    assert not (tmp_path / "export").exists() or not list((tmp_path / "export").iterdir())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "ckpt_path is required"),
+        (["ckpt_path=x.ckpt", "format=tflite"], "format=tflite is not supported"),
+        (["ckpt_path=x.ckpt", "verify.num_images=0"], "verify.num_images=0 must be an integer >= 3"),
+        (["ckpt_path=/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
+    ],
+)
+def test_export_rejects_bad_config(tiny_mirror, tmp_path, extra, message):
+    with pytest.raises(FmnistError, match=re.escape(message)):
+        export(export_cfg(tiny_mirror, tmp_path, *extra))
+
+
+@pytest.mark.slow
+def test_export_cli(tiny_mirror, tmp_path, checkpoint):
+    args = [f"ckpt_path={checkpoint}", "format=torchscript", *tiny_data_overrides(tiny_mirror, tmp_path)]
+    proc = run_cli(*args, module="fmnist_tl.export")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "top-1 agreement 100.00% (100/100)" in proc.stdout
+    (record,) = (tmp_path / "logs" / "export" / "runs").glob("*/export.json")
+    assert json.loads(record.read_text())["verification"]["num_images"] == 100
