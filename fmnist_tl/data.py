@@ -299,6 +299,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.data_train = TensorDataset(train_x[train_idx].unsqueeze(1), train_y[train_idx])
         self.data_val = TensorDataset(train_x[val_idx].unsqueeze(1), train_y[val_idx])
         self.data_test = TensorDataset(test_x.unsqueeze(1), test_y)
+        # The uint8 images stay reachable when a split is swapped for cached features (reports need them).
+        self.image_splits = {s: getattr(self, f"data_{s}").tensors for s in ("train", "val", "test")}
 
     # --- cached features (fmnist_tl/features.py) ---------------------------------------------
     def split_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:

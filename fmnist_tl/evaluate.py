@@ -26,7 +26,6 @@ from lightning.pytorch.callbacks import RichProgressBar
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
-from torch.utils.data import TensorDataset
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -197,10 +196,10 @@ def plot_mistakes(
 
 def images_of_test_split(datamodule: L.LightningDataModule, labels: torch.Tensor) -> torch.Tensor:
     """The uint8 test images behind the collected outputs (the test loader is never shuffled)."""
-    dataset = getattr(datamodule, "data_test", None)
-    if not isinstance(dataset, TensorDataset) or dataset.tensors[0].dtype != torch.uint8:
-        raise RuntimeError("the datamodule's test split is not a TensorDataset of uint8 images")
-    images, split_labels = dataset.tensors[0], dataset.tensors[1]
+    splits = getattr(datamodule, "image_splits", None)
+    if not splits or "test" not in splits or splits["test"][0].dtype != torch.uint8:
+        raise RuntimeError("the datamodule holds no uint8 test images (call setup first)")
+    images, split_labels = splits["test"]
     if len(labels) > len(split_labels) or not torch.equal(split_labels[: len(labels)].long(), labels.long()):
         raise RuntimeError("test outputs do not line up with the datamodule's test split")
     return images[: len(labels)]
