@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.model import TransferClassifier, check_backbone
-from fmnist_tl.utils import FmnistError, atomic_write_json, atomic_write_text, bf16_supported
+from fmnist_tl.utils import FmnistError, atomic_write_json, atomic_write_text, bf16_supported, exit_on_user_error
 
 log = logging.getLogger(__name__)
 # The frozen backbone is in eval mode on purpose (BatchNorm stats must not move).
@@ -228,24 +228,47 @@ def _is_multirun() -> bool:
         return False
 
 
+def record_failed_job(cfg: DictConfig, status: str, error: str, start: float) -> None:
+    """Write a failed or interrupted job's metrics.json, so sweep summaries list it with its reason."""
+    record = {
+        "status": status,
+        "error": error,
+        "wall_time_s": round(time.time() - start, 2),
+        "optimized_metric": cfg.get("optimized_metric"),
+    }
+    atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", record)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    except (FmnistError, KeyboardInterrupt) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        message = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-        if _is_multirun():
-            # One failing job must not kill the sweep: record it and let the launcher go on.
-            atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", {"status": "failed", "error": message})
-            log.error("job failed: %s", message)
+def main(cfg: DictConfig) -> float:
+    start = time.time()
+    multirun = _is_multirun()
+    with exit_on_user_error():
+        try:
+            metrics = train(cfg)
+        except (KeyboardInterrupt, SystemExit) as e:
+            # Ctrl-C and SIGTERM stop the whole sweep, not just this job; mid-fit Lightning turns
+            # them into SystemExit, which keeps its exit code.
+            if multirun:
+                record_failed_job(cfg, "interrupted", f"interrupted ({type(e).__name__})", start)
+            if isinstance(e, SystemExit) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:
+            if not multirun:
+                raise
+            # One failing job must not kill the sweep: any exception (a user error, a NaN loss, a
+            # bug, out of memory) is recorded in the job's metrics.json, with the trace of a bug in
+            # the job's log; sweepers get NaN (Optuna marks the trial failed) and go on.
+            message = str(e) if isinstance(e, FmnistError) else f"{type(e).__name__}: {e}"
+            message = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+            log.error("job failed: %s", message, exc_info=not isinstance(e, FmnistError))
+            record_failed_job(cfg, "failed", message, start)
             return float("nan")
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
-    value = metrics.get(cfg.optimized_metric)
     print(json.dumps({k: metrics[k] for k in ("val/acc", "val/f1", "test/acc", "test/f1") if k in metrics}))
-    return value
+    value = metrics.get(cfg.optimized_metric)
+    return float("nan") if value is None else float(value)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,22 @@ import torch
 
 class FmnistError(Exception):
     """An error caused by user input; the CLI prints its message as one line and exits non-zero."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """For CLI entry points: a FmnistError prints `error: <message>` to stderr and exits 2.
+
+    With HYDRA_FULL_ERROR=1 it is re-raised with its full traceback instead. Other exceptions
+    (bugs) always propagate with their traceback.
+    """
+    try:
+        yield
+    except FmnistError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 @contextlib.contextmanager
