@@ -340,6 +340,35 @@ def _numeric(values: list[str]) -> list[float] | None:
         return None
 
 
+def log_searched_keys(jobs: list[Job]) -> set[str]:
+    """Keys an Optuna sweep searched on a log scale (`tag(log, ...)` in hydra.sweeper.params)."""
+    from omegaconf import OmegaConf
+
+    for job in jobs:
+        hydra_yaml = job.run_dir / ".hydra" / "hydra.yaml"
+        if hydra_yaml.is_file():
+            try:
+                params = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.sweeper.params")
+                params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+            except Exception:  # unreadable: fall back to judging the values alone
+                return set()
+            return {str(k) for k, v in params.items() if "log" in str(v)}
+    return set()
+
+
+def _category_order(labels: list[str]) -> list[str]:
+    """Lists such as hidden dims by length, then value ([] [128] [256] [256,128]); else as given."""
+    import yaml
+
+    try:
+        parsed = [yaml.safe_load(v) for v in labels]
+        if all(isinstance(p, list) for p in parsed):
+            return [v for _, v in sorted(zip(parsed, labels, strict=True), key=lambda pv: (len(pv[0]), pv[0]))]
+    except Exception:  # not YAML, or lists that do not compare: keep the jobs' order
+        pass
+    return labels
+
+
 def plot_objective(summary: SweepSummary, path: Path) -> bool:
     """Objective against each swept parameter; failed jobs as red crosses along the bottom."""
     params = [k for k in summary.swept if k != SEED_KEY] or [k for k in summary.swept]
@@ -350,7 +379,9 @@ def plot_objective(summary: SweepSummary, path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    log_keys = log_searched_keys(summary.jobs)
     failed = [j for j in summary.jobs if j.status in ("failed", "interrupted")]
     ys = [j.value(summary.objective) for j in done]
     low, high = min(ys), max(ys)
@@ -363,11 +394,13 @@ def plot_objective(summary: SweepSummary, path: Path) -> bool:
         numbers = _numeric(every)
         if numbers is not None:
             positions = {v: n for v, n in zip(every, numbers, strict=True)}
-            if min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
+            if min(numbers) > 0 and (key in log_keys or max(numbers) / min(numbers) >= 100):
                 ax.set_xscale("log")
-        else:  # categories (lists, names) in the order of the jobs
+            elif all(n.is_integer() for n in numbers):  # epochs, widths: no 2.5 ticks
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:  # categories (lists, names)
             by_job = sorted(summary.jobs, key=lambda j: _job_sort_key(j.name))
-            labels = list(dict.fromkeys(j.overrides.get(key, "") for j in by_job))
+            labels = _category_order(list(dict.fromkeys(j.overrides.get(key, "") for j in by_job)))
             positions = {v: float(i) for i, v in enumerate(labels)}
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
             ax.set_xlim(-0.5, len(labels) - 0.5)

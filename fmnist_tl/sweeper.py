@@ -103,7 +103,7 @@ def run_study(impl: Any, arguments: Sequence[str]) -> None:
             if value is None:
                 failed += 1
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                log.warning("Trial %d failed, the study goes on: %s", trial.number, why)
+                log.warning("Trial %d failed (told to Optuna as FAIL): %s", trial.number, why)
             else:
                 study.tell(trial, values=[value])
         if failed / launched > impl.max_failure_rate:

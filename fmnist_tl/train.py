@@ -239,6 +239,16 @@ def record_failed_job(cfg: DictConfig, status: str, error: str, start: float) ->
     atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", record)
 
 
+def _summarize_stopped_sweep() -> None:
+    """A stopped sweep never reaches Hydra's on_multirun_end: write its summary from here."""
+    try:
+        from fmnist_tl.summarize import write_summary
+
+        write_summary(HydraConfig.get().sweep.dir, plot=False)
+    except Exception:  # the jobs' results are on disk; `python -m fmnist_tl.summarize` can redo this
+        log.exception("could not write the summary of the stopped sweep")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     start = time.time()
@@ -250,7 +260,8 @@ def main(cfg: DictConfig) -> float:
             # Ctrl-C and SIGTERM stop the whole sweep, not just this job; mid-fit Lightning turns
             # them into SystemExit, which keeps its exit code.
             if multirun:
-                record_failed_job(cfg, "interrupted", f"interrupted ({type(e).__name__})", start)
+                record_failed_job(cfg, "interrupted", "stopped by Ctrl-C or SIGTERM; the sweep stopped here", start)
+                _summarize_stopped_sweep()
             if isinstance(e, SystemExit) or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print("error: interrupted", file=sys.stderr)

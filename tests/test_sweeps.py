@@ -207,17 +207,19 @@ def test_optuna_sweeper_stops_early_only_past_max_failure_rate(tmp_path):
     assert OmegaConf.load(tmp_path / "optimization_results.yaml").best_value == 0.5
 
 
-def test_optuna_database_storage_needs_sqlalchemy_1_with_optuna_2(tmp_path):
+def test_optuna_database_storage_needs_sqlalchemy_1_with_optuna_2(tmp_path, capsys):
     import optuna
     import sqlalchemy
 
     storage = f"sqlite:///{tmp_path}/study.db"
     incompatible = int(optuna.__version__.split(".")[0]) < 3 and int(sqlalchemy.__version__.split(".")[0]) >= 2
     sweeper = head_optuna_sweeper(tmp_path, [0.5], f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=1")
-    if incompatible:  # fails before any trial, with the fix
-        with pytest.raises(FmnistError, match=r"optuna-db.*hydra.sweeper.storage=null"):
+    if incompatible:  # fails before any trial: one line with the fix, exit 2
+        with pytest.raises(SystemExit) as exit_info:
             sweeper.sweep([])
-        assert sweeper.impl.launcher.launched == []
+        assert exit_info.value.code == 2 and sweeper.impl.launcher.launched == []
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: hydra.sweeper.storage=sqlite:") and "'.[optuna-db]'" in line
     else:
         sweeper.sweep([])
         assert OmegaConf.load(tmp_path / "optimization_results.yaml").best_value == 0.5
@@ -232,6 +234,7 @@ def multirun_cfg(tiny_cfg):
     hydra_cfg = HydraConfig.instance().cfg  # what HydraConfig.get() (train's _is_multirun) reads
     with read_write(hydra_cfg.hydra):
         hydra_cfg.hydra.mode = RunMode.MULTIRUN
+        hydra_cfg.hydra.sweep.dir = str(Path(cfg.paths.output_dir).parent)  # the job dir is <sweep>/run
     yield cfg
     with read_write(hydra_cfg.hydra):
         hydra_cfg.hydra.mode = RunMode.RUN
@@ -267,7 +270,10 @@ def test_interrupted_job_in_a_multirun_is_recorded_and_stops_the_sweep(multirun_
         train_module.main(multirun_cfg)
     assert exit_info.value.code == 130
     metrics = json.loads((Path(multirun_cfg.paths.output_dir) / "metrics.json").read_text())
-    assert metrics["status"] == "interrupted"
+    assert metrics["status"] == "interrupted" and "Ctrl-C" in metrics["error"]
+    # A stopped sweep never reaches Hydra's on_multirun_end, so the job writes the summary itself.
+    rows = read_csv(Path(multirun_cfg.paths.output_dir).parent / "sweep_summary.csv")
+    assert [(r["job"], r["status"]) for r in rows] == [("run", "interrupted")]
 
 
 def test_outside_a_multirun_a_bug_keeps_its_traceback(tiny_cfg, monkeypatch):
@@ -285,6 +291,18 @@ def test_outside_a_multirun_a_bug_keeps_its_traceback(tiny_cfg, monkeypatch):
 def sweep_dir_of(root: Path) -> Path:
     (sweep,) = (root / "logs" / "train" / "multiruns").iterdir()
     return sweep
+
+
+@pytest.mark.slow
+def test_multirun_where_every_job_raises_still_exits_0_with_a_summary(tiny_mirror, tmp_path):
+    # Not FmnistErrors: hydra's instantiate fails inside fit, as a bug or a missing package would.
+    bad = "model.optimizer._target_=torch.optim.NoSuchOptimizer,torch.optim.NoSuchOptimizer2"
+    proc = run_cli("-m", *tiny_overrides(tiny_mirror, tmp_path), bad)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_csv(sweep_dir_of(tmp_path) / "sweep_summary.csv")
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all(r["error"].startswith("InstantiationException: ") for r in rows)
+    assert "Traceback" in (sweep_dir_of(tmp_path) / "0" / "train.log").read_text()  # the trace is kept
 
 
 @pytest.mark.slow
