@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.model import TransferClassifier, check_backbone
@@ -249,6 +250,21 @@ def _summarize_stopped_sweep() -> None:
         log.exception("could not write the summary of the stopped sweep")
 
 
+def _interruption(e: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM behind an exception, also when it arrives wrapped in another error."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, (KeyboardInterrupt, SystemExit)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _job_error(e: BaseException) -> str:
+    message = str(e) if isinstance(e, FmnistError) else f"{type(e).__name__}: {e}"
+    return message.strip().splitlines()[0] if message.strip() else type(e).__name__
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     start = time.time()
@@ -256,26 +272,31 @@ def main(cfg: DictConfig) -> float:
     with exit_on_user_error():
         try:
             metrics = train(cfg)
-        except (KeyboardInterrupt, SystemExit) as e:
-            # Ctrl-C and SIGTERM stop the whole sweep, not just this job; mid-fit Lightning turns
-            # them into SystemExit, which keeps its exit code.
-            if multirun:
-                record_failed_job(cfg, "interrupted", "stopped by Ctrl-C or SIGTERM; the sweep stopped here", start)
-                _summarize_stopped_sweep()
-            if isinstance(e, SystemExit) or os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print("error: interrupted", file=sys.stderr)
-            sys.exit(130)
-        except Exception as e:
+        except BaseException as e:
             if not multirun:
+                if isinstance(e, KeyboardInterrupt) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                    print("error: interrupted", file=sys.stderr)
+                    sys.exit(130)
+                raise
+            interrupted = _interruption(e)
+            if interrupted is not None:
+                # Ctrl-C and SIGTERM stop the whole sweep, not just this job (mid-fit, Lightning
+                # turns them into SystemExit / SIGTERMException). Record, summarise, exit.
+                signal_name = "SIGTERM" if isinstance(interrupted, SIGTERMException) else "Ctrl-C"
+                why = str(e) if isinstance(e, FmnistError) else f"stopped by {signal_name}"
+                record_failed_job(cfg, "interrupted", f"{why}; the sweep stopped here", start)
+                _summarize_stopped_sweep()
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"error: {why}; the sweep stopped here", file=sys.stderr)
+                sys.exit(143 if signal_name == "SIGTERM" else 130)
+            if not isinstance(e, Exception):
                 raise
             # One failing job must not kill the sweep: any exception (a user error, a NaN loss, a
             # bug, out of memory) is recorded in the job's metrics.json, with the trace of a bug in
             # the job's log; sweepers get NaN (Optuna marks the trial failed) and go on.
-            message = str(e) if isinstance(e, FmnistError) else f"{type(e).__name__}: {e}"
-            message = message.strip().splitlines()[0] if message.strip() else type(e).__name__
-            log.error("job failed: %s", message, exc_info=not isinstance(e, FmnistError))
-            record_failed_job(cfg, "failed", message, start)
+            log.error("job failed: %s", _job_error(e), exc_info=not isinstance(e, FmnistError))
+            record_failed_job(cfg, "failed", _job_error(e), start)
             return float("nan")
     print(json.dumps({k: metrics[k] for k in ("val/acc", "val/f1", "test/acc", "test/f1") if k in metrics}))
     value = metrics.get(cfg.optimized_metric)
