@@ -40,6 +40,7 @@ from fmnist_tl.utils import (
     atomic_write_json,
     atomic_write_text,
     bf16_supported,
+    exit_on_user_error,
     remove_stale_temp_files,
 )
 
@@ -359,24 +360,78 @@ def _is_multirun() -> bool:
         return False
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def record_failed_job(cfg: DictConfig, status: str, error: str, start: float) -> None:
+    """Write a failed or interrupted job's metrics.json, so sweep summaries list it with its reason."""
+    record = {
+        "status": status,
+        "error": error,
+        "wall_time_s": round(time.time() - start, 2),
+        "optimized_metric": cfg.get("optimized_metric"),
+    }
+    atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", record)
+
+
+def _summarize_stopped_sweep() -> None:
+    """A stopped sweep never reaches Hydra's on_multirun_end: write its summary from here."""
     try:
-        metrics = train(cfg)
-    except (FmnistError, KeyboardInterrupt) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        message = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-        if _is_multirun():
-            # One failing job must not kill the sweep: record it and let the launcher go on.
-            atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", {"status": "failed", "error": message})
-            log.error("job failed: %s", message)
+        from fmnist_tl.summarize import write_summary
+
+        write_summary(HydraConfig.get().sweep.dir, plot=False)
+    except Exception:  # the jobs' results are on disk; `python -m fmnist_tl.summarize` can redo this
+        log.exception("could not write the summary of the stopped sweep")
+
+
+def _interruption(e: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM behind an exception, also when it arrives wrapped in another error."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, (KeyboardInterrupt, SystemExit)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _job_error(e: BaseException) -> str:
+    message = str(e) if isinstance(e, FmnistError) else f"{type(e).__name__}: {e}"
+    return message.strip().splitlines()[0] if message.strip() else type(e).__name__
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    start = time.time()
+    multirun = _is_multirun()
+    with exit_on_user_error():
+        try:
+            metrics = train(cfg)
+        except BaseException as e:
+            if not multirun:
+                if isinstance(e, KeyboardInterrupt) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                    print("error: interrupted", file=sys.stderr)
+                    sys.exit(130)
+                raise
+            interrupted = _interruption(e)
+            if interrupted is not None:
+                # Ctrl-C and SIGTERM stop the whole sweep, not just this job (mid-fit, Lightning
+                # turns them into SystemExit / SIGTERMException). Record, summarise, exit.
+                signal_name = "SIGTERM" if isinstance(interrupted, SIGTERMException) else "Ctrl-C"
+                why = str(e) if isinstance(e, FmnistError) else f"stopped by {signal_name}"
+                record_failed_job(cfg, "interrupted", f"{why}; the sweep stopped here", start)
+                _summarize_stopped_sweep()
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"error: {why}; the sweep stopped here", file=sys.stderr)
+                sys.exit(143 if signal_name == "SIGTERM" else 130)
+            if not isinstance(e, Exception):
+                raise
+            # One failing job must not kill the sweep: any exception (a user error, a NaN loss, a
+            # bug, out of memory) is recorded in the job's metrics.json, with the trace of a bug in
+            # the job's log; sweepers get NaN (Optuna marks the trial failed) and go on.
+            log.error("job failed: %s", _job_error(e), exc_info=not isinstance(e, FmnistError))
+            record_failed_job(cfg, "failed", _job_error(e), start)
             return float("nan")
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
-    value = metrics.get(cfg.optimized_metric)
     print(json.dumps({k: metrics[k] for k in ("val/acc", "val/f1", "test/acc", "test/f1") if k in metrics}))
-    return value
+    value = metrics.get(cfg.optimized_metric)
+    return float("nan") if value is None else float(value)
 
 
 if __name__ == "__main__":

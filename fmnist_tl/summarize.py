@@ -1,0 +1,483 @@
+"""One table for a whole sweep: `python -m fmnist_tl.summarize [SWEEP_DIR]`.
+
+Every Hydra multirun ends with this summary (`SweepSummaryCallback`, registered in
+conf/hydra/default.yaml); the CLI writes it for any sweep dir, including one still running or
+interrupted. It reads each job dir's `.hydra/overrides.yaml` (Hydra writes it before the job
+starts) and `metrics.json` (train writes it at the end, also for failed jobs), and writes into
+the sweep dir:
+
+- `sweep_summary.csv`: one row per job: rank, best, job, status, each swept parameter, the
+  overrides, val/test metrics, epochs, wall time, error, run dir; sorted by the objective;
+- `sweep_summary.md`: the same as a table, plus mean +- std over seeds for configurations that
+  were run with several seeds (also in `sweep_summary_by_config.csv`);
+- `sweep_summary.png`: the objective against each swept parameter.
+
+A job dir without metrics.json is `incomplete` (still running, killed, or crashed hard). Ranking
+uses the objective (`optimized_metric`, a validation metric); test metrics are shown only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from fmnist_tl.utils import FmnistError, atomic_path, atomic_write_text, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+METRICS = ("val/acc", "val/f1", "test/acc", "test/f1")
+SEED_KEY = "seed"
+CSV_NAME, MD_NAME, PNG_NAME, BY_CONFIG_NAME = (
+    "sweep_summary.csv",
+    "sweep_summary.md",
+    "sweep_summary.png",
+    "sweep_summary_by_config.csv",
+)
+
+
+@dataclass
+class Job:
+    name: str  # the job's dir name; Hydra's job number by default
+    run_dir: Path
+    status: str  # completed | failed | interrupted | incomplete
+    overrides: dict[str, str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def value(self, key: str) -> float | None:
+        v = self.metrics.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+@dataclass
+class Group:
+    """Jobs whose overrides differ only in the seed."""
+
+    overrides: dict[str, str]
+    jobs: list[Job]
+
+    def values(self, key: str) -> list[float]:
+        return [v for j in self.jobs if j.status == "completed" and (v := j.value(key)) is not None]
+
+
+@dataclass
+class SweepSummary:
+    sweep_dir: Path
+    objective: str
+    maximize: bool
+    jobs: list[Job]  # ranked: finite objective first, best first; then the rest by job
+    swept: list[str]  # override keys whose value differs between jobs
+    common: dict[str, str]  # overrides every job shares
+    groups: list[Group]  # ranked by mean objective; only when some configuration has several seeds
+
+    @property
+    def best(self) -> Job | None:
+        return self.jobs[0] if self.jobs and self.jobs[0].value(self.objective) is not None else None
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for job in self.jobs:
+            out[job.status] = out.get(job.status, 0) + 1
+        return out
+
+
+def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
+    """`key=value` strings (as Hydra stores them) -> {key: value}; `+key` / `++key` count as key."""
+    out = {}
+    for line in lines:
+        key, _, value = str(line).partition("=")
+        out[key.lstrip("+")] = value
+    return out
+
+
+def _load_yaml_list(path: Path) -> list[str]:
+    from omegaconf import OmegaConf
+
+    try:
+        return [str(x) for x in OmegaConf.load(path)]
+    except Exception:  # a half-written or hand-edited file: treat as no overrides, the job still shows
+        return []
+
+
+def load_job(run_dir: Path) -> Job:
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = parse_overrides(_load_yaml_list(overrides_file)) if overrides_file.is_file() else {}
+    metrics: dict[str, Any] = {}
+    status = "incomplete"
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            metrics = json.loads(metrics_file.read_text())
+            status = str(metrics.get("status", "completed"))
+        except (OSError, ValueError) as e:
+            metrics = {"error": f"unreadable metrics.json ({e})"}
+    return Job(run_dir.name, run_dir, status, overrides, metrics)
+
+
+def _job_sort_key(name: str) -> tuple[int, int, str]:
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def find_jobs(sweep_dir: Path) -> list[Job]:
+    """Job dirs are the sweep dir's children that Hydra configured (.hydra/) or train finished."""
+    dirs = [
+        d
+        for d in sweep_dir.iterdir()
+        if d.is_dir() and ((d / ".hydra" / "overrides.yaml").is_file() or (d / "metrics.json").is_file())
+    ]
+    return [load_job(d) for d in sorted(dirs, key=lambda d: _job_sort_key(d.name))]
+
+
+def _objective(jobs: list[Job]) -> str:
+    names = [str(j.metrics["optimized_metric"]) for j in jobs if j.metrics.get("optimized_metric")]
+    return max(set(names), key=names.count) if names else "val/acc"
+
+
+def summarize(sweep_dir: str | Path) -> SweepSummary:
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FmnistError(f"{sweep_dir} is not a directory; pass a sweep dir such as logs/train/multiruns/<time>")
+    jobs = find_jobs(sweep_dir)
+    if not jobs:
+        raise FmnistError(
+            f"{sweep_dir} holds no job dirs (with .hydra/overrides.yaml or metrics.json); is it a sweep dir?"
+        )
+    objective = _objective(jobs)
+    maximize = not objective.endswith("loss")
+
+    keys = sorted({k for j in jobs for k in j.overrides})
+    swept = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+    common = {k: jobs[0].overrides[k] for k in keys if k not in swept}
+
+    def rank_key(job: Job) -> tuple:
+        v = job.value(objective)
+        if v is None:
+            return (1, 0.0, _job_sort_key(job.name))
+        return (0, -v if maximize else v, _job_sort_key(job.name))
+
+    jobs.sort(key=rank_key)
+
+    by_config: dict[tuple, Group] = {}
+    for job in jobs:
+        config = {k: job.overrides.get(k, "") for k in swept if k != SEED_KEY}
+        by_config.setdefault(tuple(config.items()), Group(config, [])).jobs.append(job)
+    groups: list[Group] = []
+    if SEED_KEY in swept and any(len(g.jobs) > 1 for g in by_config.values()):
+
+        def group_key(g: Group) -> tuple:
+            vals = g.values(objective)
+            if not vals:
+                return (1, 0.0)
+            mean = statistics.fmean(vals)
+            return (0, -mean if maximize else mean)
+
+        groups = sorted(by_config.values(), key=group_key)
+    return SweepSummary(sweep_dir, objective, maximize, jobs, swept, common, groups)
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def _short(value: str) -> str:
+    """Optuna suggests floats like 0.0002801635158716264; 4 significant digits are enough to read."""
+    try:
+        f = float(value)
+    except ValueError:
+        return value
+    return value if value.lstrip("-").isdigit() else f"{f:.4g}"
+
+
+def _overrides_text(overrides: dict[str, str], keys: Sequence[str], short: bool = False) -> str:
+    return " ".join(f"{k}={_short(overrides[k]) if short else overrides[k]}" for k in keys if k in overrides)
+
+
+def _mean_std(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def job_rows(summary: SweepSummary) -> list[dict[str, Any]]:
+    rows = []
+    best = summary.best
+    for rank, job in enumerate(summary.jobs, start=1):
+        row: dict[str, Any] = {
+            "rank": rank,
+            "best": "*" if job is best else "",
+            "job": job.name,
+            "status": job.status,
+        }
+        row.update({k: job.overrides.get(k, "") for k in summary.swept})
+        row["overrides"] = _overrides_text(job.overrides, summary.swept)
+        row.update({m: job.value(m) for m in METRICS})
+        if summary.objective not in METRICS:
+            row[summary.objective] = job.value(summary.objective)
+        row["epochs"] = job.metrics.get("epochs")
+        row["wall_time_s"] = job.value("wall_time_s")
+        row["error"] = job.metrics.get("error", "")
+        row["run_dir"] = str(job.run_dir)
+        rows.append(row)
+    return rows
+
+
+def group_rows(summary: SweepSummary) -> list[dict[str, Any]]:
+    rows = []
+    for rank, group in enumerate(summary.groups, start=1):
+        row: dict[str, Any] = {
+            "rank": rank,
+            "best": "*" if rank == 1 and group.values(summary.objective) else "",
+            "overrides": _overrides_text(group.overrides, list(group.overrides)),
+            "seeds": len(group.jobs),
+            "completed": sum(j.status == "completed" for j in group.jobs),
+        }
+        metrics = list(METRICS) + ([summary.objective] if summary.objective not in METRICS else [])
+        for m in metrics:
+            vals = group.values(m)
+            row[f"{m} mean"] = statistics.fmean(vals) if vals else None
+            row[f"{m} std"] = statistics.stdev(vals) if len(vals) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return buf.getvalue()
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(summary: SweepSummary, plot: Path | None) -> str:
+    counts = summary.counts()
+    direction = "maximised" if summary.maximize else "minimised"
+    job_time = sum(j.value("wall_time_s") or 0.0 for j in summary.jobs)
+    out = [
+        f"# Sweep summary: `{summary.sweep_dir}`",
+        "",
+        f"{len(summary.jobs)} jobs: "
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        + f". Ranked by `{summary.objective}` ({direction}); test metrics are shown, never used to rank."
+        + f" Time in jobs: {job_time:.0f} s.",
+        "",
+    ]
+    if summary.common:
+        out += [f"Common overrides: `{_overrides_text(summary.common, list(summary.common))}`", ""]
+    metric_cols = list(METRICS) + ([summary.objective] if summary.objective not in METRICS else [])
+    header = ["rank", "best", "job", "status", "overrides", *metric_cols, "epochs", "wall s", "error"]
+    rows = []
+    for rank, job in enumerate(summary.jobs, start=1):
+        rows.append(
+            [
+                str(rank),
+                "**best**" if job is summary.best else "",
+                job.name,
+                job.status,
+                f"`{_overrides_text(job.overrides, summary.swept, short=True)}`" if summary.swept else "",
+                *[_fmt(job.value(m)) for m in metric_cols],
+                _fmt(job.metrics.get("epochs")),
+                _fmt(job.value("wall_time_s"), 1),
+                str(job.metrics.get("error", "")),
+            ]
+        )
+    out += [_md_table(header, rows), ""]
+    if summary.groups:
+        out += [f"## By configuration: mean ± std over seeds (sample std), ranked by mean `{summary.objective}`", ""]
+        gheader = ["rank", "best", "overrides", "seeds", "completed", *metric_cols]
+        grows = []
+        for row, group in zip(group_rows(summary), summary.groups, strict=True):
+            grows.append(
+                [
+                    str(row["rank"]),
+                    "**best**" if row["best"] else "",
+                    f"`{_overrides_text(group.overrides, list(group.overrides), short=True)}`",
+                    str(row["seeds"]),
+                    str(row["completed"]),
+                    *[_mean_std(group.values(m)) for m in metric_cols],
+                ]
+            )
+        out += [_md_table(gheader, grows), ""]
+    if plot is not None:
+        out += [f"![{summary.objective} against each swept parameter]({plot.name})", ""]
+    return "\n".join(out)
+
+
+def _numeric(values: list[str]) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def log_searched_keys(jobs: list[Job]) -> set[str]:
+    """Keys an Optuna sweep searched on a log scale (`tag(log, ...)` in hydra.sweeper.params)."""
+    from omegaconf import OmegaConf
+
+    for job in jobs:
+        hydra_yaml = job.run_dir / ".hydra" / "hydra.yaml"
+        if hydra_yaml.is_file():
+            try:
+                params = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.sweeper.params")
+                params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+            except Exception:  # unreadable: fall back to judging the values alone
+                return set()
+            return {str(k) for k, v in params.items() if "log" in str(v)}
+    return set()
+
+
+def _category_order(labels: list[str]) -> list[str]:
+    """Lists such as hidden dims by length, then value ([] [128] [256] [256,128]); else as given."""
+    import yaml
+
+    try:
+        parsed = [yaml.safe_load(v) for v in labels]
+        if all(isinstance(p, list) for p in parsed):
+            return [v for _, v in sorted(zip(parsed, labels, strict=True), key=lambda pv: (len(pv[0]), pv[0]))]
+    except Exception:  # not YAML, or lists that do not compare: keep the jobs' order
+        pass
+    return labels
+
+
+def plot_objective(summary: SweepSummary, path: Path) -> bool:
+    """Objective against each swept parameter; failed jobs as red crosses along the bottom."""
+    params = [k for k in summary.swept if k != SEED_KEY] or [k for k in summary.swept]
+    done = [j for j in summary.jobs if j.value(summary.objective) is not None]
+    if not params or not done:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    log_keys = log_searched_keys(summary.jobs)
+    failed = [j for j in summary.jobs if j.status in ("failed", "interrupted")]
+    ys = [j.value(summary.objective) for j in done]
+    low, high = min(ys), max(ys)
+    floor = low - 0.05 * (high - low or 1.0)
+    cols = {1: 1, 2: 2, 3: 3, 4: 2}.get(len(params), 3)
+    rows = math.ceil(len(params) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, params, strict=False):
+        every = [j.overrides.get(key, "") for j in summary.jobs]
+        numbers = _numeric(every)
+        if numbers is not None:
+            positions = {v: n for v, n in zip(every, numbers, strict=True)}
+            if min(numbers) > 0 and (key in log_keys or max(numbers) / min(numbers) >= 100):
+                ax.set_xscale("log")
+            elif all(n.is_integer() for n in numbers):  # epochs, widths: no 2.5 ticks
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:  # categories (lists, names)
+            by_job = sorted(summary.jobs, key=lambda j: _job_sort_key(j.name))
+            labels = _category_order(list(dict.fromkeys(j.overrides.get(key, "") for j in by_job)))
+            positions = {v: float(i) for i, v in enumerate(labels)}
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        x = [positions[j.overrides.get(key, "")] for j in done]
+        ax.scatter(x, ys, s=28, alpha=0.8, label="completed")
+        if failed:
+            xf = [positions[j.overrides.get(key, "")] for j in failed]
+            ax.scatter(xf, [floor] * len(xf), marker="x", color="tab:red", label="failed (no value)")
+        best = summary.best
+        if best is not None:
+            ax.scatter([positions[best.overrides.get(key, "")]], [best.value(summary.objective)], marker="*", s=180,
+                       color="gold", edgecolor="black", zorder=3, label="best")  # fmt: skip
+        ax.set_xlabel(key)
+        ax.set_ylabel(summary.objective)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(params) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    counts = summary.counts()
+    fig.suptitle(f"{summary.sweep_dir.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_summary(sweep_dir: str | Path, plot: bool = True) -> SweepSummary:
+    """Write sweep_summary.{csv,md,png} (and the by-config csv when seeds repeat) atomically."""
+    summary = summarize(sweep_dir)
+    out = summary.sweep_dir
+    atomic_write_text(out / CSV_NAME, _csv_text(job_rows(summary)))
+    if summary.groups:
+        atomic_write_text(out / BY_CONFIG_NAME, _csv_text(group_rows(summary)))
+    png = out / PNG_NAME if plot and plot_objective(summary, out / PNG_NAME) else None
+    atomic_write_text(out / MD_NAME, markdown(summary, png))
+    return summary
+
+
+class SweepSummaryCallback(Callback):
+    """Hydra callback: write the sweep summary when a multirun ends (every sweeper and launcher)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            summary = write_summary(sweep_dir)
+        except Exception:  # the jobs' results are on disk already; a summary problem must not hide them
+            log.exception("Could not write the sweep summary; run python -m fmnist_tl.summarize %s", sweep_dir)
+            return
+        best = summary.best
+        log.info(
+            "Sweep summary: %s%s",
+            sweep_dir / MD_NAME,
+            f" (best: job {best.name}, {summary.objective}={best.value(summary.objective):.4f})" if best else "",
+        )
+
+
+def newest_sweep_dir(root: Path = Path("logs")) -> Path:
+    found = [p for p in root.glob("*/multiruns/*") if p.is_dir()]
+    if not found:
+        raise FmnistError(f"no sweep dirs under {root}/*/multiruns/; pass SWEEP_DIR")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m fmnist_tl.summarize",
+        description="Write sweep_summary.{csv,md,png} for a Hydra sweep dir (also one still running or interrupted).",
+    )
+    parser.add_argument("sweep_dir", nargs="?", type=Path, help="default: the newest logs/*/multiruns/* dir")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib rendering)")
+    args = parser.parse_args(argv)
+    with exit_on_user_error():
+        sweep_dir = args.sweep_dir or newest_sweep_dir()
+        write_summary(sweep_dir, plot=not args.no_plot)
+        sys.stdout.write((sweep_dir / MD_NAME).read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""Sweeps: the Optuna sweeper's failure handling, failed jobs in multiruns, and the sweep summary.
+
+Fast tests build sweep dirs by hand or drive the sweeper with a fake launcher; the slow ones run
+real multiruns (basic launcher, joblib launcher, Optuna) on the tiny data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf, open_dict, read_write
+
+import fmnist_tl.train as train_module
+from fmnist_tl import summarize
+from fmnist_tl.train import CONFIG_DIR, build
+from fmnist_tl.utils import FmnistError
+from tests.conftest import run_cli, tiny_overrides
+
+# ---- summary of hand-made sweep dirs -----------------------------------------------------------
+
+
+def fake_job(sweep: Path, name: str, overrides: list[str], metrics: dict | None) -> Path:
+    """A job dir as Hydra and train leave it: .hydra/overrides.yaml, and metrics.json once it ended."""
+    run = sweep / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def done(val: float, test: float, **extra) -> dict:
+    return {"status": "completed", "val/acc": val, "val/f1": val - 0.01, "test/acc": test, "test/f1": test - 0.01,
+            "epochs": 3, "wall_time_s": 12.5, "optimized_metric": "val/acc", **extra}  # fmt: skip
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_summary_ranks_by_val_marks_best_and_lists_failed_and_incomplete_jobs(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    common = "data.image_size=32"
+    fake_job(sweep, "0", [common, "model.optimizer.lr=0.001", "model.head.dropout=0.2"], done(0.80, 0.95))
+    fake_job(sweep, "1", [common, "model.optimizer.lr=0.01", "model.head.dropout=0.2"], done(0.90, 0.70))
+    fake_job(sweep, "2", [common, "model.optimizer.lr=1e6", "model.head.dropout=0.5"],
+             {"status": "failed", "error": "training diverged: loss is nan", "wall_time_s": 2.0})  # fmt: skip
+    fake_job(sweep, "3", [common, "model.optimizer.lr=0.0001", "model.head.dropout=0.5"], None)  # still running
+    fake_job(sweep, "10", [common, "model.optimizer.lr=0.003", "model.head.dropout=0.5"], done(0.85, 0.99))
+
+    summarize.main([str(sweep)])  # the CLI, in-process
+
+    rows = read_csv(sweep / "sweep_summary.csv")
+    # Ranked on val/acc (test/acc would give another order: never used to rank); job "10" sorts as a number.
+    assert [r["job"] for r in rows] == ["1", "10", "0", "2", "3"]
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4", "5"]
+    assert [r["best"] for r in rows] == ["*", "", "", "", ""]
+    assert [r["status"] for r in rows] == ["completed", "completed", "completed", "failed", "incomplete"]
+    assert rows[3]["error"] == "training diverged: loss is nan" and rows[3]["val/acc"] == ""
+    # Swept keys get their own columns; the shared override is not one of them.
+    assert rows[0]["model.optimizer.lr"] == "0.01" and rows[0]["model.head.dropout"] == "0.2"
+    assert "data.image_size" not in rows[0]
+    assert rows[0]["overrides"] == "model.head.dropout=0.2 model.optimizer.lr=0.01"
+    assert float(rows[0]["val/acc"]) == 0.90 and rows[0]["epochs"] == "3" and float(rows[0]["wall_time_s"]) == 12.5
+
+    md = (sweep / "sweep_summary.md").read_text()
+    assert md == capsys.readouterr().out
+    assert "5 jobs: 3 completed, 1 failed, 1 incomplete" in md
+    assert "Common overrides: `data.image_size=32`" in md
+    table = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert table[0].startswith("| 1 | **best** | 1 | completed |")
+    assert "| 5 |  | 3 | incomplete |" in table[4]
+    assert (sweep / "sweep_summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![val/acc against each swept parameter](sweep_summary.png)" in md
+    assert not list(sweep.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_summary_aggregates_repeated_seeds_as_mean_and_std(tmp_path):
+    sweep = tmp_path / "sweep"
+    vals = {"0.2": [0.70, 0.74, 0.72], "0.5": [0.80, 0.86, 0.83]}
+    n = 0
+    for dropout, accs in vals.items():
+        for seed, acc in enumerate(accs):
+            fake_job(sweep, str(n), [f"model.head.dropout={dropout}", f"seed={seed}"], done(acc, acc - 0.05))
+            n += 1
+    summary = summarize.write_summary(sweep, plot=False)
+    assert [g.overrides for g in summary.groups] == [{"model.head.dropout": "0.5"}, {"model.head.dropout": "0.2"}]
+
+    rows = read_csv(sweep / "sweep_summary_by_config.csv")
+    assert [r["overrides"] for r in rows] == ["model.head.dropout=0.5", "model.head.dropout=0.2"]
+    assert [r["best"] for r in rows] == ["*", ""]
+    assert rows[0]["seeds"] == "3" and rows[0]["completed"] == "3"
+    assert float(rows[0]["val/acc mean"]) == pytest.approx(statistics.fmean(vals["0.5"]))
+    assert float(rows[0]["val/acc std"]) == pytest.approx(statistics.stdev(vals["0.5"]))
+    assert float(rows[1]["test/acc mean"]) == pytest.approx(statistics.fmean(vals["0.2"]) - 0.05)
+    md = (sweep / "sweep_summary.md").read_text()
+    assert f"{statistics.fmean(vals['0.5']):.4f} ± {statistics.stdev(vals['0.5']):.4f}" in md
+    assert len(read_csv(sweep / "sweep_summary.csv")) == 6  # the per-job table stays one row per job
+
+
+def test_summarize_cli_rejects_a_dir_that_is_not_a_sweep(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(SystemExit) as exit_info:
+            summarize.main([str(target)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and str(target) in err[0]
+
+
+# ---- the Optuna sweeper, driven by a fake launcher ----------------------------------------------
+
+
+class FakeLauncher:
+    """Stands in for Hydra's launcher: each job 'returns' the next outcome (a value or an exception)."""
+
+    def __init__(self, outcomes: list) -> None:
+        self.outcomes = iter(outcomes)
+        self.launched: list[list[str]] = []
+
+    def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+        returns = []
+        for overrides in job_overrides:
+            self.launched.append(list(overrides))
+            outcome = next(self.outcomes)
+            failed = isinstance(outcome, BaseException)
+            ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED if failed else JobStatus.COMPLETED)
+            ret.return_value = outcome
+            returns.append(ret)
+        return returns
+
+
+def head_optuna_sweeper(sweep_dir: Path, outcomes: list, *overrides: str):
+    """Our conf/hparams_search/head_optuna.yaml sweeper as Hydra instantiates it, with a fake launcher."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="train", overrides=["hparams_search=head_optuna", *overrides], return_hydra_config=True
+        )
+    sweeper = build(cfg.hydra.sweeper)
+    with open_dict(cfg):
+        cfg.hydra.sweep.dir = str(sweep_dir)
+    sweeper.impl.config = cfg
+    sweeper.impl.launcher = FakeLauncher(outcomes)
+    return sweeper
+
+
+def test_optuna_sweeper_marks_failed_trials_failed_and_the_study_goes_on(tmp_path):
+    # NaN (a diverged job), an exception the job raised, and None all count as failed trials.
+    outcomes = [float("nan"), RuntimeError("boom"), 0.5, None, 0.7, 0.6]
+    sweeper = head_optuna_sweeper(tmp_path, outcomes, "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2")
+    sweeper.sweep([])
+    launched = sweeper.impl.launcher.launched
+    assert len(launched) == 6
+    results = OmegaConf.load(tmp_path / "optimization_results.yaml")
+    assert results.best_value == 0.7 and results.n_trials == 6 and results.n_failed == 3
+    # Every trial got the whole search space, within its bounds.
+    for job in launched:
+        params = dict(o.split("=", 1) for o in job)
+        assert 1e-4 <= float(params["model.optimizer.lr"]) <= 1e-2
+        assert 1e-6 <= float(params["model.optimizer.weight_decay"]) <= 1e-2
+        assert params["model.head.hidden_dims"] in ("[]", "[128]", "[256]", "[512]", "[256,128]")
+        assert 0.0 <= float(params["model.head.dropout"]) <= 0.6
+        assert 3 <= int(params["trainer.max_epochs"]) <= 15
+    best = dict(o.split("=", 1) for o in launched[4])  # the trial that returned 0.7
+    assert {k: str(v) for k, v in results.best_params.items()} == best
+
+    # The sampler is seeded from cfg.seed: the same seed asks the same trials, another seed others.
+    again = head_optuna_sweeper(
+        tmp_path / "again", list(outcomes), "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2"
+    )
+    again.sweep([])
+    assert again.impl.launcher.launched == launched
+    other = head_optuna_sweeper(tmp_path / "other", [0.5] * 2, "hydra.sweeper.n_trials=2", "seed=7")
+    other.sweep([])
+    assert other.impl.launcher.launched != launched[:2]
+
+
+def test_optuna_sweeper_survives_a_study_where_every_trial_failed(tmp_path):
+    sweeper = head_optuna_sweeper(tmp_path, [float("nan"), ValueError("x"), float("inf")], "hydra.sweeper.n_trials=3")
+    sweeper.sweep([])  # no exception: the summary callback then shows why each job failed
+    assert len(sweeper.impl.launcher.launched) == 3
+    assert not (tmp_path / "optimization_results.yaml").exists()
+
+
+def test_optuna_sweeper_stops_early_only_past_max_failure_rate(tmp_path):
+    sweeper = head_optuna_sweeper(
+        tmp_path,
+        [0.5, float("nan"), float("nan"), 0.6],
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.max_failure_rate=0.5",
+    )
+    sweeper.sweep([])
+    assert len(sweeper.impl.launcher.launched) == 3  # 2 of 3 failed > 0.5: stop, keep the results so far
+    assert OmegaConf.load(tmp_path / "optimization_results.yaml").best_value == 0.5
+
+
+def test_optuna_database_storage_needs_sqlalchemy_1_with_optuna_2(tmp_path, capsys):
+    import optuna
+    import sqlalchemy
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    incompatible = int(optuna.__version__.split(".")[0]) < 3 and int(sqlalchemy.__version__.split(".")[0]) >= 2
+    sweeper = head_optuna_sweeper(tmp_path, [0.5], f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=1")
+    if incompatible:  # fails before any trial: one line with the fix, exit 2
+        with pytest.raises(SystemExit) as exit_info:
+            sweeper.sweep([])
+        assert exit_info.value.code == 2 and sweeper.impl.launcher.launched == []
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: hydra.sweeper.storage=sqlite:") and "'.[optuna-db]'" in line
+    else:
+        sweeper.sweep([])
+        assert OmegaConf.load(tmp_path / "optimization_results.yaml").best_value == 0.5
+
+
+# ---- train's main() in a multirun: any failure is recorded, the sweep goes on --------------------
+
+
+@pytest.fixture
+def multirun_cfg(tiny_cfg):
+    cfg = tiny_cfg()
+    hydra_cfg = HydraConfig.instance().cfg  # what HydraConfig.get() (train's _is_multirun) reads
+    with read_write(hydra_cfg.hydra):
+        hydra_cfg.hydra.mode = RunMode.MULTIRUN
+        hydra_cfg.hydra.sweep.dir = str(Path(cfg.paths.output_dir).parent)  # the job dir is <sweep>/run
+    yield cfg
+    with read_write(hydra_cfg.hydra):
+        hydra_cfg.hydra.mode = RunMode.RUN
+
+
+@pytest.mark.parametrize(
+    "error, recorded",
+    [
+        (FmnistError("training diverged: loss is nan at epoch 0, step 3; lower model.optimizer.lr"),
+         "training diverged: loss is nan at epoch 0, step 3; lower model.optimizer.lr"),
+        (RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB"), "RuntimeError: CUDA out of memory."),
+    ],
+    ids=["user-error", "other-exception"],
+)  # fmt: skip
+def test_failed_job_in_a_multirun_is_recorded_and_returns_nan(multirun_cfg, monkeypatch, error, recorded):
+    def fail(cfg):
+        raise error
+
+    monkeypatch.setattr(train_module, "train", fail)
+    value = train_module.main(multirun_cfg)  # hydra.main passes a given config straight through
+    assert math.isnan(value)
+    metrics = json.loads((Path(multirun_cfg.paths.output_dir) / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["error"] == recorded
+    assert metrics["optimized_metric"] == "val/acc" and metrics["wall_time_s"] >= 0
+
+
+def sigterm_wrapped() -> FmnistError:
+    """SIGTERM mid-fit as train may report it: a FmnistError raised from Lightning's SIGTERMException."""
+    try:
+        raise SIGTERMException
+    except SIGTERMException as e:
+        try:
+            raise FmnistError("training interrupted (SIGTERMException); checkpoint saved at x.ckpt") from e
+        except FmnistError as wrapped:
+            return wrapped
+
+
+@pytest.mark.parametrize(
+    "error, code, recorded",
+    [
+        (KeyboardInterrupt(), 130, "stopped by Ctrl-C; the sweep stopped here"),
+        (SystemExit(1), 130, "stopped by Ctrl-C; the sweep stopped here"),  # Lightning's exit after Ctrl-C
+        (sigterm_wrapped(), 143, "training interrupted (SIGTERMException); checkpoint saved at x.ckpt; the sweep"),
+    ],
+    ids=["ctrl-c", "ctrl-c-mid-fit", "sigterm-wrapped"],
+)
+def test_interrupted_job_in_a_multirun_is_recorded_and_stops_the_sweep(
+    multirun_cfg, monkeypatch, capsys, error, code, recorded
+):
+    def interrupt(cfg):
+        raise error
+
+    monkeypatch.setattr(train_module, "train", interrupt)
+    with pytest.raises(SystemExit) as exit_info:  # not NaN: the sweep must not go on
+        train_module.main(multirun_cfg)
+    assert exit_info.value.code == code
+    metrics = json.loads((Path(multirun_cfg.paths.output_dir) / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["error"].startswith(recorded)
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {recorded}")
+    # A stopped sweep never reaches Hydra's on_multirun_end, so the job writes the summary itself.
+    rows = read_csv(Path(multirun_cfg.paths.output_dir).parent / "sweep_summary.csv")
+    assert [(r["job"], r["status"]) for r in rows] == [("run", "interrupted")]
+
+
+def test_outside_a_multirun_a_bug_keeps_its_traceback(tiny_cfg, monkeypatch):
+    def fail(cfg):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(train_module, "train", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train_module.main(tiny_cfg())
+
+
+# ---- real multiruns on the tiny data ------------------------------------------------------------
+
+
+def sweep_dir_of(root: Path) -> Path:
+    (sweep,) = (root / "logs" / "train" / "multiruns").iterdir()
+    return sweep
+
+
+@pytest.mark.slow
+def test_optuna_sweep_three_trials(tiny_mirror, tmp_path):
+    # trainer.max_epochs=1 pins one searched key, the way a user fixes part of the search space.
+    proc = run_cli(
+        "-m", "hparams_search=head_optuna", "hydra.sweeper.n_trials=3", *tiny_overrides(tiny_mirror, tmp_path)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = sweep_dir_of(tmp_path)
+    rows = read_csv(sweep / "sweep_summary.csv")
+    assert len(rows) == 3 and {r["job"] for r in rows} == {"0", "1", "2"}
+    assert all(r["status"] == "completed" for r in rows)
+    values = [float(r["val/acc"]) for r in rows]
+    assert all(math.isfinite(v) for v in values) and values == sorted(values, reverse=True)
+    assert rows[0]["best"] == "*"
+    assert len({r["model.optimizer.lr"] for r in rows}) == 3  # Optuna chose the values, not a grid
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert results.best_value == pytest.approx(values[0])
+    assert (sweep / "sweep_summary.md").is_file() and (sweep / "sweep_summary.png").is_file()
+
+
+@pytest.mark.slow
+def test_grid_multirun_summary_sorted_with_seed_means_and_summarize_of_an_interrupted_sweep(
+    tiny_mirror, tmp_path, capsys
+):
+    proc = run_cli("-m", *tiny_overrides(tiny_mirror, tmp_path), "model.head.dropout=0.0,0.5", "seed=1,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = sweep_dir_of(tmp_path)
+    rows = read_csv(sweep / "sweep_summary.csv")
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    values = [float(r["val/acc"]) for r in rows]
+    assert values == sorted(values, reverse=True) and rows[0]["best"] == "*"
+    assert {(r["model.head.dropout"], r["seed"]) for r in rows} == {
+        ("0.0", "1"),
+        ("0.0", "2"),
+        ("0.5", "1"),
+        ("0.5", "2"),
+    }
+    groups = read_csv(sweep / "sweep_summary_by_config.csv")
+    assert [g["seeds"] for g in groups] == ["2", "2"]
+    for g in groups:
+        dropout = g["overrides"].split("=")[1]
+        mine = [float(r["val/acc"]) for r in rows if r["model.head.dropout"] == dropout]
+        assert float(g["val/acc mean"]) == pytest.approx(statistics.fmean(mine))
+
+    # As if the sweep had been killed during job 3: its metrics.json was never written.
+    (sweep / "3" / "metrics.json").unlink()
+    summarize.main([str(sweep)])  # python -m fmnist_tl.summarize SWEEP_DIR, in-process
+    rows = read_csv(sweep / "sweep_summary.csv")
+    assert [r["status"] for r in rows if r["job"] == "3"] == ["incomplete"]
+    assert rows[-1]["job"] == "3" and "3 completed, 1 incomplete" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_joblib_two_parallel_jobs_separate_dirs_and_a_nan_job_recorded_as_failed(tiny_mirror, tmp_path):
+    proc = run_cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        *tiny_overrides(tiny_mirror, tmp_path),
+        "model.optimizer.lr=1e-3,1e30",  # 1e30 blows the head up to a NaN loss at the first step
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = sweep_dir_of(tmp_path)
+    jobs = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert sorted(jobs) == ["0", "1"]
+    assert jobs["0"]["status"] == "completed" and Path(jobs["0"]["best_model_path"]).parent.parent == sweep / "0"
+    assert jobs["1"]["status"] == "failed" and "diverged" in jobs["1"]["error"]
+    for job in ("0", "1"):  # each job kept its own config and log
+        assert "model.optimizer.lr" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+        assert (sweep / job / "train.log").is_file()
+    rows = read_csv(sweep / "sweep_summary.csv")
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "failed")]
+    assert float(rows[1]["model.optimizer.lr"]) == 1e30
