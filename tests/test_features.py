@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -277,6 +278,23 @@ def test_cache_features_auto_decision_is_logged(tiny_cfg, caplog, overrides, exp
     assert isinstance(cache, FeatureCache) == expect_on
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and reason in lines[0]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("features.precision=fp8", "features.precision=fp8 must be one of"),
+        ("features.store_dtype=int8", "features.store_dtype=int8 must be one of"),
+        ("features.compile=maybe", "features.compile=maybe must be auto, true or false"),
+        ("features.batch_size=0", "features.batch_size=0 must be a positive integer or null"),
+        ("+features.typo=1", "features.typo is not a features setting"),
+        ("data.cache_features=sometimes", "data.cache_features=sometimes must be auto, true or false"),
+    ],
+)
+def test_bad_feature_settings_are_one_line_errors(tiny_cfg, override, message):
+    cfg = tiny_cfg(override)
+    with pytest.raises(FmnistError, match=re.escape(message)):
+        feature_cache_for(cfg, build(cfg.model, _recursive_=False), build(cfg.data))
 
 
 def test_cache_features_true_with_augmentation_is_an_error(tiny_cfg):
