@@ -226,7 +226,9 @@ def finetune_start_epoch(finetune: Mapping[str, Any] | None) -> int | None:
     return 0 if ft["init_from"] else None
 
 
-def check_finetune(finetune: Mapping[str, Any] | None, freeze_backbone: bool, max_epochs: int | None) -> None:
+def check_finetune(
+    finetune: Mapping[str, Any] | None, freeze_backbone: bool, max_epochs: int | None, check_files: bool = True
+) -> None:
     """Reject a fine-tune config that cannot run as asked, before anything is built."""
     start = finetune_start_epoch(finetune)
     if start is None:
@@ -242,7 +244,7 @@ def check_finetune(finetune: Mapping[str, Any] | None, freeze_backbone: bool, ma
             f"raise trainer.max_epochs (fine-tuning runs epochs {start}..max_epochs-1)"
         )
     init_from = finetune_options(finetune)["init_from"]
-    if init_from is not None and not Path(init_from).is_file():
+    if check_files and init_from is not None and not Path(init_from).is_file():
         raise FmnistError(f"model.finetune.init_from={init_from} does not exist; pass a checkpoint from a head run")
 
 
@@ -307,7 +309,8 @@ class TransferClassifier(L.LightningModule):
         self.finetune = finetune_options(finetune)
         # First epoch that trains the backbone stages in finetune.unfreeze; None: the backbone never trains.
         self.finetune_start = finetune_start_epoch(self.finetune)
-        check_finetune(self.finetune, freeze_backbone, max_epochs=None)
+        # No file check: a model rebuilt from its checkpoint (load_weights=False) never reads init_from.
+        check_finetune(self.finetune, freeze_backbone, max_epochs=None, check_files=False)
         self.save_hyperparameters(
             {
                 "backbone": backbone,

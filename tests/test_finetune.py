@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+import shutil
 
 import lightning as L
 import pytest
@@ -163,8 +164,10 @@ def head_ckpt(tiny_mirror, tmp_path_factory):
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
-def test_init_from_starts_from_the_head_run_and_fine_tunes(tiny_cfg, recorder, head_ckpt):
-    metrics = train(tiny_cfg(f"model.finetune.init_from={head_ckpt}", *FAST))
+def test_init_from_starts_from_the_head_run_and_fine_tunes(tiny_cfg, recorder, head_ckpt, tmp_path):
+    head_copy = tmp_path / "head.ckpt"
+    shutil.copy(head_ckpt, head_copy)
+    metrics = train(tiny_cfg(f"model.finetune.init_from={head_copy}", *FAST))
     saved = torch.load(head_ckpt, weights_only=True)["state_dict"]
     assert all(torch.equal(v, saved[f"backbone.{k}"]) for k, v in recorder.states[0].items())
     assert all(torch.equal(v, saved[f"head.{k}"]) for k, v in recorder.head_at_start.items())
@@ -172,10 +175,13 @@ def test_init_from_starts_from_the_head_run_and_fine_tunes(tiny_cfg, recorder, h
     assert recorder.lrs == [{"head": pytest.approx(1e-3), "backbone": pytest.approx(1e-4)}]
     moved = changed(recorder.states[0], recorder.states[1])
     assert moved and all(k.startswith("layer4.") for k in moved)
-    assert (
-        metrics["weights_id"].startswith("init_from:last.ckpt:sha256=")
-        and "(from random-init)" in metrics["weights_id"]
-    )
+    assert metrics["weights_id"].startswith("init_from:head.ckpt:sha256=")
+    assert metrics["weights_id"].endswith("(from random-init)")
+    # The fine-tuned checkpoint rebuilds on its own: the init_from file is not needed any more.
+    head_copy.unlink()
+    tuned = TransferClassifier.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert tuned.finetune_start == 0 and tuned.weights_id == metrics["weights_id"]
+    assert all(torch.equal(v, recorder.states[1][k]) for k, v in tuned.backbone.state_dict().items())
 
 
 def test_init_from_wrong_architecture_is_clear(head_ckpt, tmp_path):
@@ -191,9 +197,7 @@ def test_init_from_wrong_architecture_is_clear(head_ckpt, tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), plain)
     with pytest.raises(FmnistError, match="is not an fmnist_tl checkpoint"):
         TransferClassifier(backbone="resnet18", weights=None, finetune={"init_from": str(plain)})
-    # A model rebuilt from a fine-tune checkpoint needs neither the init_from file nor any weights.
-    model = TransferClassifier.from_checkpoint(head_ckpt)
-    assert model.finetune_start is None
+    assert TransferClassifier.from_checkpoint(head_ckpt).finetune_start is None
 
 
 @pytest.mark.parametrize(
