@@ -370,7 +370,9 @@ def test_grid_multirun_summary_sorted_with_seed_means_and_summarize_of_an_interr
 
 
 @pytest.mark.slow
-def test_joblib_two_parallel_jobs_separate_dirs_and_a_nan_job_recorded_as_failed(tiny_mirror, tmp_path):
+def test_joblib_two_parallel_jobs_share_cold_cache_separate_dirs_and_a_nan_job_recorded_as_failed(
+    tiny_mirror, tmp_path
+):
     proc = run_cli(
         "-m",
         "hydra/launcher=joblib",
@@ -387,6 +389,14 @@ def test_joblib_two_parallel_jobs_separate_dirs_and_a_nan_job_recorded_as_failed
     for job in ("0", "1"):  # each job kept its own config and log
         assert "model.optimizer.lr" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
         assert (sweep / job / "train.log").is_file()
+    # Cold feature cache, two parallel jobs: one entry per split, each extracted by one job only.
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "features").glob("*.json")]
+    assert sorted(m["fingerprint"]["split"] for m in manifests) == ["test", "train", "val"]
+    logs = "".join((sweep / job / "train.log").read_text() for job in ("0", "1"))
+    for split in ("train", "val", "test"):
+        assert logs.count(f"Extracted {split} features") == 1, logs
+    # The other job loaded what the first extracted (the NaN job dies before it reaches the test split).
+    assert logs.count("Feature cache hit for train") == 1 and logs.count("Feature cache hit for val") == 1
     rows = read_csv(sweep / "sweep_summary.csv")
     assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "failed")]
     assert float(rows[1]["model.optimizer.lr"]) == 1e30
