@@ -329,3 +329,29 @@ def test_pickle_marker_payload_is_live():
     blob = pickle.dumps(_RunsCode("/nonexistent-dir/marker"))
     with pytest.raises(FileNotFoundError):
         pickle.loads(blob)
+
+
+def test_enospc_on_feature_cache_keeps_existing_entries(tiny_cfg, tmp_path, monkeypatch):
+    first = train(tiny_cfg(output="a"))
+    assert {v["status"] for v in first["feature_cache"].values()} == {"extracted"}
+    entries = {p: p.read_bytes() for p in (tmp_path / "cache" / "features").iterdir()}
+    monkeypatch.setattr(os, "fsync", _enospc)
+    # Another image size is another cache key: its write hits the full disk.
+    with pytest.raises(FmnistError, match=r"\.(safetensors|json): no space left on device"):
+        train(tiny_cfg("data.image_size=64", output="b"))
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in entries} == entries
+    assert not list((tmp_path / "cache" / "features").glob(".*.tmp"))
+    again = train(tiny_cfg(output="c"))
+    assert {v["status"] for v in again["feature_cache"].values()} == {"hit"}
+
+
+def test_enospc_on_report_keeps_previous_report(tiny_cfg, tmp_path, monkeypatch):
+    train(tiny_cfg())
+    run = tmp_path / "run"
+    before = {name: (run / name).read_bytes() for name in ("report.json", "report.md", "confusion_matrix.png")}
+    monkeypatch.setattr(os, "fsync", _enospc)
+    with pytest.raises(FmnistError, match=r"(report\.(json|md)|\.png): no space left on device"):
+        train(tiny_cfg())
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not list(run.glob(".*.tmp"))
