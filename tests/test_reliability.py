@@ -171,30 +171,39 @@ def test_signal_stops_with_loadable_checkpoint(sig, tiny_mirror, tmp_path):
 
 _SAVE_LOOP = """
 import sys, torch
-from fmnist_tl.train import AtomicCheckpointIO
-io = AtomicCheckpointIO()
+from fmnist_tl.utils import atomic_write_bytes
+if sys.argv[2] == "checkpoint":
+    from fmnist_tl.train import AtomicCheckpointIO
+    io = AtomicCheckpointIO()
 state = {"w": torch.randn(4_000_000)}
 i = 0
 while True:
     state["step"] = i
-    io.save_checkpoint(state, sys.argv[1])
+    if sys.argv[2] == "checkpoint":
+        io.save_checkpoint(state, sys.argv[1])
+    else:  # the feature cache's writer (safetensors blob + manifest go through atomic_write_bytes)
+        atomic_write_bytes(sys.argv[1], state["w"].numpy().tobytes())
     if i == 0:
         print("saved", flush=True)
     i += 1
 """
 
 
-def test_kill_9_during_checkpoint_writes_never_leaves_a_bad_file(tmp_path):
+@pytest.mark.parametrize("writer", ["checkpoint", "cache"])
+def test_kill_9_during_checkpoint_and_cache_writes_never_leaves_a_bad_file(writer, tmp_path):
     target = tmp_path / "ckpts" / "last.ckpt"
-    for delay in (0.05, 0.13, 0.29):  # kill at different points of the save loop
-        proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(target)], cwd=REPO, stdout=subprocess.PIPE)
+    for delay in (0.07, 0.23):  # kill at different points of the save loop
+        cmd = [sys.executable, "-c", _SAVE_LOOP, str(target), writer]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE)
         assert proc.stdout.readline() == b"saved\n"
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if target.exists():  # the file is always either the previous or the new complete checkpoint
-            ckpt = AtomicCheckpointIO().load_checkpoint(target)
-            assert ckpt["w"].shape == (4_000_000,)
+        if target.exists():  # the file is always either the previous or the new complete one
+            if writer == "checkpoint":
+                assert AtomicCheckpointIO().load_checkpoint(target)["w"].shape == (4_000_000,)
+            else:
+                assert target.stat().st_size == 4_000_000 * 4
     assert target.exists()
     # The next run over this directory removes temp files a killed writer left behind.
     remove_stale_temp_files(target.parent)
