@@ -59,14 +59,9 @@ def tiny_mirror(tmp_path_factory) -> Path:
 def tiny_overrides(mirror: Path, tmp: Path) -> list[str]:
     """Overrides for a seconds-long offline run on the tiny mirror."""
     return [
-        f"paths.root_dir={tmp}",
-        f"data.mirror_dir={mirror}",
-        "data.expected_sizes.train=400",
-        "data.expected_sizes.test=100",
-        "data.val_size=100",
+        *tiny_data_overrides(mirror, tmp),
         "data.image_size=32",
         "data.batch_size=32",
-        "data.eval_batch_size=64",
         "model.backbone=resnet18",
         "model.weights=null",
         "trainer.max_epochs=1",
@@ -78,14 +73,7 @@ def tiny_overrides(mirror: Path, tmp: Path) -> list[str]:
 
 
 def make_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg.hydra
-    return cfg
+    return make_entry_cfg("train", overrides, output_dir)
 
 
 @pytest.fixture
@@ -118,7 +106,8 @@ def tiny_data_overrides(mirror: Path, tmp: Path) -> list[str]:
     return [
         f"paths.root_dir={tmp}",
         f"data.mirror_dir={mirror}",
-        "data.expected_sizes={train: 400, test: 100}",
+        "data.expected_sizes.train=400",
+        "data.expected_sizes.test=100",
         "data.val_size=100",
         "data.eval_batch_size=64",
     ]
