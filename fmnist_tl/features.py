@@ -345,8 +345,17 @@ class FeatureStore:
             self.root / f"{name}.lock",
         )
 
+    def unwritable(self, e: OSError) -> FmnistError:
+        return FmnistError(
+            f"feature cache {self.root}: cannot write ({type(e).__name__}: {e.strerror or e}); "
+            "set paths.cache_dir to a writable folder with space, or data.cache_features=false"
+        )
+
     def lock(self, name: str) -> filelock.FileLock:
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self.unwritable(e) from e
         return filelock.FileLock(str(self.paths(name)[2]))
 
     def load(self, name: str, fp: dict[str, Any]) -> tuple[dict[str, torch.Tensor] | None, str | None]:
@@ -379,7 +388,6 @@ class FeatureStore:
     def save(self, name: str, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
         data_path, manifest_path, _ = self.paths(name)
         blob = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()})
-        atomic_write_bytes(data_path, blob)
         feats = tensors["features"]
         manifest = {
             **manifest,
@@ -389,7 +397,11 @@ class FeatureStore:
             "shape": list(feats.shape),
             "dtype": str(feats.dtype),
         }
-        atomic_write_json(manifest_path, manifest)
+        try:  # data first, manifest last: a crash in between leaves no valid-looking entry
+            atomic_write_bytes(data_path, blob)
+            atomic_write_json(manifest_path, manifest)
+        except OSError as e:
+            raise self.unwritable(e) from e
 
 
 @dataclass
@@ -426,6 +438,8 @@ def load_or_extract(
     except filelock.Timeout:
         log.info("Feature cache %s is being built by another process; waiting for it", name)
         lock.acquire()
+    except OSError as e:  # read-only or full file system: the lock file cannot be created
+        raise store.unwritable(e) from e
     try:
         # Holding this entry's lock, no live writer can own its temp files: any left are from a crash.
         for stale in store.root.glob(f".{name}.*.tmp"):

@@ -143,6 +143,13 @@ def test_corrupt_entry_is_reported_once_and_rebuilt(tmp_path, nets, data, how, c
     assert lookup(tmp_path, nets, data)[1].status == "hit"
 
 
+def test_unwritable_cache_dir_is_a_one_line_error(tmp_path, nets, data):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(FmnistError, match=r"feature cache .*file/sub: cannot write .*set paths.cache_dir"):
+        lookup(blocker / "sub", nets, data)
+
+
 CONCURRENT_SCRIPT = """
 import json, sys, time
 from pathlib import Path
