@@ -43,13 +43,15 @@ if str(REPO) not in sys.path:  # `python bench/run.py` from a fresh clone, witho
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset, TensorDataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD, FashionMNISTDataModule, ImagePreprocess  # noqa: E402
 from fmnist_tl.features import ExtractionSettings, FeatureExtractor  # noqa: E402
-from fmnist_tl.model import TransferClassifier  # noqa: E402
+from fmnist_tl.train import CONFIG_DIR, build  # noqa: E402
 from fmnist_tl.utils import atomic_write_json, bf16_supported  # noqa: E402
 
 TARGETS = {
@@ -126,7 +128,7 @@ def tutorial_throughput(data_dir: Path, n: int, device: torch.device, batch_size
             model(x.to(device))
             seen += len(x) if i >= 1 else 0
     sync(device)
-    return clock.result(seen)
+    return {**clock.result(seen), "batch_size": batch_size}
 
 
 class Clock:
@@ -175,22 +177,19 @@ def eager_throughput(
         for i in range(0, len(images), batch_size):
             step(images[i : i + batch_size])
         sync(device)
-    return clock.result(len(images))
+    return {**clock.result(len(images)), "batch_size": batch_size}
 
 
-def ours_throughput(images: torch.Tensor, device: torch.device, batch_size: int, precision: str) -> dict[str, Any]:
-    """(b) fmnist_tl.features.FeatureExtractor, compiled; compile time reported on its own."""
+def ours_throughput(images: torch.Tensor, device: torch.device, precision: str) -> dict[str, Any]:
+    """(b) fmnist_tl.features.FeatureExtractor as training runs it (default batch size), compiled.
+
+    The one-off compile and first batch are timed on their own.
+    """
     extractor = FeatureExtractor(
-        resnet50_backbone(),
-        ImagePreprocess(224),
-        device=device,
-        precision=precision,
-        compile=True,
-        batch_size=batch_size,
-        progress=False,
+        resnet50_backbone(), ImagePreprocess(224), device=device, precision=precision, compile=True, progress=False
     )
     start = time.perf_counter()
-    extractor(images[:batch_size])  # compiles
+    extractor(images[: extractor.batch_size])  # compiles
     compile_s = time.perf_counter() - start
     clock = Clock()
     extractor(images)
@@ -199,6 +198,7 @@ def ours_throughput(images: torch.Tensor, device: torch.device, batch_size: int,
         "compile_and_first_batch_s": round(compile_s, 1),
         "compiled": extractor.compiled_used,
         "precision": precision,
+        "batch_size": extractor.batch_size,
     }
 
 
@@ -239,10 +239,15 @@ def head_epoch_time(data_dir: Path, cache_dir: Path, precision: str, epochs: int
         found = (torch.rand(55000, 2048, generator=g).to(torch.bfloat16), torch.randint(0, 10, (55000,), generator=g))
         source = "random 55000x2048 bf16 features (--quick caches a subset only)"
     feats, labels = found
-    dm = FashionMNISTDataModule(data_dir=str(data_dir), batch_size=64, eval_batch_size=256)
+    # The model, optimizer and batch size exactly as `python -m fmnist_tl.train model.weights=null` builds them.
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model.weights=null"])
+    batch_size = int(cfg.data.batch_size)
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), batch_size=batch_size, eval_batch_size=256)
     dm.data_train = TensorDataset(feats, labels)
     dm.data_val = TensorDataset(feats[:256], labels[:256])
-    model = TransferClassifier(backbone="resnet50", weights=None)
+    model = build(cfg.model, _recursive_=False)
     timer = EpochTimer()
     trainer = L.Trainer(
         max_epochs=epochs,
@@ -256,7 +261,7 @@ def head_epoch_time(data_dir: Path, cache_dir: Path, precision: str, epochs: int
         callbacks=[timer],
     )
     threads = torch.get_num_threads()
-    head_threads = ExtractionSettings().head_threads  # what training on cached features uses
+    head_threads = ExtractionSettings.from_config(cfg.features).head_threads  # as FeatureCache sets it
     if head_threads and trainer.strategy.root_device.type == "cpu":
         torch.set_num_threads(head_threads)
     try:
@@ -267,8 +272,9 @@ def head_epoch_time(data_dir: Path, cache_dir: Path, precision: str, epochs: int
     return {
         "features": source,
         "images": len(labels),
-        "batch_size": 64,
-        "steps": -(-len(labels) // 64),
+        "batch_size": batch_size,
+        "steps": -(-len(labels) // batch_size),
+        "optimizer": dict(model.hparams.optimizer),
         "epoch_seconds": [round(s, 2) for s in timer.seconds],
         "cores_busy": [round(c, 2) for c in timer.cores_busy],
         "seconds": round(steady[len(steady) // 2], 2),  # median after the first (warm-up) epoch
@@ -356,7 +362,7 @@ def verdict(ok: bool | None) -> str:
 
 def markdown(r: dict[str, Any]) -> str:
     m, t = r["machine"], r["throughput"]
-    a = t["tutorial"]["img_per_s"]
+    a, b = t["tutorial"]["img_per_s"], t["ours"]
     lines = [
         f"fmnist_tl benchmark, {r['date']}, mode {r['mode']}: {m['cpu']}, {m['cores']} cores, "
         f"torch {m['torch']}, device {m['device']}, bf16 {m['bf16']}, load average at start "
@@ -366,20 +372,20 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "| ResNet50 forward at 224 px, same images | img/s | vs tutorial | cores busy |",
         "| --- | ---: | ---: | ---: |",
-        "| (a) tutorial: per-sample PIL Resize/Grayscale/ToTensor/Normalize, DataLoader, float32 "
+        f"| (a) tutorial: per-sample PIL Resize/Grayscale/ToTensor/Normalize, DataLoader, float32, "
+        f"batch {t['tutorial']['batch_size']} "
         f"| {a:.1f} | 1.0x | {t['tutorial']['cores_busy']:.2f} |",
     ]
     for label, key in (
-        ("batched uint8 resize on the device, float32, eager", "eager_fp32"),
+        (f"batched uint8 resize on the device, float32, eager, batch {b['batch_size']}", "eager_fp32"),
         ("+ bf16 autocast + channels_last, eager", "eager_bf16_cl"),
     ):
         if key in t:
             row = t[key]
             speed = row["img_per_s"]
             lines.append(f"| {label} | {speed:.1f} | {speed / a:.1f}x | {row['cores_busy']:.2f} |")
-    b = t["ours"]
     lines.append(
-        f"| (b) fmnist_tl extraction: + torch.compile (inductor freezing), {b['precision']} "
+        f"| (b) fmnist_tl extraction: + torch.compile (inductor freezing), {b['precision']}, batch {b['batch_size']} "
         f"| {b['img_per_s']:.1f} | **{b['img_per_s'] / a:.1f}x** | {b['cores_busy']:.2f} |"
     )
     lines += [
@@ -475,12 +481,13 @@ def main(argv: list[str] | None = None) -> int:
         t = {"tutorial": tutorial_throughput(data_dir, n, device, batch)}
         log(f"    {t['tutorial']['img_per_s']} img/s")
         log(f"(b) fmnist_tl extraction on the same {n} images (compiling first) ...")
-        t["ours"] = ours_throughput(images, device, batch, precision)
+        t["ours"] = ours_throughput(images, device, precision)
         log(f"    {t['ours']['img_per_s']} img/s (compile + first batch {t['ours']['compile_and_first_batch_s']} s)")
         n_steps = max(batch, (n // 4) - (n // 4) % batch)
         log(f"ablation: eager steps on {n_steps} images ...")
-        t["eager_fp32"] = eager_throughput(images[:n_steps], device, batch, False, precision)
-        t["eager_bf16_cl"] = eager_throughput(images[:n_steps], device, batch, True, precision)
+        ours_batch = t["ours"]["batch_size"]  # the eager steps run at (b)'s batch size: only compile differs
+        t["eager_fp32"] = eager_throughput(images[:n_steps], device, ours_batch, False, precision)
+        t["eager_bf16_cl"] = eager_throughput(images[:n_steps], device, ours_batch, True, precision)
         report["throughput"] = t
         report["ratio"] = round(t["ours"]["img_per_s"] / t["tutorial"]["img_per_s"], 2)
 
