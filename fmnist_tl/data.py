@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import filelock
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -227,9 +228,14 @@ class FashionMNISTDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Put validated IDX files in raw/: from the local mirror first, else torchvision's download."""
         self.raw_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(self.raw_dir)
-        if all((self.raw_dir / stem).is_file() for stem, _, _ in IDX_FILES):
-            return
+        # Parallel jobs (joblib sweeps) share the data dir: one installs while the others wait, and
+        # stale temp files are only removed while no other process can be writing one.
+        with filelock.FileLock(str(self.raw_dir / ".prepare.lock")):
+            remove_stale_temp_files(self.raw_dir)
+            if not all((self.raw_dir / stem).is_file() for stem, _, _ in IDX_FILES):
+                self._fetch()
+
+    def _fetch(self) -> None:
         mirror = self._mirror()
         if mirror is not None:
             files = {}
