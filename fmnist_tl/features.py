@@ -284,7 +284,8 @@ class FeatureExtractor:
         on_cuda = self.device.type == "cuda"
         if on_cuda:
             images = images.pin_memory()  # lets the host-to-device copies overlap compute
-        use_compiled = self.should_compile(n)
+        # Once compiled (a big split came first), smaller splits reuse it: the compile is paid for.
+        use_compiled = self.should_compile(n) or (self._compiled is not None and self.compile is not False)
         if use_compiled and self._compiled is None:
             self._compiled = torch.compile(self._forward, dynamic=False)
         out: torch.Tensor | None = None
