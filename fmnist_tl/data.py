@@ -176,7 +176,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
         augment: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -195,7 +195,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
-        self.pin_memory = bool(pin_memory)
+        if pin_memory not in ("auto", True, False):
+            raise FmnistError(f"data.pin_memory={pin_memory!r} must be auto, true or false")
+        self.pin_memory = pin_memory
         self.augment = bool(augment)
         self.train_subset = train_subset
         self.test_subset = test_subset
@@ -345,9 +347,15 @@ class FashionMNISTDataModule(L.LightningDataModule):
             sampler=sampler,
             shuffle=shuffle and distributed,  # Lightning swaps in a seeded DistributedSampler
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin_memory(),
             persistent_workers=self.num_workers > 0,
         )
+
+    def _pin_memory(self) -> bool:
+        if self.pin_memory != "auto":
+            return bool(self.pin_memory)
+        # auto: page-locked batches let the host-to-device copy overlap compute; only a CUDA run gains.
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.data_train, True, self.batch_size)

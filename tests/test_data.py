@@ -84,6 +84,24 @@ def test_epoch_sampler_order_depends_on_epoch_only(tiny_mirror, tmp_path):
     assert list(sampler) == first
 
 
+def test_pin_memory_auto_pins_only_for_a_cuda_trainer(tiny_mirror, tmp_path):
+    dm = tiny_dm(tiny_mirror, tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.train_dataloader().pin_memory is False  # no trainer: nothing to pin for
+
+    class FakeTrainer:
+        world_size = 1
+
+        class strategy:  # noqa: N801
+            root_device = torch.device("cuda", 0)
+
+    dm.trainer = FakeTrainer()
+    assert dm.train_dataloader().pin_memory is True
+    with pytest.raises(FmnistError, match="data.pin_memory='yes' must be auto, true or false"):
+        FashionMNISTDataModule(data_dir=str(tmp_path), pin_memory="yes")
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
