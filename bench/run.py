@@ -262,7 +262,7 @@ def head_epoch_time(data_dir: Path, cache_dir: Path, precision: str, epochs: int
     )
     threads = torch.get_num_threads()
     head_threads = ExtractionSettings.from_config(cfg.features).head_threads  # as FeatureCache sets it
-    if head_threads and trainer.strategy.root_device.type == "cpu":
+    if head_threads:
         torch.set_num_threads(head_threads)
     try:
         trainer.fit(model, datamodule=dm)

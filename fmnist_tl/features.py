@@ -282,6 +282,10 @@ class FeatureExtractor:
         """uint8 (N, 1, 28, 28) on the CPU -> pooled features (N, D) float32 on the CPU."""
         n, bs = len(images), self.batch_size
         on_cuda = self.device.type == "cuda"
+        if any(p.device != self.device for p in self.backbone.parameters()):
+            # Lightning moves the model back to the CPU at the end of fit; the test stage's
+            # extraction finds the backbone there.
+            self.backbone.to(self.device)
         if on_cuda:
             images = images.pin_memory()  # lets the host-to-device copies overlap compute
         # Once compiled (a big split came first), smaller splits reuse it: the compile is paid for.
@@ -576,7 +580,7 @@ class FeatureCache(L.Callback):
             return
         splits = [s for s in STAGE_SPLITS.get(stage, ()) if not dm.split_tensors(s)[0].is_floating_point()]
         if not splits:  # already serving features (e.g. a second test in the same process)
-            self._use_head_threads(trainer.strategy.root_device)
+            self._use_head_threads()
             return
         precision = precision_for(self.settings.precision, trainer.precision)
         store_dtype = store_dtype_for(self.settings.store_dtype, precision)
@@ -624,10 +628,12 @@ class FeatureCache(L.Callback):
         finally:
             for lock in held:
                 lock.release()
-        self._use_head_threads(device)
+        self._use_head_threads()
 
-    def _use_head_threads(self, device: torch.device) -> None:
-        if device.type == "cpu" and self.settings.head_threads:
+    def _use_head_threads(self) -> None:
+        # On a GPU too: there the CPU only gathers batches, and 16 idle-spinning OpenMP threads
+        # around tiny ops cost more than they give.
+        if self.settings.head_threads:
             self._threads_before = self._threads_before or torch.get_num_threads()
             torch.set_num_threads(min(self.settings.head_threads, self._threads_before))
 
