@@ -277,15 +277,19 @@ class FeatureExtractor:
         work = n_images * (self.preprocess.image_size / 224) ** 2
         return work >= self.compile_min_images
 
-    @torch.inference_mode()
     def __call__(self, images: torch.Tensor, description: str = "features") -> torch.Tensor:
         """uint8 (N, 1, 28, 28) on the CPU -> pooled features (N, D) float32 on the CPU."""
+        if any(t.device != self.device for t in self.backbone.state_dict().values()):
+            # Lightning moves the model back to the CPU at the end of fit, where the test stage's
+            # extraction finds it. Moved outside inference mode: tensors made inside it would
+            # be inference tensors, and loading the best checkpoint into them would fail.
+            self.backbone.to(self.device)
+        return self._extract(images, description)
+
+    @torch.inference_mode()
+    def _extract(self, images: torch.Tensor, description: str) -> torch.Tensor:
         n, bs = len(images), self.batch_size
         on_cuda = self.device.type == "cuda"
-        if any(p.device != self.device for p in self.backbone.parameters()):
-            # Lightning moves the model back to the CPU at the end of fit; the test stage's
-            # extraction finds the backbone there.
-            self.backbone.to(self.device)
         if on_cuda:
             images = images.pin_memory()  # lets the host-to-device copies overlap compute
         # Once compiled (a big split came first), smaller splits reuse it: the compile is paid for.
