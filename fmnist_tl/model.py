@@ -351,10 +351,12 @@ class TransferClassifier(L.LightningModule):
         self._finetune_announced = False
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        # validate_args=False: labels are checked once when the IDX files load; the per-step
+        # checks (torch.unique on the targets) force a GPU sync on every step.
         metrics = MetricCollection(
             {
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "f1": MulticlassF1Score(num_classes, average="macro"),
+                "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+                "f1": MulticlassF1Score(num_classes, average="macro", validate_args=False),
             }
         )
         self.train()  # apply the BatchNorm policy from the start, not only after a train() call
