@@ -110,7 +110,9 @@ def validate_config(cfg: DictConfig) -> None:
         _int_at_least(cfg.trainer.max_epochs, "trainer.max_epochs", 1)
     # fast_dev_run runs one batch whatever the epochs, so a fine-tune config is still worth a smoke test.
     epochs = None if cfg.trainer.get("fast_dev_run") else cfg.trainer.get("max_epochs")
-    check_finetune(m.get("finetune"), m.get("freeze_backbone", True), epochs)
+    # A resumed run takes every weight from its checkpoint, so init_from may be gone by then.
+    resuming = cfg.get("ckpt_path") is not None
+    check_finetune(m.get("finetune"), m.get("freeze_backbone", True), epochs, check_files=not resuming)
     if m.weights_path is not None and not Path(m.weights_path).is_file():
         raise FmnistError(f"model.weights_path={m.weights_path} does not exist")
     ckpt = cfg.get("ckpt_path")
@@ -264,7 +266,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     # Weights and data problems surface here, before a Trainer exists, so they leave no checkpoint.
-    model: TransferClassifier = build(cfg.model, _recursive_=False)
+    # Resuming a fine-tune run: the checkpoint holds the whole model, so neither init_from nor
+    # ImageNet weights are read. (A head-only run still builds its weights: the feature cache
+    # extracts in setup, before Lightning restores the checkpoint.)
+    resume_finetune = bool(ckpt_path) and finetune_start_epoch(cfg.model.get("finetune")) is not None
+    model: TransferClassifier = build(
+        cfg.model, _recursive_=False, **({"load_weights": False} if resume_finetune else {})
+    )
+    if resume_finetune:
+        log.info("Resuming a fine-tune run: all weights come from %s", ckpt_path)
     log.info("Backbone %s, weights %s", cfg.model.backbone, model.weights_id)
     datamodule: L.LightningDataModule = build(cfg.data)
     datamodule.prepare_data()
@@ -302,6 +312,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     val = {k: _metric(trainer, k) for k in ("val/acc", "val/f1", "val/loss")}
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and not Path(best).is_file():
+        # A resumed run restores the best path recorded in its checkpoint; that run folder may be gone.
+        last = trainer.checkpoint_callback.last_model_path
+        fallback = last if last and Path(last).is_file() else ""
+        log.warning("best checkpoint %s no longer exists; testing %s", best, fallback or "the final weights")
+        best = fallback
     test: dict[str, float | None] = {}
     if cfg.get("test"):
         use_best = bool(best) and not trainer.fast_dev_run

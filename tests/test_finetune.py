@@ -184,6 +184,31 @@ def test_init_from_starts_from_the_head_run_and_fine_tunes(tiny_cfg, recorder, h
     assert all(torch.equal(v, recorder.states[1][k]) for k, v in tuned.backbone.state_dict().items())
 
 
+def test_resuming_an_init_from_run_needs_no_init_from_file(tiny_cfg, head_ckpt, tmp_path):
+    head_copy = tmp_path / "head.ckpt"
+    shutil.copy(head_ckpt, head_copy)
+    # Constant LR: a cosine schedule keeps the first run's length, so its LR would be 0 by epoch 1.
+    first = train(
+        tiny_cfg(
+            f"model.finetune.init_from={head_copy}", "trainer.max_epochs=1", "model.finetune.schedule=constant", *FAST
+        )
+    )
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    head_copy.unlink()
+    cfg = tiny_cfg(
+        f"model.finetune.init_from={head_copy}",
+        "trainer.max_epochs=2",
+        "model.finetune.schedule=constant",
+        f"ckpt_path={last}",
+        *FAST,
+    )
+    metrics = train(cfg)
+    assert metrics["epochs"] == 2 and metrics["weights_id"] == first["weights_id"]
+    resumed = torch.load(last, weights_only=True)["state_dict"]
+    assert changed({k: v for k, v in saved.items() if k.startswith("head.")}, resumed)  # it trained on
+
+
 def test_init_from_wrong_architecture_is_clear(head_ckpt, tmp_path):
     with pytest.raises(
         FmnistError, match=r"does not fit this model: it has backbone=resnet18, .*model.backbone=resnet34"

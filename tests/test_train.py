@@ -82,6 +82,14 @@ def test_resume_from_last(tiny_cfg, tmp_path):
     assert second["global_step"] == 2 * first["global_step"]
 
 
+def test_resume_after_the_run_folder_moved_still_tests(tiny_cfg, tmp_path):
+    train(tiny_cfg("trainer.max_epochs=1", output="runs/a"))
+    (tmp_path / "runs" / "a").rename(tmp_path / "runs" / "moved")  # the recorded best path is gone
+    ckpt = tmp_path / "runs" / "moved" / "checkpoints" / "last.ckpt"
+    metrics = train(tiny_cfg("trainer.max_epochs=1", f"ckpt_path={ckpt}", output="runs/b"))
+    assert metrics["status"] == "completed" and metrics["test/acc"] is not None
+
+
 @pytest.mark.parametrize("schedule", ["model/scheduler=onecycle", "model.scheduler=null"])
 def test_other_schedules_train(tiny_cfg, schedule):
     metrics = train(tiny_cfg(schedule, "test=false"))
@@ -142,3 +150,19 @@ def test_cli_without_weights_offline_stops_at_once(tmp_path):
     assert last.startswith("error: cannot get resnet50 IMAGENET1K_V1 weights")
     assert "hub/checkpoints/resnet50-0676ba61.pth" in last and "model.weights=null" in last
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_epoch_metrics_are_logged_once_per_epoch(trained_run):
+    import csv
+    import math
+
+    with open(trained_run / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for key in ("train/loss_epoch", "val/acc"):
+        logged = [r for r in rows if r.get(key)]
+        assert [int(r["epoch"]) for r in logged] == [0, 1], key
+    for r in rows:
+        if r.get("train/loss_epoch"):
+            assert math.isfinite(float(r["train/loss_epoch"]))
+            assert 0.0 <= float(r["train/acc"]) <= 1.0 and 0.0 <= float(r["train/f1"]) <= 1.0
+    assert any(r.get("train/loss_step") for r in rows)  # step 0 at least: logged every log_every_n_steps
