@@ -356,6 +356,26 @@ def run_train(workdir: Path, name: str, overrides: list[str]) -> dict[str, Any]:
 # Report
 
 
+def judge(report: dict[str, Any]) -> dict[str, bool | None]:
+    """Which targets the report meets; a run that failed meets none of its targets."""
+    runs, full = report["runs"], report["mode"] == "full"
+
+    def run_ok(name: str, key: str, limit: float, applies: bool = True) -> bool | None:
+        run = runs.get(name)
+        if run is None or not applies:
+            return None
+        return run["returncode"] == 0 and run[key] < limit
+
+    return {
+        "extraction_ratio": report["ratio"] >= TARGETS["extraction_ratio"],
+        "head_epoch_s": report["head_epoch"]["seconds"] < TARGETS["head_epoch_s"],
+        "cold_run_s": run_ok("cold", "wall_s", TARGETS["cold_run_s"], full),
+        "warm_run_s": run_ok("warm", "wall_s", TARGETS["warm_run_s"], full),
+        "cold_rss": run_ok("cold", "peak_rss_gb", TARGETS["peak_rss_gb"]),
+        "warm_rss": run_ok("warm", "peak_rss_gb", TARGETS["peak_rss_gb"]),
+    }
+
+
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "NOT met")
 
@@ -420,8 +440,9 @@ def markdown(r: dict[str, Any]) -> str:
             secs = sum(v["seconds"] or 0 for v in run["feature_cache"].values())
             rate = f" (extraction {total} images in {secs:.0f} s = {total / secs:.0f} img/s incl. compile)"
         target_key = f"{name}_run_s"
+        failed = f" **FAILED (exit {run['returncode']})**" if run["returncode"] != 0 else ""
         lines.append(
-            f"| `python -m fmnist_tl.train`, {scope}, 10 epochs + test, {name} cache{rate}, "
+            f"| `python -m fmnist_tl.train`, {scope}, 10 epochs + test, {name} cache{rate}{failed}, "
             f"{run['cores_busy']:.2f} cores busy "
             f"| {run['wall_s']:.0f} s | < {TARGETS[target_key]:.0f} s | {verdict(r['targets'].get(target_key))} |"
         )
@@ -516,15 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     report["bench_seconds"] = round(time.perf_counter() - started, 1)
     report["bench_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
     runs = report["runs"]
-    full = not quick
-    report["targets"] = {
-        "extraction_ratio": report["ratio"] >= TARGETS["extraction_ratio"],
-        "head_epoch_s": report["head_epoch"]["seconds"] < TARGETS["head_epoch_s"],
-        "cold_run_s": (runs["cold"]["wall_s"] < TARGETS["cold_run_s"]) if full and "cold" in runs else None,
-        "warm_run_s": (runs["warm"]["wall_s"] < TARGETS["warm_run_s"]) if full and "warm" in runs else None,
-        "cold_rss": (runs["cold"]["peak_rss_gb"] < TARGETS["peak_rss_gb"]) if "cold" in runs else None,
-        "warm_rss": (runs["warm"]["peak_rss_gb"] < TARGETS["peak_rss_gb"]) if "warm" in runs else None,
-    }
+    report["targets"] = judge(report)
     table = markdown(report)
     report["table"] = table
     out = args.results_dir / f"{report['date']}{'-quick' if quick else ''}.json"
