@@ -263,6 +263,26 @@ def test_compiled_extraction_matches_eager(data):
     torch.testing.assert_close(feats, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_backbone_found_off_the_device_is_moved_back_outside_inference_mode(data):
+    # Lightning moves the model to the CPU after fit; the test stage's extraction must move it back
+    # without making inference tensors (loading the best checkpoint into those fails). On a CPU-only
+    # machine the move is forced by a device that compares unequal (cpu:0 vs cpu).
+    net, pre = TinyNet().eval(), ImagePreprocess(32)
+    extractor = FeatureExtractor(net, pre, compile=False, batch_size=20, progress=False)
+    extractor.device = torch.device("cpu", 0)
+    moves = []
+    original_to = net.to
+
+    def recording_to(*args, **kwargs):
+        moves.append(torch.is_inference_mode_enabled())
+        return original_to(*args, **kwargs)
+
+    net.to = recording_to
+    extractor(data[0])
+    assert moves == [False]
+    assert not any(t.is_inference() for t in net.state_dict().values())
+
+
 # --------------------------------------------------------------------------------------------
 # Wiring into training
 
