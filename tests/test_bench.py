@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from bench.run import TARGETS, judge, markdown
+from bench.run import TARGETS, judge, markdown, median_round
 
 
 def report(cold_returncode: int = 0) -> dict:
@@ -65,3 +65,12 @@ def test_ratio_below_target_is_not_met():
     r["targets"] = judge(r)
     assert r["targets"]["extraction_ratio"] is False
     assert "| extraction speed-up (b)/(a) | 7.9x | >= 8x | NOT met |" in markdown(r)
+
+
+def test_alternating_rounds_report_the_median_and_every_ratio():
+    assert median_round([{"img_per_s": x} for x in (5.0, 9.0, 7.0)])["img_per_s"] == 7.0
+    assert median_round([{"img_per_s": x} for x in (5.0, 9.0)])["img_per_s"] == 5.0  # the lower middle
+    r = report()
+    r["throughput"]["rounds"] = {"ratios": [7.2, 7.4, 9.1]}
+    r["targets"] = judge(r)
+    assert "the median of 3 alternating rounds (ratios per round: 7.2x, 7.4x, 9.1x)" in markdown(r)
