@@ -37,7 +37,14 @@ from torchmetrics.classification import (
 
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.train import CONFIG_DIR, build, resolve_precision
-from fmnist_tl.utils import FmnistError, atomic_write_bytes, atomic_write_json, atomic_write_text, exit_on_user_error
+from fmnist_tl.utils import (
+    FmnistError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    exit_on_user_error,
+    reject_unknown_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -318,9 +325,7 @@ def write_report(
 
 
 def _check_config(cfg: DictConfig) -> str:
-    unknown = sorted(set(cfg.keys()) - EVALUATE_KEYS)
-    if unknown:
-        raise FmnistError(f"unknown config key '{unknown[0]}'; check the spelling (see conf/evaluate.yaml)")
+    reject_unknown_keys(cfg, EVALUATE_KEYS, "conf/evaluate.yaml")
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
         raise FmnistError("ckpt_path is required: python -m fmnist_tl.evaluate ckpt_path=PATH/TO/checkpoint.ckpt")

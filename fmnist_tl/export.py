@@ -35,6 +35,7 @@ from fmnist_tl.utils import (
     atomic_write_bytes,
     atomic_write_json,
     exit_on_user_error,
+    reject_unknown_keys,
     sha256_file,
 )
 
@@ -160,9 +161,7 @@ def load_test_images(cfg: DictConfig, count: int) -> torch.Tensor:
 
 
 def _check_config(cfg: DictConfig) -> str:
-    unknown = sorted(set(cfg.keys()) - EXPORT_KEYS)
-    if unknown:
-        raise FmnistError(f"unknown config key '{unknown[0]}'; check the spelling (see conf/export.yaml)")
+    reject_unknown_keys(cfg, EXPORT_KEYS, "conf/export.yaml")
     if not cfg.get("ckpt_path"):
         raise FmnistError("ckpt_path is required: python -m fmnist_tl.export ckpt_path=PATH/TO/checkpoint.ckpt")
     if cfg.format not in FILE_NAMES:

@@ -41,6 +41,7 @@ from fmnist_tl.utils import (
     atomic_write_text,
     bf16_supported,
     exit_on_user_error,
+    reject_unknown_keys,
     remove_stale_temp_files,
 )
 
@@ -87,9 +88,7 @@ def _int_at_least(value: Any, name: str, low: int, why: str = "") -> int:
 
 def validate_config(cfg: DictConfig) -> None:
     """Reject bad values before anything is built or written, with one line naming the key."""
-    unknown = sorted(set(cfg.keys()) - TOP_LEVEL_KEYS)
-    if unknown:
-        raise FmnistError(f"unknown config key '{unknown[0]}'; check the spelling (see conf/train.yaml)")
+    reject_unknown_keys(cfg, TOP_LEVEL_KEYS, "conf/train.yaml")
     m, d = cfg.model, cfg.data
     check_backbone(m.backbone, m.weights)
     _positive_number(m.optimizer.lr, "model.optimizer.lr")
@@ -110,12 +109,11 @@ def validate_config(cfg: DictConfig) -> None:
         _int_at_least(cfg.trainer.max_epochs, "trainer.max_epochs", 1)
     # fast_dev_run runs one batch whatever the epochs, so a fine-tune config is still worth a smoke test.
     epochs = None if cfg.trainer.get("fast_dev_run") else cfg.trainer.get("max_epochs")
+    ckpt = cfg.get("ckpt_path")
     # A resumed run takes every weight from its checkpoint, so init_from may be gone by then.
-    resuming = cfg.get("ckpt_path") is not None
-    check_finetune(m.get("finetune"), m.get("freeze_backbone", True), epochs, check_files=not resuming)
+    check_finetune(m.get("finetune"), m.get("freeze_backbone", True), epochs, check_files=ckpt is None)
     if m.weights_path is not None and not Path(m.weights_path).is_file():
         raise FmnistError(f"model.weights_path={m.weights_path} does not exist")
-    ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "last") and not Path(ckpt).is_file():
         raise FmnistError(f"ckpt_path={ckpt} does not exist; pass a .ckpt file or ckpt_path=last")
 

@@ -20,6 +20,13 @@ class FmnistError(Exception):
     """An error caused by user input; the CLI prints its message as one line and exits non-zero."""
 
 
+def reject_unknown_keys(cfg: Any, allowed: set[str], config_file: str) -> None:
+    """A misspelt top-level key would otherwise be ignored silently; name the first one."""
+    unknown = sorted(set(cfg.keys()) - allowed)
+    if unknown:
+        raise FmnistError(f"unknown config key '{unknown[0]}'; check the spelling (see {config_file})")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path in the target's directory; on success it replaces `path` in one step.
