@@ -84,12 +84,24 @@ def tiny_cfg(tiny_mirror, tmp_path):
     return build
 
 
+# Two CPU processes under DDP (conf/trainer/ddp_sim.yaml), in fp32 so ranks agree exactly.
+DDP_SIM = ("trainer=ddp_sim", "trainer.accelerator=cpu", "trainer.precision=32-true")
+
+
+def _cli(module: str, args: tuple[str, ...], env: dict | None) -> dict:
+    """How the tests start a module as a user would: from the repo root, warnings off."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return {"args": [sys.executable, "-m", module, *args], "text": True, "cwd": REPO, "env": full_env}
+
+
 def run_cli(*args: str, env: dict | None = None, module: str = "fmnist_tl.train", timeout: int = 300):
     """Run a module as a user would; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env
-    )
+    return subprocess.run(**_cli(module, args, env), capture_output=True, timeout=timeout)
+
+
+def start_cli(*args: str, stdout=subprocess.PIPE, module: str = "fmnist_tl.train") -> subprocess.Popen:
+    """Start a module as a user would, without waiting; stderr is piped for the failure message."""
+    return subprocess.Popen(**_cli(module, args, None), stdout=stdout, stderr=subprocess.PIPE)
 
 
 needs_real_data = pytest.mark.skipif(

@@ -104,6 +104,7 @@ def test_export_that_disagrees_with_pytorch_fails_and_writes_nothing(tiny_mirror
         (["ckpt_path=x.ckpt", "format=tflite"], "format=tflite is not supported"),
         (["ckpt_path=x.ckpt", "verify.num_images=0"], "verify.num_images=0 must be an integer >= 3"),
         (["ckpt_path=/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
+        (["+bogus=1"], "unknown config key 'bogus'; check the spelling (see conf/export.yaml)"),
     ],
 )
 def test_export_rejects_bad_config(tiny_mirror, tmp_path, extra, message):

@@ -22,7 +22,7 @@ from fmnist_tl.model import (
 )
 from fmnist_tl.train import train, validate_config
 from fmnist_tl.utils import FmnistError
-from tests.conftest import make_cfg, run_cli, tiny_overrides
+from tests.conftest import DDP_SIM, make_cfg, run_cli, tiny_overrides
 
 # A couple of batches per epoch: enough for every trainable tensor to move, fast on 2 cores.
 FAST = (
@@ -280,9 +280,7 @@ def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path):
     """Two CPU processes, head epoch then layer4: DDP needs find_unused_parameters for the head epoch."""
     proc = run_cli(
         *tiny_overrides(tiny_mirror, tmp_path),
-        "trainer=ddp_sim",
-        "trainer.accelerator=cpu",
-        "trainer.precision=32-true",
+        *DDP_SIM,
         "callbacks.model_checkpoint.save_top_k=-1",
         "callbacks.model_checkpoint.save_last=false",
         *TWO_PHASES,

@@ -21,7 +21,16 @@ from fmnist_tl.data import FashionMNISTDataModule
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.train import AtomicCheckpointIO, train
 from fmnist_tl.utils import FmnistError, atomic_write_json, remove_stale_temp_files
-from tests.conftest import REPO, TINY_SIZES, idx_bytes, run_cli, tiny_overrides, tiny_split, write_tiny_mirror
+from tests.conftest import (
+    REPO,
+    TINY_SIZES,
+    idx_bytes,
+    run_cli,
+    start_cli,
+    tiny_overrides,
+    tiny_split,
+    write_tiny_mirror,
+)
 
 # ---------------------------------------------------------------- 1. data files
 
@@ -130,16 +139,7 @@ def test_truncated_checkpoint_is_clear(tiny_cfg, tmp_path):
 
 
 def _start_long_run(tmp_path: Path, mirror: Path) -> subprocess.Popen:
-    args = [*tiny_overrides(mirror, tmp_path), "trainer.max_epochs=500", "callbacks.early_stopping=null"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "fmnist_tl.train", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_cli(*tiny_overrides(mirror, tmp_path), "trainer.max_epochs=500", "callbacks.early_stopping=null")
 
 
 def _wait_for(path_glob, root: Path, timeout: float = 120) -> Path:
@@ -315,18 +315,7 @@ def test_enospc_on_metrics_json_keeps_previous(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_two_runs_started_together_get_separate_dirs(tiny_mirror, tmp_path):
     args = [*tiny_overrides(tiny_mirror, tmp_path), "debug=fdr"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "fmnist_tl.train", *args],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    procs = [start_cli(*args, stdout=subprocess.DEVNULL) for _ in range(2)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
     dirs = list((tmp_path / "logs" / "debug" / "runs").iterdir())

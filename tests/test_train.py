@@ -11,7 +11,7 @@ import torch
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.train import resolve_precision, train
 from fmnist_tl.utils import cpu_supports_bf16
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import DDP_SIM, run_cli, tiny_overrides
 
 
 class RecordBackboneMode(L.Callback):
@@ -129,9 +129,7 @@ def test_multirun_two_jobs(tiny_mirror, tmp_path):
 def test_ddp_sim_two_processes(tiny_mirror, tmp_path):
     proc = run_cli(
         *tiny_overrides(tiny_mirror, tmp_path),
-        "trainer=ddp_sim",
-        "trainer.accelerator=cpu",
-        "trainer.precision=32-true",
+        *DDP_SIM,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (metrics_file,) = (tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")
