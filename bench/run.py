@@ -204,9 +204,14 @@ def ours_throughput(extractor: FeatureExtractor, images: torch.Tensor) -> dict[s
     }
 
 
+def lower_median(values: list[Any], key: Any = None) -> Any:
+    """The median item (the lower middle one for an even count), so it is always a measured value."""
+    return sorted(values, key=key)[(len(values) - 1) // 2]
+
+
 def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the median throughput (the lower middle one for an even count)."""
-    return sorted(rounds, key=lambda r: r["img_per_s"])[(len(rounds) - 1) // 2]
+    """The round with the median throughput."""
+    return lower_median(rounds, key=lambda r: r["img_per_s"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         t["eager_fp32"] = eager_throughput(images[:n_steps], device, ours_batch, False, precision)
         t["eager_bf16_cl"] = eager_throughput(images[:n_steps], device, ours_batch, True, precision)
         report["throughput"] = t
-        report["ratio"] = sorted(ratios)[(len(ratios) - 1) // 2]  # the median round's ratio
+        report["ratio"] = lower_median(ratios)
 
         runs: dict[str, Any] = {}
         if not args.no_runs:

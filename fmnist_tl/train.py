@@ -271,9 +271,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model: TransferClassifier = build(
         cfg.model, _recursive_=False, **({"load_weights": False} if resume_finetune else {})
     )
-    if resume_finetune:
-        log.info("Resuming a fine-tune run: all weights come from %s", ckpt_path)
-    log.info("Backbone %s, weights %s", cfg.model.backbone, model.weights_id)
+    if resume_finetune:  # weights_id is the checkpoint's once Lightning restores it
+        log.info("Backbone %s; resuming a fine-tune run: all weights come from %s", cfg.model.backbone, ckpt_path)
+    else:
+        log.info("Backbone %s, weights %s", cfg.model.backbone, model.weights_id)
     datamodule: L.LightningDataModule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
