@@ -293,7 +293,7 @@ class FeatureExtractor:
         if on_cuda:
             images = images.pin_memory()  # lets the host-to-device copies overlap compute
         # Once compiled (a big split came first), smaller splits reuse it: the compile is paid for.
-        use_compiled = self.should_compile(n) or (self._compiled is not None and self.compile is not False)
+        use_compiled = self.should_compile(n) or self._compiled is not None
         if use_compiled and self._compiled is None:
             self._compiled = torch.compile(self._forward, dynamic=False)
         out: torch.Tensor | None = None

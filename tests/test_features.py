@@ -242,6 +242,29 @@ def test_compile_decision_scales_with_pixels():
     assert not FeatureExtractor(net, ImagePreprocess(224), compile=False).should_compile(10**6)
 
 
+def test_a_smaller_split_reuses_the_compiled_function(monkeypatch, data):
+    # train (big) compiles; val/test (below compile_min_images) reuse it instead of going eager.
+    compiles = []
+
+    def recording_compile(fn, **kwargs):
+        compiles.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    extractor = FeatureExtractor(
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        ImagePreprocess(224),
+        compile="auto",
+        compile_min_images=40,
+        batch_size=16,
+        progress=False,
+    )
+    extractor(data[0][:48])
+    assert extractor.compiled_used and len(compiles) == 1
+    extractor(data[0][:8])  # 8 images alone would not be worth a compile
+    assert extractor.compiled_used and len(compiles) == 1
+
+
 class TinyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

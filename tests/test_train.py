@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 
 import lightning as L
 import pytest
@@ -151,9 +153,6 @@ def test_cli_without_weights_offline_stops_at_once(tmp_path):
 
 
 def test_epoch_metrics_are_logged_once_per_epoch(trained_run):
-    import csv
-    import math
-
     with open(trained_run / "csv" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for key in ("train/loss_epoch", "val/acc"):
