@@ -28,8 +28,9 @@ from torch import nn
 
 from fmnist_tl.data import CLASS_NAMES, ImagePreprocess
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.train import CONFIG_DIR, build
+from fmnist_tl.train import build
 from fmnist_tl.utils import (
+    CONFIG_PATH,
     FmnistError,
     atomic_path,
     atomic_write_bytes,
@@ -213,7 +214,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         export(cfg)

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from fmnist_tl.features import feature_cache_for
 from fmnist_tl.model import TransferClassifier, check_backbone, check_finetune, finetune_start_epoch
 from fmnist_tl.utils import (
+    CONFIG_PATH,
     FmnistError,
     atomic_path,
     atomic_write_json,
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 TOP_LEVEL_KEYS = {
     "data",
     "model",
@@ -411,7 +411,7 @@ def _job_error(e: BaseException) -> str:
     return message.strip().splitlines()[0] if message.strip() else type(e).__name__
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float:
     start = time.time()
     multirun = _is_multirun()

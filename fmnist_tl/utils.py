@@ -15,6 +15,11 @@ from typing import Any
 
 import torch
 
+# The configs ship inside the package (pyproject.toml maps conf/ to fmnist_tl.conf), so a wheel
+# or `pip install .` finds them as well as an editable install does, from any directory.
+CONFIG_MODULE = "fmnist_tl.conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+
 
 class FmnistError(Exception):
     """An error caused by user input; the CLI prints its message as one line and exits non-zero."""

@@ -1,29 +1,26 @@
 from __future__ import annotations
 
+import importlib.resources
 import re
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from fmnist_tl.train import CONFIG_DIR, validate_config
-from fmnist_tl.utils import FmnistError
-from tests.conftest import run_cli
+from fmnist_tl.train import validate_config
+from fmnist_tl.utils import CONFIG_MODULE, FmnistError
+from tests.helpers import compose_cfg, run_cli
 
 GROUPS = ["data", "model", "trainer", "callbacks", "logger", "experiment", "debug", "hparams_search"]
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+    folder = importlib.resources.files(CONFIG_MODULE) / group
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 @pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in group_options(g)], ids=lambda s: s)
 def test_every_config_composes(override):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[override])
+    cfg = compose_cfg("train", [override])
     # output_dir only exists inside a Hydra run.
     cfg.paths.output_dir = "/tmp/x"
     container = OmegaConf.to_container(cfg.model, resolve=True)
@@ -50,9 +47,7 @@ def test_every_config_composes(override):
     ],
 )
 def test_bad_values_rejected_by_validation(override, message):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[override])
+    cfg = compose_cfg("train", [override])
     with pytest.raises(FmnistError, match=re.escape(message)):
         validate_config(cfg)
 

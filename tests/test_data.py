@@ -7,7 +7,7 @@ import torch
 
 from fmnist_tl.data import FashionMNISTDataModule, ImagePreprocess, augment_batch, parse_idx
 from fmnist_tl.utils import FmnistError
-from tests.conftest import DEBIAN_MIRROR, TINY_SIZES, idx_bytes, needs_real_data, tiny_split
+from tests.helpers import DEBIAN_MIRROR, TINY_SIZES, idx_bytes, needs_real_data, tiny_split
 
 
 def tiny_dm(mirror, tmp_path, **kw) -> FashionMNISTDataModule:

@@ -17,7 +17,7 @@ from fmnist_tl.data import CLASS_NAMES
 from fmnist_tl.export import export
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.utils import FmnistError
-from tests.conftest import make_entry_cfg, run_cli, tiny_data_overrides, tiny_split
+from tests.helpers import make_entry_cfg, run_cli, tiny_data_overrides, tiny_split
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.train import resolve_precision, train
 from fmnist_tl.utils import cpu_supports_bf16
-from tests.conftest import DDP_SIM, run_cli, tiny_overrides
+from tests.helpers import DDP_SIM, run_cli, tiny_overrides
 
 
 class RecordBackboneMode(L.Callback):
