@@ -41,6 +41,7 @@ from fmnist_tl.utils import (
     atomic_write_json,
     atomic_write_text,
     bf16_supported,
+    check_logger_dependencies,
     exit_on_user_error,
     reject_unknown_keys,
     remove_stale_temp_files,
@@ -89,6 +90,7 @@ def _int_at_least(value: Any, name: str, low: int, why: str = "") -> int:
 def validate_config(cfg: DictConfig) -> None:
     """Reject bad values before anything is built or written, with one line naming the key."""
     reject_unknown_keys(cfg, TOP_LEVEL_KEYS, "conf/train.yaml")
+    check_logger_dependencies(cfg.get("logger"))
     m, d = cfg.model, cfg.data
     check_backbone(m.backbone, m.weights)
     _positive_number(m.optimizer.lr, "model.optimizer.lr")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -30,6 +31,22 @@ def reject_unknown_keys(cfg: Any, allowed: set[str], config_file: str) -> None:
     unknown = sorted(set(cfg.keys()) - allowed)
     if unknown:
         raise FmnistError(f"unknown config key '{unknown[0]}'; check the spelling (see {config_file})")
+
+
+def require_modules(what: str, extra: str, *modules: str) -> None:
+    """Refuse `what` before anything is built when an optional dependency is missing, naming the fix."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FmnistError(f"{what} needs {', '.join(missing)}, not installed: pip install 'fmnist_tl[{extra}]'")
+
+
+def check_logger_dependencies(loggers: Any) -> None:
+    """The `logger` group's optional packages (logger=tensorboard, logger=many_loggers)."""
+    for name, conf in (loggers or {}).items():
+        target = str(conf.get("_target_", "")) if conf else ""
+        # Lightning's TensorBoardLogger also runs on tensorboardX alone.
+        if target.endswith(".TensorBoardLogger") and importlib.util.find_spec("tensorboardX") is None:
+            require_modules(f"logger.{name}", "tensorboard", "tensorboard")
 
 
 @contextlib.contextmanager
