@@ -126,6 +126,20 @@ def start_cli(*args: str, stdout=subprocess.PIPE, module: str = "fmnist_tl.train
     return subprocess.Popen(**_cli(module, args, None), stdout=stdout, stderr=subprocess.PIPE)
 
 
+def unreachable_network_env(tmp: Path) -> dict[str, str]:
+    """Environment for a subprocess whose downloads fail at once, with or without a real network.
+
+    An empty torch hub cache, and every proxy variable pointing at the discard port of this host,
+    where nothing listens: urllib (torch.hub, torchvision) gets "connection refused" immediately.
+    """
+    proxy = "http://127.0.0.1:9"
+    env = {"TORCH_HOME": str(tmp / "torch-home")}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        env[name] = env[name.lower()] = proxy
+    env["NO_PROXY"] = env["no_proxy"] = ""
+    return env
+
+
 class RunsCode:
     """A pickle payload that touches `marker` when unpickled: proof that a load ran code."""
 
