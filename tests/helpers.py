@@ -16,13 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from fmnist_tl.data import IDX_FILES, IDX_MAGIC
-from fmnist_tl.utils import CONFIG_MODULE
+from fmnist_tl.utils import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")
@@ -90,10 +88,8 @@ def tiny_overrides(mirror: Path, tmp: Path) -> list[str]:
 
 
 def compose_cfg(config_name: str = "train", overrides: Sequence[str] = (), hydra: bool = False) -> DictConfig:
-    """Compose the packaged configs (pkg://fmnist_tl.conf) as the CLIs do, outside a Hydra run."""
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra)
+    """Compose the packaged configs as the CLIs do, outside a Hydra run."""
+    return compose_config(config_name, overrides, return_hydra_config=hydra)
 
 
 def make_entry_cfg(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
