@@ -43,16 +43,14 @@ if str(REPO) not in sys.path:  # `python bench/run.py` from a fresh clone, witho
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset, TensorDataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD, FashionMNISTDataModule, ImagePreprocess  # noqa: E402
 from fmnist_tl.features import ExtractionSettings, FeatureExtractor  # noqa: E402
-from fmnist_tl.train import CONFIG_DIR, build  # noqa: E402
-from fmnist_tl.utils import atomic_write_json, bf16_supported  # noqa: E402
+from fmnist_tl.train import build  # noqa: E402
+from fmnist_tl.utils import atomic_write_json, bf16_supported, compose_config  # noqa: E402
 
 TARGETS = {
     "extraction_ratio": 8.0,  # (b) / (a), at least
@@ -252,9 +250,7 @@ def head_epoch_time(data_dir: Path, cache_dir: Path, precision: str, epochs: int
         source = "random 55000x2048 bf16 features (--quick caches a subset only)"
     feats, labels = found
     # The model, optimizer and batch size exactly as `python -m fmnist_tl.train model.weights=null` builds them.
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["model.weights=null"])
+    cfg = compose_config("train", ["model.weights=null"])
     batch_size = int(cfg.data.batch_size)
     dm = FashionMNISTDataModule(data_dir=str(data_dir), batch_size=batch_size, eval_batch_size=256)
     dm.data_train = TensorDataset(feats, labels)

@@ -36,8 +36,9 @@ from torchmetrics.classification import (
 )
 
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.train import CONFIG_DIR, build, resolve_precision
+from fmnist_tl.train import build, resolve_precision
 from fmnist_tl.utils import (
+    CONFIG_PATH,
     FmnistError,
     atomic_write_bytes,
     atomic_write_json,
@@ -374,7 +375,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         report = evaluate(cfg)

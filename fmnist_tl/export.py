@@ -28,14 +28,16 @@ from torch import nn
 
 from fmnist_tl.data import CLASS_NAMES, ImagePreprocess
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.train import CONFIG_DIR, build
+from fmnist_tl.train import build
 from fmnist_tl.utils import (
+    CONFIG_PATH,
     FmnistError,
     atomic_path,
     atomic_write_bytes,
     atomic_write_json,
     exit_on_user_error,
     reject_unknown_keys,
+    require_modules,
     sha256_file,
 )
 
@@ -80,10 +82,6 @@ def compare(name: str, reference: torch.Tensor, exported: torch.Tensor) -> dict[
 
 
 def export_onnx(module: UInt8Classifier, example: torch.Tensor, path: Path, opset: int, metadata: dict) -> None:
-    try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
-    except ImportError as e:
-        raise FmnistError("format=onnx needs onnx, onnxscript and onnxruntime: pip install 'fmnist_tl[export]'") from e
     for name in ("onnx_ir", "onnxscript"):  # their per-pass INFO lines would flood the run log
         logging.getLogger(name).setLevel(logging.WARNING)
     batch = torch.export.Dim.DYNAMIC
@@ -166,6 +164,8 @@ def _check_config(cfg: DictConfig) -> str:
         raise FmnistError("ckpt_path is required: python -m fmnist_tl.export ckpt_path=PATH/TO/checkpoint.ckpt")
     if cfg.format not in FILE_NAMES:
         raise FmnistError(f"format={cfg.format} is not supported; choose onnx or torchscript")
+    if cfg.format == "onnx":  # torch.onnx's exporter needs onnxscript (and onnx); onnxruntime verifies
+        require_modules("format=onnx", "export", "onnx", "onnxscript", "onnxruntime")
     count = cfg.verify.num_images
     if isinstance(count, bool) or not isinstance(count, int) or count < ODD_BATCH:
         raise FmnistError(f"verify.num_images={count!r} must be an integer >= {ODD_BATCH}")
@@ -213,7 +213,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         export(cfg)

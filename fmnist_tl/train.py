@@ -35,11 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 from fmnist_tl.features import feature_cache_for
 from fmnist_tl.model import TransferClassifier, check_backbone, check_finetune, finetune_start_epoch
 from fmnist_tl.utils import (
+    CONFIG_PATH,
     FmnistError,
     atomic_path,
     atomic_write_json,
     atomic_write_text,
     bf16_supported,
+    check_logger_dependencies,
     exit_on_user_error,
     reject_unknown_keys,
     remove_stale_temp_files,
@@ -50,7 +52,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 TOP_LEVEL_KEYS = {
     "data",
     "model",
@@ -89,6 +90,7 @@ def _int_at_least(value: Any, name: str, low: int, why: str = "") -> int:
 def validate_config(cfg: DictConfig) -> None:
     """Reject bad values before anything is built or written, with one line naming the key."""
     reject_unknown_keys(cfg, TOP_LEVEL_KEYS, "conf/train.yaml")
+    check_logger_dependencies(cfg.get("logger"))
     m, d = cfg.model, cfg.data
     check_backbone(m.backbone, m.weights)
     _positive_number(m.optimizer.lr, "model.optimizer.lr")
@@ -411,7 +413,7 @@ def _job_error(e: BaseException) -> str:
     return message.strip().splitlines()[0] if message.strip() else type(e).__name__
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float:
     start = time.time()
     multirun = _is_multirun()

@@ -5,15 +5,42 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+# The configs ship inside the package (pyproject.toml maps conf/ to fmnist_tl.conf), so a wheel
+# or `pip install .` finds them as well as an editable install does, from any directory.
+CONFIG_MODULE = "fmnist_tl.conf"
+_CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
+# A source tree imported without an install that maps conf/ (a clone on sys.path, or a checkout
+# that shadows a non-editable install when run from its root) has no fmnist_tl.conf: read its conf/.
+CONFIG_PATH = (
+    str(_CHECKOUT_CONF)
+    if importlib.util.find_spec(CONFIG_MODULE) is None and _CHECKOUT_CONF.is_dir()
+    else f"pkg://{CONFIG_MODULE}"
+)
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """conf/<config_name>.yaml with overrides, composed outside a Hydra run from where the CLIs read it."""
+    GlobalHydra.instance().clear()
+    if CONFIG_PATH.startswith("pkg://"):
+        context = initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
+    else:
+        context = initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
+    with context:
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 class FmnistError(Exception):
@@ -25,6 +52,22 @@ def reject_unknown_keys(cfg: Any, allowed: set[str], config_file: str) -> None:
     unknown = sorted(set(cfg.keys()) - allowed)
     if unknown:
         raise FmnistError(f"unknown config key '{unknown[0]}'; check the spelling (see {config_file})")
+
+
+def require_modules(what: str, extra: str, *modules: str) -> None:
+    """Refuse `what` before anything is built when an optional dependency is missing, naming the fix."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FmnistError(f"{what} needs {', '.join(missing)}, not installed: pip install 'fmnist_tl[{extra}]'")
+
+
+def check_logger_dependencies(loggers: Any) -> None:
+    """The `logger` group's optional packages (logger=tensorboard, logger=many_loggers)."""
+    for name, conf in (loggers or {}).items():
+        target = str(conf.get("_target_", "")) if conf else ""
+        # Lightning's TensorBoardLogger also runs on tensorboardX alone.
+        if target.endswith(".TensorBoardLogger") and importlib.util.find_spec("tensorboardX") is None:
+            require_modules(f"logger.{name}", "tensorboard", "tensorboard")
 
 
 @contextlib.contextmanager

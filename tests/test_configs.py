@@ -1,38 +1,134 @@
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.resources
+import os
 import re
-from pathlib import Path
+import subprocess
+import sys
+import types
 
+import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict
 
-from fmnist_tl.train import CONFIG_DIR, validate_config
-from fmnist_tl.utils import FmnistError
-from tests.conftest import run_cli
-
-GROUPS = ["data", "model", "trainer", "callbacks", "logger", "experiment", "debug", "hparams_search"]
-
-
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+from fmnist_tl.data import FashionMNISTDataModule
+from fmnist_tl.features import feature_cache_for
+from fmnist_tl.model import TransferClassifier
+from fmnist_tl.train import build, finetune_trainer_overrides, resolve_precision, validate_config
+from fmnist_tl.utils import CONFIG_MODULE, FmnistError
+from tests.helpers import REPO, compose_cfg, make_entry_cfg, run_cli
 
 
-@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in group_options(g)], ids=lambda s: s)
-def test_every_config_composes(override):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[override])
-    # output_dir only exists inside a Hydra run.
-    cfg.paths.output_dir = "/tmp/x"
-    container = OmegaConf.to_container(cfg.model, resolve=True)
-    assert container["_target_"] == "fmnist_tl.model.TransferClassifier"
-    OmegaConf.to_container(cfg.data, resolve=True)
-    OmegaConf.to_container(cfg.trainer, resolve=True)
-    if cfg.callbacks is not None:
-        OmegaConf.to_container(cfg.callbacks, resolve=True)
+def config_options() -> list[str]:
+    """`group=option` for every YAML of every config group the package ships, nested groups too."""
+    options = []
+
+    def walk(folder, group: str) -> None:
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.name.startswith(("_", ".")):
+                walk(entry, f"{group}/{entry.name}" if group else entry.name)
+            elif group and entry.name.endswith(".yaml"):
+                options.append(f"{group}={entry.name.removesuffix('.yaml')}")
+
+    walk(importlib.resources.files(CONFIG_MODULE), "")
+    return sorted(options)
+
+
+def _instantiate_all(group: DictConfig | None) -> list:
+    return [build(c) for c in (group or {}).values() if c is not None and "_target_" in c]
+
+
+def _trainer_fits_here(trainer_cfg: DictConfig) -> dict:
+    """GPU options on a machine with fewer GPUs than they ask for: the same trainer on CPU."""
+    if trainer_cfg.get("accelerator") == "gpu" and torch.cuda.device_count() < trainer_cfg.get("devices", 1):
+        return {"accelerator": "cpu"}
+    return {}
+
+
+def test_config_options_cover_nested_groups():
+    options = config_options()
+    assert {"model/scheduler=onecycle", "logger=tensorboard", "trainer=ddp_sim", "hparams_search=head_optuna"} <= set(
+        options
+    )
+    assert len(options) == len(list(REPO.glob("conf/*/**/*.yaml")))
+
+
+@pytest.mark.parametrize("option", config_options())
+def test_every_config_option_composes_and_instantiates(option, tmp_path):
+    """As lightning-hydra-template's config tests: each option composes, validates and builds.
+
+    The model is random-init (model.weights=null after validation); nothing is fitted.
+    """
+    cfg = compose_cfg("train", [option, f"paths.root_dir={tmp_path}"], hydra=True)
+    HydraConfig().set_config(cfg)
+    for plugin in (cfg.hydra.sweeper, cfg.hydra.launcher):
+        if not plugin._target_.startswith("hydra._internal."):  # Hydra's basic ones: only Hydra may build them
+            assert build(plugin) is not None
+    assert all(isinstance(cb, Callback) for cb in _instantiate_all(cfg.hydra.callbacks))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        del cfg.hydra
     validate_config(cfg)
+    model = build(cfg.model, _recursive_=False, weights=None)
+    assert isinstance(model, TransferClassifier)
+    datamodule = build(cfg.data)
+    assert isinstance(datamodule, FashionMNISTDataModule)
+    feature_cache_for(cfg, model, datamodule)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer = build(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        precision=resolve_precision(cfg.trainer),
+        **{**finetune_trainer_overrides(cfg), **_trainer_fits_here(cfg.trainer)},
+    )
+    assert isinstance(trainer, L.Trainer)
+    assert len(trainer.loggers) == len(loggers)
+
+
+@pytest.mark.parametrize("config_name", ["evaluate", "export"])
+def test_entry_configs_compose_and_instantiate(config_name, tmp_path):
+    cfg = make_entry_cfg(config_name, [f"paths.root_dir={tmp_path}"], tmp_path / "run")
+    assert isinstance(build(cfg.data), FashionMNISTDataModule)
+    if "trainer" in cfg:
+        assert isinstance(build(cfg.trainer, precision=resolve_precision(cfg.trainer)), L.Trainer)
+
+
+@pytest.mark.parametrize("option", ["logger=tensorboard", "logger=many_loggers"])
+def test_tensorboard_logger_without_tensorboard_is_refused_up_front(option, monkeypatch):
+    for name in ("tensorboard", "tensorboardX"):  # what importlib sees when neither is installed
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(FmnistError) as e:
+        validate_config(compose_cfg("train", [option]))
+    assert str(e.value) == "logger.tensorboard needs tensorboard, not installed: pip install 'fmnist_tl[tensorboard]'"
+
+
+def test_tensorboard_logger_runs_on_tensorboardx_alone(monkeypatch):
+    """Lightning's TensorBoardLogger takes either package: tensorboardX alone is not refused."""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    fake = types.ModuleType("tensorboardX")
+    fake.__spec__ = importlib.machinery.ModuleSpec("tensorboardX", None)
+    monkeypatch.setitem(sys.modules, "tensorboardX", fake)
+    validate_config(compose_cfg("train", ["logger=tensorboard"]))
+
+
+def test_cli_missing_optional_dependency_one_line(tmp_path):
+    hide = (
+        "import runpy, sys; sys.modules.update(tensorboard=None, tensorboardX=None); "
+        "runpy.run_module('fmnist_tl.train', run_name='__main__', alter_sys=True)"
+    )
+    args = ["logger=many_loggers", f"paths.root_dir={tmp_path}", "model.weights=null"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", hide, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: logger.tensorboard needs tensorboard, not installed: pip install 'fmnist_tl[tensorboard]'"
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize(
@@ -50,9 +146,7 @@ def test_every_config_composes(override):
     ],
 )
 def test_bad_values_rejected_by_validation(override, message):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[override])
+    cfg = compose_cfg("train", [override])
     with pytest.raises(FmnistError, match=re.escape(message)):
         validate_config(cfg)
 

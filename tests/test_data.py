@@ -5,9 +5,9 @@ import gzip
 import pytest
 import torch
 
-from fmnist_tl.data import FashionMNISTDataModule, ImagePreprocess, augment_batch, parse_idx
+from fmnist_tl.data import IDX_FILES, FashionMNISTDataModule, ImagePreprocess, augment_batch, parse_idx
 from fmnist_tl.utils import FmnistError
-from tests.conftest import DEBIAN_MIRROR, TINY_SIZES, idx_bytes, needs_real_data, tiny_split
+from tests.helpers import DEBIAN_MIRROR, TINY_SIZES, idx_bytes, needs_real_data, tiny_split
 
 
 def tiny_dm(mirror, tmp_path, **kw) -> FashionMNISTDataModule:
@@ -148,7 +148,8 @@ def test_invalid_mirror_file_fails_without_writing(tiny_mirror, tmp_path):
 
 @needs_real_data
 def test_real_data_from_debian_mirror(tmp_path):
-    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "data"), mirror_dir=None, image_size=32)
+    # download=False: the files can only have come from Debian's mirror, found without being named.
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "data"), mirror_dir=None, image_size=32, download=False)
     dm.prepare_data()
     dm.setup("fit")
     assert (len(dm.data_train), len(dm.data_val), len(dm.data_test)) == (55000, 5000, 10000)
@@ -157,4 +158,5 @@ def test_real_data_from_debian_mirror(tmp_path):
     assert torch.bincount(dm.data_test.tensors[1]).tolist() == [1000] * 10
     pixels = torch.cat([dm.data_train.tensors[0], dm.data_val.tensors[0]]).float() / 255
     assert abs(pixels.mean().item() - 0.2860) < 5e-4 and abs(pixels.std().item() - 0.3530) < 5e-4
-    assert DEBIAN_MIRROR.is_dir()
+    for stem, _, _ in IDX_FILES:
+        assert (dm.raw_dir / stem).read_bytes() == gzip.decompress((DEBIAN_MIRROR / f"{stem}.gz").read_bytes())

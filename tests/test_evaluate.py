@@ -11,7 +11,7 @@ from PIL import Image
 
 from fmnist_tl.evaluate import compute_report, evaluate
 from fmnist_tl.utils import FmnistError
-from tests.conftest import make_entry_cfg, run_cli, tiny_data_overrides
+from tests.helpers import make_entry_cfg, run_cli, tiny_data_overrides
 
 FP32_CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
 

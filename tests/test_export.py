@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import warnings
 
 import onnxruntime as ort
@@ -17,7 +18,7 @@ from fmnist_tl.data import CLASS_NAMES
 from fmnist_tl.export import export
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.utils import FmnistError
-from tests.conftest import make_entry_cfg, run_cli, tiny_data_overrides, tiny_split
+from tests.helpers import make_entry_cfg, run_cli, tiny_data_overrides, tiny_split
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,13 @@ def test_export_cli(tiny_mirror, tmp_path, checkpoint):
     assert "top-1 agreement 100.00% (100/100)" in proc.stdout
     (record,) = (tmp_path / "logs" / "export" / "runs").glob("*/export.json")
     assert json.loads(record.read_text())["verification"]["num_images"] == 100
+
+
+@pytest.mark.parametrize("missing", ["onnxscript", "onnxruntime"])
+def test_onnx_without_the_export_extra_is_one_line_before_anything_is_built(missing, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, missing, None)  # what importlib sees when the package is not installed
+    no_ckpt = tmp_path / "never_read.ckpt"  # refused before the checkpoint is even looked for
+    with pytest.raises(FmnistError) as e:
+        export(make_entry_cfg("export", [f"paths.root_dir={tmp_path}", f"ckpt_path={no_ckpt}"], tmp_path / "out"))
+    assert str(e.value) == f"format=onnx needs {missing}, not installed: pip install 'fmnist_tl[export]'"
+    assert not (tmp_path / "out").exists()

@@ -26,7 +26,7 @@ from fmnist_tl.features import (
 from fmnist_tl.model import TransferClassifier, build_backbone
 from fmnist_tl.train import build, train
 from fmnist_tl.utils import FmnistError
-from tests.conftest import REPO, idx_bytes, make_cfg, tiny_overrides, tiny_split
+from tests.helpers import REPO, idx_bytes, make_cfg, tiny_overrides, tiny_split
 
 N = 48
 

@@ -22,7 +22,7 @@ from fmnist_tl.model import (
 )
 from fmnist_tl.train import train, validate_config
 from fmnist_tl.utils import FmnistError
-from tests.conftest import DDP_SIM, make_cfg, run_cli, tiny_overrides
+from tests.helpers import DDP_SIM, make_cfg, run_cli, tiny_overrides
 
 # A couple of batches per epoch: enough for every trainable tensor to move, fast on 2 cores.
 FAST = (

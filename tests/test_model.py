@@ -9,6 +9,7 @@ import torchvision
 
 from fmnist_tl.model import TransferClassifier, build_backbone
 from fmnist_tl.utils import FmnistError
+from tests.helpers import RunsCode
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +59,12 @@ def test_weights_path_wrong_architecture_is_clear(tmp_path):
         build_backbone("resnet50", None, str(path))
 
 
-class _RunsCode:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        pickle.dump({"conv1.weight": _RunsCode(str(marker))}, f)
-    torch.save({"x": _RunsCode(str(marker))}, tmp_path / "evil_zip.pth")
+        pickle.dump({"conv1.weight": RunsCode(str(marker))}, f)
+    torch.save({"x": RunsCode(str(marker))}, tmp_path / "evil_zip.pth")
     for p in (path, tmp_path / "evil_zip.pth"):
         with pytest.raises(FmnistError, match="refused"):
             build_backbone("resnet50", None, str(p))

@@ -17,7 +17,7 @@ from PIL import Image, ImageFile
 from fmnist_tl.data import CLASS_NAMES
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.predict import BadImage, classify, load_image, predict, run
-from tests.conftest import run_cli, tiny_split
+from tests.helpers import run_cli, tiny_split
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,10 @@ from fmnist_tl.data import FashionMNISTDataModule
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.train import AtomicCheckpointIO, train
 from fmnist_tl.utils import FmnistError, atomic_write_json, remove_stale_temp_files
-from tests.conftest import (
+from tests.helpers import (
     REPO,
     TINY_SIZES,
+    RunsCode,
     idx_bytes,
     run_cli,
     start_cli,
@@ -104,18 +105,10 @@ def test_bad_data_file_cli_one_line_exit_nonzero(case, optimize, tmp_path):
 # ---------------------------------------------------------------- 3. weights and checkpoints
 
 
-class _RunsCode:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_malicious_checkpoint_refused_for_resume_and_predict(tiny_cfg, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": _RunsCode(str(marker))}, evil)
+    torch.save({"state_dict": {}, "hyper_parameters": RunsCode(str(marker))}, evil)
     with pytest.raises(FmnistError, match="refused"):
         train(tiny_cfg(f"ckpt_path={evil}"))
     with pytest.raises(FmnistError, match="refused"):
@@ -325,7 +318,7 @@ def test_two_runs_started_together_get_separate_dirs(tiny_mirror, tmp_path):
 
 def test_pickle_marker_payload_is_live():
     """Guards the malicious-file tests: the payload really would run on a plain unpickle."""
-    blob = pickle.dumps(_RunsCode("/nonexistent-dir/marker"))
+    blob = pickle.dumps(RunsCode("/nonexistent-dir/marker"))
     with pytest.raises(FileNotFoundError):
         pickle.loads(blob)
 

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
@@ -24,9 +22,9 @@ from omegaconf import OmegaConf, open_dict, read_write
 
 import fmnist_tl.train as train_module
 from fmnist_tl import summarize
-from fmnist_tl.train import CONFIG_DIR, build
+from fmnist_tl.train import build
 from fmnist_tl.utils import FmnistError
-from tests.conftest import run_cli, tiny_overrides
+from tests.helpers import compose_cfg, run_cli, tiny_overrides
 
 # ---- summary of hand-made sweep dirs -----------------------------------------------------------
 
@@ -145,11 +143,7 @@ class FakeLauncher:
 
 def head_optuna_sweeper(sweep_dir: Path, outcomes: list, *overrides: str):
     """Our conf/hparams_search/head_optuna.yaml sweeper as Hydra instantiates it, with a fake launcher."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="train", overrides=["hparams_search=head_optuna", *overrides], return_hydra_config=True
-        )
+    cfg = compose_cfg("train", ["hparams_search=head_optuna", *overrides], hydra=True)
     sweeper = build(cfg.hydra.sweeper)
     with open_dict(cfg):
         cfg.hydra.sweep.dir = str(sweep_dir)

@@ -13,7 +13,7 @@ import torch
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.train import resolve_precision, train
 from fmnist_tl.utils import cpu_supports_bf16
-from tests.conftest import DDP_SIM, run_cli, tiny_overrides
+from tests.helpers import DDP_SIM, run_cli, tiny_overrides, unreachable_network_env
 
 
 class RecordBackboneMode(L.Callback):
@@ -144,11 +144,13 @@ def test_ddp_sim_two_processes(tiny_mirror, tmp_path):
 
 
 def test_cli_without_weights_offline_stops_at_once(tmp_path):
-    proc = run_cli(f"paths.root_dir={tmp_path}", env={"TORCH_HOME": str(tmp_path / "torch")}, timeout=120)
+    # The hub is unreachable whatever this machine's network: an empty hub cache, proxies that refuse.
+    proc = run_cli(f"paths.root_dir={tmp_path}", env=unreachable_network_env(tmp_path), timeout=120)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot get resnet50 IMAGENET1K_V1 weights")
     assert "hub/checkpoints/resnet50-0676ba61.pth" in last and "model.weights=null" in last
+    assert "Connection refused" in last  # the refusing proxy, not whatever network this machine has
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
