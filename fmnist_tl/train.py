@@ -33,7 +33,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.features import feature_cache_for
-from fmnist_tl.model import TransferClassifier, check_backbone, check_finetune, finetune_start_epoch
+from fmnist_tl.model import (
+    TransferClassifier,
+    check_backbone,
+    check_finetune,
+    finetune_start_epoch,
+    legacy_lr_plan,
+    schedule_kind,
+)
 from fmnist_tl.utils import (
     FmnistError,
     atomic_path,
@@ -166,15 +173,40 @@ class ReseedEachEpoch(L.Callback):
         torch.manual_seed(seed)
 
 
-def check_checkpoint_file(path: str) -> None:
+def check_checkpoint_file(path: str) -> dict[str, Any]:
     """Refuse a checkpoint Lightning could not load safely, before any training starts."""
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise FmnistError(f"ckpt_path={path} refused: it holds objects other than tensors and plain containers") from e
     except Exception as e:
         why = type(e).__name__
         raise FmnistError(f"ckpt_path={path} is corrupt or truncated ({why}); pick another checkpoint") from e
+
+
+def check_resume_schedule(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) -> None:
+    """Refuse a resume whose LR schedule cannot go on from the checkpoint's, before anything is built.
+
+    A resumed run restores the checkpoint's scheduler state, so it must be the same kind of
+    schedule. An extended cosine or fine-tune schedule is re-planned (model.LRPlan); a one-cycle
+    schedule has a warm-up and an end fixed in steps, so it is only resumed as planned.
+    """
+    saved = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
+    if not saved:
+        return
+    kind = schedule_kind(cfg.model.get("scheduler"), cfg.model.get("finetune"))
+    if saved.get("scheduler") != kind:
+        raise FmnistError(
+            f"ckpt_path={path} was trained with LR schedule {saved.get('scheduler') or 'constant'}, this config has "
+            f"{kind or 'constant'}; resume with the checkpoint's model.scheduler and model.finetune settings"
+        )
+    planned, wanted = saved.get("max_epochs"), cfg.trainer.get("max_epochs")
+    if kind == "OneCycleLR" and wanted is not None and planned != wanted:
+        raise FmnistError(
+            f"ckpt_path={path} runs a one-cycle LR schedule planned for trainer.max_epochs={planned}, which cannot "
+            f"be re-planned to {wanted}; resume with trainer.max_epochs={planned}, or use model/scheduler=cosine "
+            "for runs you may extend"
+        )
 
 
 def resolve_precision(trainer_cfg: DictConfig) -> str:
@@ -257,10 +289,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.time()
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path:
+        check_resume_schedule(cfg, ckpt_path, check_checkpoint_file(ckpt_path))
         remove_stale_temp_files(Path(ckpt_path).parent)
+    output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
     # Weights and data problems surface here, before a Trainer exists, so they leave no checkpoint.
