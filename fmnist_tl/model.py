@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,35 @@ def load_backbone_state(net: nn.Module, state: dict[str, torch.Tensor], source: 
     net.load_state_dict(state, strict=True)
 
 
+def load_checkpoint_file(path: str | os.PathLike, name: str, fix: str, **load_kwargs: Any) -> Any:
+    """torch.load(weights_only=True) of a checkpoint, with one-line errors that start with `name`.
+
+    Three different problems, three messages: a file torch.save never wrote (a text file, an
+    image, an empty file) is not a checkpoint at all; a torch file whose pickle holds anything but
+    tensors and plain containers is refused, since loading it could run code; anything else
+    torch cannot read (a cut-off download) is corrupt or truncated, and `fix` says what to do.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive holding <name>/data.pkl (legacy format: a pickle, protocol 2+,
+    # which starts with 0x80). A zip whose directory cannot be read is left to torch: cut off.
+    is_zip = head.startswith(b"PK\x03\x04")
+    if is_zip and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            is_zip = any(n.rsplit("/", 1)[-1] == "data.pkl" for n in archive.namelist())
+    if not (is_zip or head[:1] == b"\x80"):
+        what = "an empty file" if not head else "not a file torch.save wrote"
+        raise FmnistError(f"{name} is not an fmnist_tl checkpoint ({what}); pass a .ckpt file from a training run")
+    try:
+        return torch.load(path, weights_only=True, **load_kwargs)
+    except pickle.UnpicklingError as e:
+        raise FmnistError(
+            f"{name} refused: it holds objects other than tensors and plain containers (loading it could run code)"
+        ) from e
+    except Exception as e:
+        raise FmnistError(f"{name} is corrupt or truncated ({type(e).__name__}); {fix}") from e
+
+
 def read_checkpoint(
     path: str | os.PathLike, what: str = "checkpoint", map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
@@ -114,12 +144,7 @@ def read_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FmnistError(f"{what} {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise FmnistError(f"{what} {path} refused: it holds objects other than tensors and plain containers") from e
-    except Exception as e:
-        raise FmnistError(f"{what} {path} is corrupt or truncated ({type(e).__name__}); use another checkpoint") from e
+    ckpt = load_checkpoint_file(path, f"{what} {path}", "use another checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise FmnistError(f"{what} {path} is not an fmnist_tl checkpoint (no state_dict/hyper_parameters)")
     return ckpt
