@@ -377,7 +377,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
+    with exit_on_user_error(hydra_run=True):
         report = evaluate(cfg)
     summary = {"test/acc": report["accuracy"], "test/f1": report["macro_f1"], "num_samples": report["num_samples"]}
     print(json.dumps({**summary, "report": str(Path(cfg.paths.output_dir) / "report.md")}))

@@ -215,7 +215,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
+    with exit_on_user_error(hydra_run=True):
         export(cfg)
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,35 @@ def load_backbone_state(net: nn.Module, state: dict[str, torch.Tensor], source: 
     net.load_state_dict(state, strict=True)
 
 
+def load_checkpoint_file(path: str | os.PathLike, name: str, fix: str, **load_kwargs: Any) -> Any:
+    """torch.load(weights_only=True) of a checkpoint, with one-line errors that start with `name`.
+
+    Three different problems, three messages: a file torch.save never wrote (a text file, an
+    image, an empty file) is not a checkpoint at all; a torch file whose pickle holds anything but
+    tensors and plain containers is refused, since loading it could run code; anything else
+    torch cannot read (a cut-off download) is corrupt or truncated, and `fix` says what to do.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive holding <name>/data.pkl (legacy format: a pickle, protocol 2+,
+    # which starts with 0x80). A zip whose directory cannot be read is left to torch: cut off.
+    is_zip = head.startswith(b"PK\x03\x04")
+    if is_zip and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            is_zip = any(n.rsplit("/", 1)[-1] == "data.pkl" for n in archive.namelist())
+    if not (is_zip or head[:1] == b"\x80"):
+        what = "an empty file" if not head else "not a file torch.save wrote"
+        raise FmnistError(f"{name} is not an fmnist_tl checkpoint ({what}); pass a .ckpt file from a training run")
+    try:
+        return torch.load(path, weights_only=True, **load_kwargs)
+    except pickle.UnpicklingError as e:
+        raise FmnistError(
+            f"{name} refused: it holds objects other than tensors and plain containers (loading it could run code)"
+        ) from e
+    except Exception as e:
+        raise FmnistError(f"{name} is corrupt or truncated ({type(e).__name__}); {fix}") from e
+
+
 def read_checkpoint(
     path: str | os.PathLike, what: str = "checkpoint", map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
@@ -114,12 +144,7 @@ def read_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FmnistError(f"{what} {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise FmnistError(f"{what} {path} refused: it holds objects other than tensors and plain containers") from e
-    except Exception as e:
-        raise FmnistError(f"{what} {path} is corrupt or truncated ({type(e).__name__}); use another checkpoint") from e
+    ckpt = load_checkpoint_file(path, f"{what} {path}", "use another checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise FmnistError(f"{what} {path} is not an fmnist_tl checkpoint (no state_dict/hyper_parameters)")
     return ckpt
@@ -281,8 +306,96 @@ def finetune_phase_factor(epoch_in_phase: int, phase_epochs: int, warmup_epochs:
         return (epoch_in_phase + 1) / (warmup_epochs + 1)
     if schedule == "constant":
         return 1.0
-    span = max(1, phase_epochs - warmup_epochs)
-    return 0.5 * (1.0 + math.cos(math.pi * min(epoch_in_phase - warmup_epochs, span) / span))
+    return cosine_from(epoch_in_phase, warmup_epochs, 1.0, warmup_epochs + max(1, phase_epochs - warmup_epochs))
+
+
+def cosine_from(epoch: int, start: int, factor: float, end: int, floor: float = 0.0) -> float:
+    """A half cosine: `factor` at epoch `start`, `floor` at epoch `end` and after."""
+    span = max(1, end - start)
+    return floor + (factor - floor) * 0.5 * (1.0 + math.cos(math.pi * min(epoch - start, span) / span))
+
+
+def schedule_kind(scheduler: Mapping[str, Any] | None, finetune: Mapping[str, Any] | None) -> str | None:
+    """Which LR schedule a model config trains with: the fine-tune phase's own, a torch scheduler's name, or None."""
+    if finetune_start_epoch(finetune) is not None:
+        return "finetune"
+    if not scheduler:
+        return None
+    return str(scheduler.get("_target_", "")).rsplit(".", 1)[-1] or None
+
+
+class LRPlan:
+    """The part of an LR schedule that follows trainer.max_epochs, recorded in every checkpoint.
+
+    `state` is what a checkpoint holds: the scheduler kind, the max_epochs the schedule currently
+    ends at, and any re-plans. A resumed run with the checkpoint's max_epochs (an interrupted run)
+    keeps the plan, so it trains with exactly the LRs of an uninterrupted run. A resumed run with
+    another max_epochs (an extended run) re-plans: a half cosine from the multiplier of the last
+    trained epoch down to `floor` at the new end, so the LR goes on from where it was and never
+    jumps back up or cycles (a restored CosineAnnealingLR would keep the old T_max and cycle).
+
+    `fresh(epoch, max_epochs)` is the multiplier as first planned, None for schedules that do not
+    depend on max_epochs (constant, StepLR, a fixed T_max); those are never re-planned. Up to epoch
+    `cosine_start` a fresh plan's multipliers do not depend on max_epochs, so a resume from there
+    simply plans afresh for the new end.
+    """
+
+    def __init__(
+        self,
+        kind: str | None,
+        max_epochs: int,
+        fresh: Any = None,
+        floor: float = 0.0,
+        cosine_start: float = 0,
+        total_steps: int | None = None,
+    ) -> None:
+        self.fresh, self.floor, self.cosine_start = fresh, floor, cosine_start
+        self.state: dict[str, Any] = {
+            "scheduler": kind,
+            "max_epochs": max_epochs,
+            "first_max_epochs": max_epochs,
+            "replans": [],
+            "total_steps": total_steps,
+        }
+
+    def factor(self, epoch: int) -> float:
+        for start, factor, end in reversed(self.state["replans"]):
+            if epoch >= start:
+                return cosine_from(epoch, start, factor, end, self.floor)
+        return self.fresh(epoch, self.state["first_max_epochs"])
+
+    def adopt(self, saved: Mapping[str, Any] | None, epoch: int, max_epochs: int) -> int | None:
+        """Continue the checkpoint's plan from `epoch`; re-plan it to end at `max_epochs` when that
+        changed. Returns the checkpoint's max_epochs when it re-planned, else None."""
+        if saved is None:  # a fresh run
+            return None
+        self.state = {**self.state, **dict(saved), "replans": [list(r) for r in saved.get("replans", [])]}
+        planned = int(self.state["max_epochs"])
+        if planned == max_epochs or epoch >= max_epochs:
+            return None
+        self.state["max_epochs"] = max_epochs
+        if self.fresh is None:
+            return planned
+        last_trained = max(epoch - 1, 0)
+        if not self.state["replans"] and last_trained <= self.cosine_start:
+            self.state["first_max_epochs"] = max_epochs
+        else:
+            self.state["replans"].append([last_trained, self.factor(last_trained), max_epochs])
+        return planned
+
+
+def legacy_lr_plan(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The plan of a checkpoint written before checkpoints recorded one, where its scheduler state tells.
+
+    Such a checkpoint's default cosine is a CosineAnnealingLR state; the LambdaLR that now runs that
+    schedule loads it once it has LambdaLR's one extra key.
+    """
+    states = checkpoint.get("lr_schedulers") or []
+    if len(states) != 1 or "T_max" not in states[0]:
+        return None
+    states[0].setdefault("lr_lambdas", [None] * len(states[0].get("base_lrs", [])))
+    t_max = int(states[0]["T_max"])
+    return {"scheduler": "CosineAnnealingLR", "max_epochs": t_max, "first_max_epochs": t_max, "replans": []}
 
 
 class TransferClassifier(L.LightningModule):
@@ -349,6 +462,8 @@ class TransferClassifier(L.LightningModule):
             # whole run; before finetune_start they get no gradient (embed) and an LR of 0 (optimizer).
             stage.requires_grad_(True)
         self._finetune_announced = False
+        self.lr_plan: LRPlan | None = None  # set by configure_optimizers
+        self._saved_lr_plan: dict[str, Any] | None = None  # the resumed checkpoint's
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         # validate_args=False: labels are checked once when the IDX files load; the per-step
@@ -428,9 +543,45 @@ class TransferClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["weights_id"] = self.weights_id
+        if self.lr_plan is not None:
+            checkpoint["lr_plan"] = self.lr_plan.state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.weights_id = checkpoint.get("weights_id", self.weights_id)
+        self._saved_lr_plan = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
+
+    def on_train_start(self) -> None:
+        """Take over a resumed checkpoint's LR plan (re-planned when trainer.max_epochs changed) and
+        set this epoch's LRs from it."""
+        plan, saved, self._saved_lr_plan = self.lr_plan, self._saved_lr_plan, None
+        if plan is None:
+            return
+        epoch, end = self.trainer.current_epoch, max(1, int(self.trainer.max_epochs or 1))
+        planned = plan.adopt(saved, epoch, end)
+        schedulers = self.trainer.lr_scheduler_configs
+        if plan.fresh is not None and schedulers:
+            scheduler = schedulers[0].scheduler
+            scheduler.last_epoch = epoch
+            for group, base, fn in zip(
+                scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * fn(epoch)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        if planned is not None and self.trainer.is_global_zero:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            how = (
+                f"the LR schedule is re-planned: from lr {lr:.3g} at epoch {epoch} down to the end of its cosine "
+                f"at epoch {end}"
+                if plan.fresh is not None
+                else f"the LR schedule ({plan.state['scheduler'] or 'constant'}) does not depend on it"
+            )
+            log.info(
+                "%s the run from trainer.max_epochs=%d (as the checkpoint planned) to %d: %s",
+                "Extending" if end > planned else "Shortening",
+                planned,
+                end,
+                how,
+            )
 
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
@@ -552,17 +703,27 @@ class TransferClassifier(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         opt_cfg = dict(self.hparams.optimizer)
         optimizer = instantiate(opt_cfg)(params)
+        max_epochs = max(1, int(self.trainer.max_epochs or 1))
+        kind = schedule_kind(self.hparams.scheduler, None)
+        self.lr_plan = LRPlan(kind, max_epochs)
         if not self.hparams.scheduler:
             return optimizer
         sched_cfg = dict(self.hparams.scheduler)
         interval = sched_cfg.pop("interval", "epoch")
-        target = sched_cfg["_target_"]
-        if target.endswith("OneCycleLR"):
+        if kind == "OneCycleLR":
             sched_cfg.setdefault("max_lr", opt_cfg["lr"])
             sched_cfg.setdefault("total_steps", int(self.trainer.estimated_stepping_batches))
+            self.lr_plan.state["total_steps"] = sched_cfg["total_steps"]
             interval = "step"
-        elif target.endswith("CosineAnnealingLR") and sched_cfg.get("T_max") is None:
-            sched_cfg["T_max"] = max(1, int(self.trainer.max_epochs or 1))
+        elif kind == "CosineAnnealingLR" and sched_cfg.get("T_max") is None and interval == "epoch":
+            # CosineAnnealingLR over trainer.max_epochs, as a function of the epoch that a resumed
+            # run can re-plan (see LRPlan); the same LRs as torch's closed form.
+            floor = float(sched_cfg.get("eta_min", 0.0)) / float(opt_cfg["lr"])
+            plan = self.lr_plan = LRPlan(
+                kind, max_epochs, lambda epoch, end: cosine_from(epoch, 0, 1.0, end, floor), floor
+            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: plan.factor(epoch))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
         scheduler = instantiate(sched_cfg)(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
@@ -587,18 +748,27 @@ class TransferClassifier(L.LightningModule):
         ]
         optimizer = instantiate(opt_cfg)(groups)
         head_factors = head_phase_factors(self.hparams.scheduler, start)
-        phase_epochs = max(1, int(self.trainer.max_epochs or start + 1) - start)
+        warmup, schedule = ft["warmup_epochs"], ft["schedule"]
 
-        def phase(epoch: int) -> float:
-            return finetune_phase_factor(epoch - start, phase_epochs, ft["warmup_epochs"], ft["schedule"])
+        def fresh(epoch: int, max_epochs: int) -> float:
+            return finetune_phase_factor(epoch - start, max(1, max_epochs - start), warmup, schedule)
 
-        # Plain functions: LambdaLR leaves them out of its state_dict, so checkpoints hold only numbers,
-        # and a resumed run rebuilds the same schedule from the config.
+        # The phase's multiplier follows trainer.max_epochs: a resumed run with another max_epochs
+        # re-plans it (LRPlan). Its cosine starts after the warm-up; a constant one never depends on it.
+        plan = self.lr_plan = LRPlan(
+            "finetune",
+            max(start + 1, int(self.trainer.max_epochs or start + 1)),
+            fresh,
+            cosine_start=start + warmup if schedule == "cosine" else math.inf,
+        )
+
+        # Plain functions: LambdaLR leaves them out of its state_dict, so checkpoints hold only numbers
+        # (the plan goes into the checkpoint as lr_plan), and a resumed run rebuilds the same schedule.
         def head_lambda(epoch: int) -> float:
-            return head_factors[epoch] if epoch < start else phase_head_lr / head_lr * phase(epoch)
+            return head_factors[epoch] if epoch < start else phase_head_lr / head_lr * plan.factor(epoch)
 
         def backbone_lambda(epoch: int) -> float:
-            return 0.0 if epoch < start else phase(epoch)
+            return 0.0 if epoch < start else plan.factor(epoch)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [head_lambda, backbone_lambda])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -11,8 +11,8 @@ import json
 import logging
 import math
 import os
-import pickle
 import random
+import re
 import sys
 import time
 import warnings
@@ -33,7 +33,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.features import feature_cache_for
-from fmnist_tl.model import TransferClassifier, check_backbone, check_finetune, finetune_start_epoch
+from fmnist_tl.model import (
+    TransferClassifier,
+    check_backbone,
+    check_finetune,
+    finetune_start_epoch,
+    legacy_lr_plan,
+    load_checkpoint_file,
+    schedule_kind,
+)
 from fmnist_tl.utils import (
     CONFIG_PATH,
     FmnistError,
@@ -51,6 +59,19 @@ log = logging.getLogger(__name__)
 # The frozen backbone is in eval mode on purpose (BatchNorm stats must not move).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# Mixed precision keeps fp32 weights, so the summary's 32-bit size estimate it warns about is right.
+warnings.filterwarnings("ignore", message=r"Precision \S+-mixed is not supported by the model summary")
+
+
+class _DropAdvertTips(logging.Filter):
+    """Lightning logs a tip to install litlogger/litmodels (a cloud service) on every run: not ours to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("💡 Tip") and ("litlogger" in message or "litmodels" in message))
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertTips())
 
 TOP_LEVEL_KEYS = {
     "data",
@@ -135,12 +156,79 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
-class OnExceptionCheckpoint(callbacks.OnExceptionCheckpoint):
-    """Lightning's, but a failure to save (say, the disk is full) never hides the original error."""
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's, with last.ckpt written after every epoch and a moved or copied run folder continued.
+
+    Since Lightning 2.6, save_last writes last.ckpt only in an epoch that also wrote a top-k
+    checkpoint, so once val/acc stops improving last.ckpt falls behind and a resume redoes the
+    epochs since. Here it is written at every save point, as before 2.6 (with 2.5 the extra call
+    finds the step saved already and does nothing).
+
+    A resumed run checkpoints into the folder of the checkpoint it resumes (see train()), whose
+    state names files by their path when it was saved. Lightning restores the top-k and last-file
+    state only if that path is unchanged; for a moved or copied folder it would keep the old best
+    file forever next to the new one. With `rebase_resumed_paths` the recorded paths are moved
+    into this dirpath first. (conf/callbacks/default.yaml also turns the -v1 version counter off:
+    a file of the same name is this run's, to overwrite.)
+    """
+
+    rebase_resumed_paths = False
+
+    def _save_last_if_missed(self, trainer: L.Trainer, at_train_epoch_end: bool) -> None:
+        if (
+            self.save_last
+            and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
+            and not self._should_skip_saving_checkpoint(trainer)  # also: saved at this step already
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_missed(trainer, at_train_epoch_end=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_missed(trainer, at_train_epoch_end=False)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if self.rebase_resumed_paths and old and self.dirpath and Path(old) != Path(self.dirpath):
+
+            def moved(path: Any) -> Any:
+                if not path or Path(old) not in Path(path).parents:
+                    return path
+                return str(Path(self.dirpath) / Path(path).relative_to(old))
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": moved(state_dict.get("best_model_path")),
+                "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
+                "last_model_path": moved(state_dict.get("last_model_path")),
+                "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+            }
+        super().load_state_dict(state_dict)
+
+
+class OnExceptionCheckpoint(callbacks.Checkpoint):
+    """Save `dirpath/filename.ckpt` on Ctrl-C, SIGTERM or a crash, like Lightning's callback of that name.
+
+    Not a subclass of Lightning's: with one of those, `fit(ckpt_path=None)` takes ckpt_path="last"
+    and silently resumes from any last or on-exception checkpoint already in the run dir (and warns
+    about it on every fresh run); here ckpt_path=null starts fresh, and resuming is train()'s
+    explicit ckpt_path. A failure to save (say, the disk is full) never hides the original error.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "on_exception") -> None:
+        self.dirpath, self.filename = dirpath, filename
+
+    @property
+    def ckpt_path(self) -> str:
+        return str(Path(self.dirpath) / f"{self.filename}.ckpt")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         try:
-            super().on_exception(trainer, pl_module, exception)
+            trainer.save_checkpoint(self.ckpt_path)
         except Exception as e:
             log.warning("could not save the exception checkpoint: %s", e)
 
@@ -168,15 +256,37 @@ class ReseedEachEpoch(L.Callback):
         torch.manual_seed(seed)
 
 
-def check_checkpoint_file(path: str) -> None:
+def check_checkpoint_file(path: str) -> dict[str, Any]:
     """Refuse a checkpoint Lightning could not load safely, before any training starts."""
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise FmnistError(f"ckpt_path={path} refused: it holds objects other than tensors and plain containers") from e
-    except Exception as e:
-        why = type(e).__name__
-        raise FmnistError(f"ckpt_path={path} is corrupt or truncated ({why}); pick another checkpoint") from e
+    ckpt = load_checkpoint_file(path, f"ckpt_path={path}", "pick another checkpoint", map_location="cpu", mmap=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise FmnistError(f"ckpt_path={path} is not an fmnist_tl checkpoint (no state_dict/hyper_parameters)")
+    return ckpt
+
+
+def check_resume_schedule(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) -> None:
+    """Refuse a resume whose LR schedule cannot go on from the checkpoint's, before anything is built.
+
+    A resumed run restores the checkpoint's scheduler state, so it must be the same kind of
+    schedule. An extended cosine or fine-tune schedule is re-planned (model.LRPlan); a one-cycle
+    schedule has a warm-up and an end fixed in steps, so it is only resumed as planned.
+    """
+    saved = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
+    if not saved:
+        return
+    kind = schedule_kind(cfg.model.get("scheduler"), cfg.model.get("finetune"))
+    if saved.get("scheduler") != kind:
+        raise FmnistError(
+            f"ckpt_path={path} was trained with LR schedule {saved.get('scheduler') or 'constant'}, this config has "
+            f"{kind or 'constant'}; resume with the checkpoint's model.scheduler and model.finetune settings"
+        )
+    planned, wanted = saved.get("max_epochs"), cfg.trainer.get("max_epochs")
+    if kind == "OneCycleLR" and wanted is not None and planned != wanted:
+        raise FmnistError(
+            f"ckpt_path={path} runs a one-cycle LR schedule planned for trainer.max_epochs={planned}, which cannot "
+            f"be re-planned to {wanted}; resume with trainer.max_epochs={planned}, or use model/scheduler=cosine "
+            "for runs you may extend"
+        )
 
 
 def resolve_precision(trainer_cfg: DictConfig) -> str:
@@ -187,9 +297,12 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`last` means the newest checkpoints/last.ckpt of an earlier run of this task.
+    """`last` means the last checkpoint (checkpoints/last*.ckpt) of an earlier run of this task that
+    trained furthest: the highest global step recorded in it, then the most recently written.
 
-    Exception checkpoints (on_exception.ckpt, written after a crash or NaN) are never picked.
+    Not file times or names alone: a copied run folder has new file times, and an older Lightning
+    run may have left a stale last.ckpt next to a newer last-v1.ckpt. Exception checkpoints
+    (on_exception.ckpt, written after a crash or NaN) are never picked.
     """
     if cfg.ckpt_path != "last":
         if cfg.ckpt_path is not None:
@@ -197,13 +310,20 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return cfg.ckpt_path
     root = Path(cfg.paths.log_dir) / cfg.task_name
     here = Path(cfg.paths.output_dir).resolve()
-    found = [p for p in root.glob("**/checkpoints/last.ckpt") if here not in p.resolve().parents]
+    found = [p for p in root.glob("**/checkpoints/last*.ckpt") if here not in p.resolve().parents]
     if not found:
         raise FmnistError(f"ckpt_path=last: no checkpoints/last.ckpt under {root}; pass ckpt_path=PATH instead")
-    newest = max(found, key=lambda p: p.stat().st_mtime)
-    check_checkpoint_file(str(newest))
-    log.info("Resuming from %s", newest)
-    return str(newest)
+    steps: dict[Path, int] = {}
+    for path in found:
+        try:
+            steps[path] = int(check_checkpoint_file(str(path)).get("global_step", -1))
+        except FmnistError as e:
+            log.warning("ckpt_path=last: skipping %s", e)
+    if not steps:
+        raise FmnistError(f"ckpt_path=last: no readable checkpoints/last.ckpt under {root}; pass ckpt_path=PATH")
+    chosen = max(steps, key=lambda p: (steps[p], p.stat().st_mtime))
+    log.info("Resuming from %s (global step %d)", chosen, steps[chosen])
+    return str(chosen)
 
 
 def finetune_trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
@@ -259,10 +379,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.time()
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path:
+        check_resume_schedule(cfg, ckpt_path, check_checkpoint_file(ckpt_path))
         remove_stale_temp_files(Path(ckpt_path).parent)
+    output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
     # Weights and data problems surface here, before a Trainer exists, so they leave no checkpoint.
@@ -283,12 +404,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     precision = resolve_precision(cfg.trainer)
     callback_list = _instantiate_group(cfg.get("callbacks"))
+    if cfg.trainer.get("fast_dev_run"):
+        # Lightning means fast_dev_run to save nothing, but ModelCheckpoint still writes last.ckpt
+        # when training ends (save_last); a smoke test leaves no checkpoint behind.
+        callback_list = [cb for cb in callback_list if not isinstance(cb, callbacks.Checkpoint)]
     if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         # Keep checkpointing where the resumed run did: Lightning restores the best score and
         # top-k bookkeeping only when the checkpoint directory is unchanged.
         for cb in callback_list:
-            if type(cb) is callbacks.ModelCheckpoint:
-                cb.dirpath = str(Path(ckpt_path).parent)
+            if isinstance(cb, ModelCheckpoint):
+                cb.dirpath, cb.rebase_resumed_paths = str(Path(ckpt_path).parent), True
         log.info("Checkpoints continue in %s", Path(ckpt_path).parent)
     # Frozen backbone, no augmentation: train the head on features extracted once (features.py).
     feature_cache = feature_cache_for(cfg, model, datamodule)
@@ -300,11 +425,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=_instantiate_group(cfg.get("logger")) or False,
         precision=precision,
         plugins=[AtomicCheckpointIO()],
+        # No ModelCheckpoint configured (callbacks=none) means no checkpoint, not Lightning's default one.
+        enable_checkpointing=any(isinstance(cb, callbacks.ModelCheckpoint) for cb in callback_list),
         **finetune_trainer_overrides(cfg),
     )
     log.info("Precision %s", precision)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with warnings.catch_warnings():
+            if ckpt_path:
+                # By design: a resumed run checkpoints into the resumed run's directory (see above).
+                warnings.filterwarnings(
+                    "ignore", message=f"Checkpoint directory {re.escape(str(Path(ckpt_path).parent))} exists and is not"
+                )
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except (SIGTERMException, KeyboardInterrupt, SystemExit) as e:
         # Lightning already ran OnExceptionCheckpoint; say where it is and how to go on.
         saved = output_dir / "checkpoints" / "on_exception.ckpt"
@@ -330,8 +463,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.callbacks.append(recorder)
         trainer.test(model, datamodule=datamodule, ckpt_path=best if use_best else None, weights_only=True)
         test = {k: _metric(trainer, k) for k in ("test/acc", "test/f1", "test/loss")}
-        if use_best and trainer.world_size == 1:
-            write_report(recorder, datamodule, model, best, output_dir, test, precision)
+        tested = best if use_best else "the final weights of this run (no checkpoint saved)"
+        if trainer.world_size == 1 and not trainer.fast_dev_run:
+            write_report(recorder, datamodule, model, tested, output_dir, test, precision)
         elif use_best and trainer.is_global_zero:
             log.info(
                 "no automatic report under %d processes; run: python -m fmnist_tl.evaluate ckpt_path=%s",
@@ -368,6 +502,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             output_dir / "metrics.json",
         )
     return metrics
+
+
+def _leaves(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _leaves(child, f"{prefix}.{key}").items()}
+    return {prefix: node}
+
+
+def note_experiment_overrides(cfg: DictConfig) -> None:
+    """Log one line when experiment=X replaces values of a group chosen on the same command line.
+
+    The experiment is applied after the groups (so it can set anything), and a group choice such as
+    model=resnet18 is not a value override, so the experiment's values win over it without a word.
+    """
+    hc = HydraConfig.get()
+    experiment = hc.runtime.choices.get("experiment")
+    overrides = list(hc.overrides.task)
+
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    chosen = [o for o in overrides if key(o) != "experiment" and key(o) in hc.runtime.choices]
+    if experiment in (None, "null") or not chosen:
+        return
+    without = hydra.compose(config_name=hc.job.config_name, overrides=[o for o in overrides if key(o) != "experiment"])
+    replaced = []
+    for choice in chosen:
+        path = key(choice).replace("/", ".")
+        mine = _leaves(OmegaConf.to_container(OmegaConf.select(without, path) or {}), path)
+        final = _leaves(OmegaConf.to_container(OmegaConf.select(cfg, path) or {}), path)
+        replaced += [(choice, k, mine.get(k), v) for k, v in final.items() if mine.get(k) != v]
+    if replaced:
+        log.warning(
+            "experiment=%s replaces values your %s set: %s; to keep one, pass it as a value (e.g. %s=%s)",
+            experiment,
+            " ".join(dict.fromkeys(c for c, *_ in replaced)),
+            ", ".join(f"{k} {mine} -> {final}" for _, k, mine, final in replaced),
+            replaced[0][1],
+            replaced[0][2],
+        )
 
 
 def _is_multirun() -> bool:
@@ -417,8 +591,10 @@ def _job_error(e: BaseException) -> str:
 def main(cfg: DictConfig) -> float:
     start = time.time()
     multirun = _is_multirun()
-    with exit_on_user_error():
+    with exit_on_user_error(hydra_run=True):
         try:
+            validate_config(cfg)  # a refused config says only that (train() checks again, cheaply)
+            note_experiment_overrides(cfg)
             metrics = train(cfg)
         except BaseException as e:
             if not multirun:

@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -145,15 +146,38 @@ def bf16_supported(accelerator: str) -> bool:
     return cpu_supports_bf16()
 
 
+def remove_untouched_run_dir() -> None:
+    """Remove the run dir Hydra made for a single run that wrote nothing into it.
+
+    Hydra creates the run dir, its .hydra/ and the (empty) log file before the task starts; a
+    config refused before anything is built would otherwise leave that shell behind.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.iterdir():
+        if p.name != ".hydra" and not (p.is_file() and p.stat().st_size == 0):
+            return
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def exit_on_user_error() -> Iterator[None]:
+def exit_on_user_error(hydra_run: bool = False) -> Iterator[None]:
     """For CLI entry points: a FmnistError becomes `error: <msg>` on stderr and exit code 2.
 
-    Ctrl-C exits 130. HYDRA_FULL_ERROR=1 keeps the full traceback instead.
+    Ctrl-C exits 130. HYDRA_FULL_ERROR=1 keeps the full traceback instead. With `hydra_run` (a
+    Hydra entry point), the run dir a refused config left empty is removed.
     """
     try:
         yield
     except (FmnistError, KeyboardInterrupt) as e:
+        if hydra_run and isinstance(e, FmnistError):
+            remove_untouched_run_dir()
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         message = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)

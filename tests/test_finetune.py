@@ -187,19 +187,13 @@ def test_init_from_starts_from_the_head_run_and_fine_tunes(tiny_cfg, recorder, h
 def test_resuming_an_init_from_run_needs_no_init_from_file(tiny_cfg, head_ckpt, tmp_path):
     head_copy = tmp_path / "head.ckpt"
     shutil.copy(head_ckpt, head_copy)
-    # Constant LR: a cosine schedule keeps the first run's length, so its LR would be 0 by epoch 1.
-    first = train(
-        tiny_cfg(
-            f"model.finetune.init_from={head_copy}", "trainer.max_epochs=1", "model.finetune.schedule=constant", *FAST
-        )
-    )
+    first = train(tiny_cfg(f"model.finetune.init_from={head_copy}", "trainer.max_epochs=1", *FAST))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)["state_dict"]
     head_copy.unlink()
     cfg = tiny_cfg(
         f"model.finetune.init_from={head_copy}",
         "trainer.max_epochs=2",
-        "model.finetune.schedule=constant",
         f"ckpt_path={last}",
         *FAST,
     )
@@ -301,3 +295,17 @@ def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path):
     assert [g["name"] for g in head_epoch["optimizer_states"][0]["param_groups"]] == ["head", "backbone"]
     assert len(head_epoch["optimizer_states"][0]["state"]) == 4
     assert len(finetune_epoch["optimizer_states"][0]["state"]) == 4 + 15
+
+
+def test_extending_a_fine_tune_run_continues_its_cosine(tiny_cfg, recorder, tmp_path):
+    # Phase epochs 1..3 of a 4-epoch run, then extended to 6: the phase's cosine goes on down from
+    # the LR of epoch 3, where rebuilding it for 6 epochs would jump back up.
+    train(tiny_cfg("model.finetune.start_epoch=1", "trainer.max_epochs=4", *FAST, output="a"))
+    first = [lrs["backbone"] for lrs in recorder.lrs]
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    train(tiny_cfg("model.finetune.start_epoch=1", "trainer.max_epochs=6", f"ckpt_path={last}", *FAST, output="b"))
+    lrs = first + [lrs["backbone"] for lrs in recorder.lrs]
+    assert len(lrs) == 6 and lrs[0] == 0.0
+    assert all(b < a for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] > 0
+    assert lrs[4:] == pytest.approx([first[3] * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in (1, 2)])
+    assert torch.load(last, weights_only=True)["lr_plan"]["replans"] == [[3, pytest.approx(0.25), 6]]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import gzip
 import json
+import logging
+import math
 import os
 import pickle
 import signal
@@ -13,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -207,26 +211,105 @@ def test_kill_9_during_checkpoint_and_cache_writes_never_leaves_a_bad_file(write
 # ---------------------------------------------------------------- 5. resume parity
 
 
-def test_resume_parity_two_epochs_vs_one_plus_resume(tiny_cfg, tmp_path):
-    # A constant LR: a cosine schedule's length follows the max_epochs of the run that created it.
-    common = [
-        "trainer.deterministic=true",
-        "callbacks.early_stopping=null",
-        "model.head.dropout=0.3",
-        "model.scheduler=null",
-    ]
-    straight = train(tiny_cfg(*common, "trainer.max_epochs=2", output="straight"))
-    train(tiny_cfg(*common, "trainer.max_epochs=1", output="part1"))
-    part1_last = tmp_path / "part1" / "checkpoints" / "last.ckpt"
-    resumed = train(tiny_cfg(*common, "trainer.max_epochs=2", f"ckpt_path={part1_last}", output="part2"))
+PARITY = ("trainer.deterministic=true", "callbacks.early_stopping=null", "model.head.dropout=0.3")
+
+
+def _assert_same_run(straight: dict, resumed: dict, a_ckpt: Path, b_ckpt: Path) -> None:
     for key in ("val/acc", "val/f1", "test/acc", "test/f1", "test/loss"):
         assert abs(straight[key] - resumed[key]) <= 1e-6, key
-    # The resumed run keeps checkpointing into part1's checkpoints/ (best/top-k state carries over).
-    assert resumed["best_model_path"].startswith(str(tmp_path / "part1" / "checkpoints"))
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(part1_last, weights_only=True)["state_dict"]
+    a = torch.load(a_ckpt, weights_only=True)["state_dict"]
+    b = torch.load(b_ckpt, weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_resume_parity_two_epochs_vs_one_plus_resume(tiny_cfg, tmp_path):
+    # The default cosine: extending a finished 1-epoch run to 2 re-plans its cosine from the LR of
+    # epoch 0, which is the 2-epoch run's schedule (a restored T_max=1 would put epoch 1 at LR 0).
+    straight = train(tiny_cfg(*PARITY, "trainer.max_epochs=2", output="straight"))
+    train(tiny_cfg(*PARITY, "trainer.max_epochs=1", output="part1"))
+    part1_last = tmp_path / "part1" / "checkpoints" / "last.ckpt"
+    resumed = train(tiny_cfg(*PARITY, "trainer.max_epochs=2", f"ckpt_path={part1_last}", output="part2"))
+    # The resumed run keeps checkpointing into part1's checkpoints/ (best/top-k state carries over).
+    assert resumed["best_model_path"].startswith(str(tmp_path / "part1" / "checkpoints"))
+    _assert_same_run(straight, resumed, tmp_path / "straight" / "checkpoints" / "last.ckpt", part1_last)
+
+
+class _StopAfterFirstEpoch(L.Callback):
+    """An interruption at an epoch boundary: the run planned for max_epochs stops after epoch 0."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+@pytest.mark.parametrize("schedule", ["model/scheduler=cosine", "model/scheduler=onecycle"])
+def test_interrupted_run_resumed_equals_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch, schedule):
+    straight = train(tiny_cfg(*PARITY, schedule, "trainer.max_epochs=3", output="straight"))
+    orig_fit = L.Trainer.fit
+
+    def interrupted_fit(self, *args, **kwargs):
+        self.callbacks.append(_StopAfterFirstEpoch())
+        return orig_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", interrupted_fit)
+    assert train(tiny_cfg(*PARITY, schedule, "trainer.max_epochs=3", output="part1"))["epochs"] == 1
+    monkeypatch.undo()
+    part1_last = tmp_path / "part1" / "checkpoints" / "last.ckpt"
+    assert torch.load(part1_last, weights_only=True)["lr_plan"]["max_epochs"] == 3
+    resumed = train(tiny_cfg(*PARITY, schedule, "trainer.max_epochs=3", f"ckpt_path={part1_last}", output="part2"))
+    assert resumed["epochs"] == 3
+    _assert_same_run(straight, resumed, tmp_path / "straight" / "checkpoints" / "last.ckpt", part1_last)
+
+
+def _epoch_lrs(run: Path) -> list[float]:
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        return [float(r["lr-AdamW"]) for r in csv.DictReader(f) if r.get("lr-AdamW")]  # once per epoch, in order
+
+
+def test_extending_a_finished_run_continues_the_cosine_without_cycling(tiny_cfg, tmp_path, caplog):
+    fast = ("+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false")
+    train(tiny_cfg(*fast, "trainer.max_epochs=2", output="a"))
+    first = _epoch_lrs(tmp_path / "a")
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with caplog.at_level(logging.INFO, logger="fmnist_tl.model"):
+        train(tiny_cfg(*fast, "trainer.max_epochs=5", f"ckpt_path={last}", output="b"))
+    extended = _epoch_lrs(tmp_path / "b")
+    assert first == pytest.approx([1e-3, 0.5e-3])
+    assert len(extended) == 3  # epochs 2, 3, 4
+    # From the LR of the last trained epoch down a cosine that ends at epoch 5: never back up, never 0.
+    lrs = first + extended
+    assert all(b < a for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[-1] > 0
+    assert extended == pytest.approx([0.5e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3)])
+    said = [r.getMessage() for r in caplog.records if r.name == "fmnist_tl.model"]
+    assert len(said) == 1 and said[0].startswith("Extending the run from trainer.max_epochs=2")
+    assert "re-planned" in said[0]
+    assert torch.load(last, weights_only=True)["lr_plan"]["max_epochs"] == 5
+
+
+def test_one_cycle_is_not_extended_and_the_schedule_kind_must_match(tiny_cfg, tmp_path):
+    fast = ("+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false")
+    train(tiny_cfg(*fast, "model/scheduler=onecycle", output="a"))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(FmnistError, match=r"one-cycle .* trainer.max_epochs=1, which cannot be re-planned to 2"):
+        train(tiny_cfg(*fast, "model/scheduler=onecycle", "trainer.max_epochs=2", f"ckpt_path={last}", output="b"))
+    with pytest.raises(FmnistError, match="trained with LR schedule OneCycleLR, this config has CosineAnnealingLR"):
+        train(tiny_cfg(*fast, "trainer.max_epochs=2", f"ckpt_path={last}", output="c"))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_checkpoint_without_a_recorded_plan_still_resumes_and_extends(tiny_cfg, tmp_path):
+    """A checkpoint from before lr_plan existed: its cosine is a CosineAnnealingLR state."""
+    fast = ("+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false")
+    train(tiny_cfg(*fast, "trainer.max_epochs=2", output="a"))
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    del ckpt["lr_plan"]
+    ckpt["lr_schedulers"] = [
+        {"T_max": 2, "eta_min": 0.0, "base_lrs": [1e-3], "last_epoch": 2, "_step_count": 3, "_last_lr": [0.0]}
+    ]
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    train(tiny_cfg(*fast, "trainer.max_epochs=4", f"ckpt_path={old}", output="b"))
+    assert _epoch_lrs(tmp_path / "b") == pytest.approx([0.5e-3 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in (1, 2)])
 
 
 def test_last_never_picks_exception_checkpoint(tiny_cfg, tmp_path):

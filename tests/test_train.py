@@ -25,10 +25,12 @@ class RecordBackboneMode(L.Callback):
         assert pl_module.head.training
 
 
-def test_fast_dev_run(tiny_cfg):
+def test_fast_dev_run(tiny_cfg, tmp_path):
     metrics = train(tiny_cfg("debug=fdr"))
     assert metrics["status"] == "completed"
     assert metrics["global_step"] == 1
+    # conf/debug/fdr.yaml: no checkpoints (Lightning's save_last would still write last.ckpt).
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_fit_and_test_writes_metrics_and_checkpoints_and_keeps_backbone_frozen(tiny_cfg, tmp_path, monkeypatch):
