@@ -17,7 +17,7 @@ from fmnist_tl.model import TransferClassifier
 from fmnist_tl.predict import main as predict_main
 from fmnist_tl.train import resolve_ckpt_path, train
 from fmnist_tl.utils import FmnistError
-from tests.conftest import make_cfg, run_cli, tiny_data_overrides, tiny_overrides
+from tests.helpers import make_cfg, run_cli, tiny_data_overrides, tiny_overrides
 
 # Warnings a default run used to print that were false or not the user's to act on.
 NOISE = (
