@@ -52,7 +52,7 @@ from rich.progress import (
 from rich.text import Text
 from torch import nn
 
-from fmnist_tl.probe import Plan, Planner, probe_lock
+from fmnist_tl.probe import Plan, Planner, check_backend, probe_lock
 from fmnist_tl.utils import FmnistError, atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class ExtractionSettings:
             value = getattr(settings, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise FmnistError(f"features.{key}={value} must be an integer >= {low}")
+        check_backend(settings.backend, settings.precision)
         for key in ("gate_mean_cosine", "gate_worst_cosine"):
             value = getattr(settings, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
@@ -620,10 +621,11 @@ class FeatureCache(L.Callback):
             return self.plan
         s, pre = self.settings, dm.preprocess
         backend, precision = s.backend, s.precision
-        work = sum(len(dm.split_tensors(split)[1]) for split in splits) * (pre.image_size / 224) ** 2
+        n_images = sum(len(dm.split_tensors(split)[1]) for split in splits)
+        work = n_images * (pre.image_size / 224) ** 2
         if work < s.probe_min_images and "auto" in (backend, precision):
-            backend = "torch" if backend == "auto" else backend
             precision = "32" if precision == "auto" else precision
+            backend = "torch" if backend == "auto" and precision != "int8" else backend
             log.info(
                 "Extraction probe skipped: %d images' worth of work at 224 px is below features.probe_min_images=%d",
                 work,
@@ -646,7 +648,7 @@ class FeatureCache(L.Callback):
             trainer.strategy.barrier("fmnist_tl.features.probe")
         try:
             with lock:
-                self.plan = self._planner.choose(backend, precision)
+                self.plan = self._planner.choose(backend, precision, job_images=n_images)
         finally:
             if trainer.world_size > 1 and trainer.is_global_zero:
                 lock.release()

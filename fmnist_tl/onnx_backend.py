@@ -56,8 +56,13 @@ def onnxruntime_version() -> str | None:
     return onnxruntime.__version__
 
 
+def missing_modules() -> list[str]:
+    """What ONNX Runtime extraction needs (export: onnx, onnxscript) and is not installed."""
+    return [m for m in ("onnxruntime", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+
+
 def require_onnxruntime(why: str) -> None:
-    missing = [m for m in ("onnxruntime", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    missing = missing_modules()
     if missing:
         raise FmnistError(f"{why} needs {', '.join(missing)}: pip install onnx onnxscript onnxruntime")
 

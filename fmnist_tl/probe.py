@@ -66,29 +66,36 @@ class Candidate:
         return self.precision != "32"
 
 
-def candidates(backend: str, precision: str, device: torch.device) -> list[Candidate]:
-    """The candidates a (backend, precision) setting allows here; impossible settings are one-line errors."""
-    ort = onnx_backend.onnxruntime_version() is not None
-    on_cuda = device.type == "cuda"
+def check_backend(backend: str, precision: str, device: torch.device | None = None) -> None:
+    """One-line errors for (backend, precision) settings that cannot run (here, when `device` is given)."""
+    on_cuda = device is not None and device.type == "cuda"
     if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
         raise FmnistError(
             f"features.precision=bf16: the GPU ({torch.cuda.get_device_name(device)}) has no bf16; use 16, 32 or auto"
         )
-    if backend == "onnxruntime" or precision == "int8":
-        what = "features.backend=onnxruntime" if backend == "onnxruntime" else "features.precision=int8"
-        if backend == "torch":
-            raise FmnistError("features.precision=int8 runs on onnxruntime: set features.backend=onnxruntime or auto")
-        if precision in ("bf16", "16"):
-            raise FmnistError(
-                f"features.precision={precision} with features.backend=onnxruntime: ONNX Runtime's CPU kernels "
-                "are fp32 and int8; use precision 32, int8 or auto, or features.backend=torch"
-            )
-        if on_cuda:
-            raise FmnistError(
-                f"{what}: int8/ONNX Runtime extraction runs on the CPU, but the trainer is on {device}; "
-                "use features.backend=torch (or auto) on a GPU"
-            )
-        onnx_backend.require_onnxruntime(what)
+    if backend != "onnxruntime" and precision != "int8":
+        return
+    if backend == "torch":
+        raise FmnistError("features.precision=int8 runs on onnxruntime: set features.backend=onnxruntime or auto")
+    if precision in ("bf16", "16"):
+        raise FmnistError(
+            f"features.precision={precision} with features.backend=onnxruntime: ONNX Runtime's CPU kernels "
+            "are fp32 and int8; use precision 32, int8 or auto, or features.backend=torch"
+        )
+    what = "features.backend=onnxruntime" if backend == "onnxruntime" else "features.precision=int8"
+    onnx_backend.require_onnxruntime(what)
+    if on_cuda:
+        raise FmnistError(
+            f"{what}: ONNX Runtime extraction (fp32/int8) runs on the CPU, but the trainer is on {device}; "
+            "use features.backend=torch or auto on a GPU"
+        )
+
+
+def candidates(backend: str, precision: str, device: torch.device) -> list[Candidate]:
+    """The candidates a (backend, precision) setting allows here; impossible settings are one-line errors."""
+    check_backend(backend, precision, device)
+    ort = not onnx_backend.missing_modules()
+    on_cuda = device.type == "cuda"
     out: list[Candidate] = []
     if backend in ("auto", "torch"):
         for p in TORCH_PRECISIONS:
@@ -378,8 +385,11 @@ class Planner:
         result = time_runner(self.runner(c), self.gate_images, self.batch_size, self.settings.probe_batches, 3.0)
         return {**result, "load_average": round(os.getloadavg()[0], 2), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
-    def timings(self, cands: list[Candidate]) -> tuple[dict[str, dict[str, Any]], Path]:
-        """Probe timings of `cands`: from the probe file, measuring (and adding) the missing ones."""
+    def timings(self, cands: list[Candidate], compile_ok: bool = False) -> tuple[dict[str, dict[str, Any]], Path]:
+        """Probe timings of `cands`: from the probe file, measuring (and adding) the missing ones.
+
+        `compile_ok`: the job would compile a torch extractor, so a compiled torch candidate may be timed too.
+        """
         fields = probe_fields(self.device, self.backbone_name, self.preprocess.image_size, self.batch_size)
         path = self.root / f"probe-{record_key(fields)}.json"
         record = read_record(path, fields) or {"fields": fields, "candidates": {}}
@@ -389,7 +399,7 @@ class Planner:
             known[c.id] = self.measure(c)
             log.info("Probe %s: %.1f img/s", c.id, known[c.id]["img_per_s"])
         # A compiled torch candidate, if eager torch is close enough that compiling could win.
-        compiled = self.compiled_candidate(cands, known)
+        compiled = self.compiled_candidate(cands, known) if compile_ok else None
         if compiled is not None and compiled.id not in known:
             known[compiled.id] = self.measure(compiled)
             missing.append(compiled)
@@ -400,14 +410,17 @@ class Planner:
         return {k: v for k, v in known.items() if k in wanted}, path
 
     def compiled_candidate(self, cands: list[Candidate], known: dict[str, dict[str, Any]]) -> Candidate | None:
+        """The best eager torch candidate compiled, worth timing only if it could overtake a faster other
+        backend (if eager torch already wins, it is compiled anyway as features.compile says)."""
         if self.settings.compile is False or self.timer is not None:
             return None
-        torch_cands = [c for c in cands if c.backend == "torch"]
-        if not torch_cands:
+        torch_cands = [c for c in cands if c.backend == "torch" and not c.compiled]
+        others = [known[c.id]["img_per_s"] for c in cands if c.backend != "torch"]
+        if not torch_cands or not others:
             return None
         best_torch = max(torch_cands, key=lambda c: known[c.id]["img_per_s"])
-        best = max(known[c.id]["img_per_s"] for c in cands)
-        if known[best_torch.id]["img_per_s"] * COMPILE_BOUND < best:
+        eager = known[best_torch.id]["img_per_s"]
+        if eager >= max(others) or eager * COMPILE_BOUND < max(others):
             return None
         return Candidate("torch", best_torch.precision, compiled=True)
 
@@ -445,16 +458,23 @@ class Planner:
         }
 
     # --- choice -----------------------------------------------------------------------------
-    def choose(self, backend: str, precision: str) -> Plan:
+    def choose(self, backend: str, precision: str, job_images: int | None = None) -> Plan:
+        """The extraction path for (backend, precision); `job_images` (the job's size) decides whether a
+        compiled torch candidate is in the running (as FeatureExtractor.should_compile would)."""
         cands = candidates(backend, precision, self.device)
         if not cands:
             raise FmnistError(f"features.backend={backend} features.precision={precision}: nothing can run it here")
         if len(cands) == 1:
             return self._explicit(cands[0])
-        timings, probe_path = self.timings(cands)
+        compile_ok = self.settings.compile is True or (
+            self.settings.compile == "auto"
+            and job_images is not None
+            and job_images * (self.preprocess.image_size / 224) ** 2 >= self.settings.compile_min_images
+        )
+        timings, probe_path = self.timings(cands, compile_ok)
         order = sorted(timings, key=lambda k: timings[k]["img_per_s"], reverse=True)
         by_id = {c.id: c for c in cands}
-        compiled = self.compiled_candidate(cands, timings)
+        compiled = self.compiled_candidate(cands, timings) if compile_ok else None
         if compiled is not None:
             by_id[compiled.id] = compiled
         gates: dict[str, dict[str, Any]] = {}
