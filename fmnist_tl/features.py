@@ -647,8 +647,11 @@ class FeatureCache(L.Callback):
         if trainer.world_size > 1:
             trainer.strategy.barrier("fmnist_tl.features.probe")
         try:
+            started = time.perf_counter()
             with lock:
                 self.plan = self._planner.choose(backend, precision, job_images=n_images)
+            # The choice's own cost (probe, export, calibration, quantisation, gate): nothing when cached.
+            self.plan.seconds = round(time.perf_counter() - started, 2)
         finally:
             if trainer.world_size > 1 and trainer.is_global_zero:
                 lock.release()

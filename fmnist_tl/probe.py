@@ -227,6 +227,7 @@ class Plan:
     gates: dict[str, dict[str, Any]] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None  # int8: the model's identity (cache key) and settings
     probe_file: str | None = None
+    seconds: float | None = None  # what choosing cost (set by the caller that timed it)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -239,6 +240,7 @@ class Plan:
             "probe_file": self.probe_file,
             "gate": self.gates,
             "quantization": self.quantization,
+            "seconds": self.seconds,
         }
 
 
