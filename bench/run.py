@@ -102,10 +102,15 @@ def machine_info(device: torch.device, weights_note: str) -> dict[str, Any]:
 # 0. GEMM ceilings
 
 
-def _rate(step: Any, ops: float, min_seconds: float = 1.5, min_reps: int = 3) -> float:
-    step()  # warm-up (allocations, kernel selection)
+def _rate(step: Any, ops: float, warmup: Any = None, min_seconds: float = 1.0) -> float:
+    """G(FL)OP/s of `step`: timed repetitions until `min_seconds` have passed (at least one).
+
+    Warm-up on a small problem of the same kind when given: an emulated precision (bf16 or fp16 on
+    a CPU without them) can take tens of seconds per full-size GEMM.
+    """
+    (warmup or step)()
     reps, t0 = 0, time.perf_counter()
-    while reps < min_reps or time.perf_counter() - t0 < min_seconds:
+    while reps < 1 or time.perf_counter() - t0 < min_seconds:
         step()
         reps += 1
     return round(ops * reps / (time.perf_counter() - t0) / 1e9, 1)
@@ -148,8 +153,11 @@ def gemm_ceilings(device: torch.device, n: int = GEMM_N) -> dict[str, Any]:
     for name, dtype in (("32", torch.float32), ("bf16", torch.bfloat16), ("16", torch.float16)):
         a = torch.randn(n, n, generator=g).to(device, dtype)
         b = torch.randn(n, n, generator=g).to(device, dtype)
+        small = a[:256, :256].contiguous()
         try:
-            rates[f"torch:{name}"] = _rate(lambda a=a, b=b: (torch.mm(a, b), sync(device)), 2 * n**3)
+            rates[f"torch:{name}"] = _rate(
+                lambda a=a, b=b: (torch.mm(a, b), sync(device)), 2 * n**3, lambda s=small: torch.mm(s, s)
+            )
         except RuntimeError as e:
             rates[f"torch:{name}"] = None
             log(f"    torch {name} matmul failed: {e}")

@@ -532,12 +532,23 @@ class Planner:
         )
         gate = plan.gates.get(plan.candidate.id)
         fidelity = f"; cosine to fp32 mean {gate['mean_cosine']:.4f}, worst {gate['worst_cosine']:.4f}" if gate else ""
+        # Timings taken while other work held the cores are kept like any other: say so, with the fix.
+        loads = [
+            v.get("load_average") for v in plan.timings.values() if isinstance(v.get("load_average"), (int, float))
+        ]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        busy = (
+            f"; probed under load {max(loads):.1f} on {cores} cores: delete {plan.probe_file} to re-probe when quiet"
+            if loads and max(loads) > cores and self.device.type == "cpu"
+            else ""
+        )
         log.info(
-            "Extraction: %s (%s%s)%s",
+            "Extraction: %s (%s%s)%s%s",
             plan.candidate.id,
             plan.reason,
             fidelity,
             f"; probe img/s: {rates}" if rates else "",
+            busy,
         )
 
     def close(self) -> None:
