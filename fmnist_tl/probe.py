@@ -539,7 +539,7 @@ class Planner:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         busy = (
             f"; probed under load {max(loads):.1f} on {cores} cores: delete {plan.probe_file} to re-probe when quiet"
-            if loads and max(loads) > cores and self.device.type == "cpu"
+            if loads and max(loads) > 1.5 * cores and self.device.type == "cpu"
             else ""
         )
         log.info(
