@@ -75,9 +75,10 @@ def export_onnx(
     opset: int = OPSET,
     input_name: str = "images",
     output_name: str = "logits",
+    what: str = "ONNX export",
 ) -> None:
     """torch.export-based ONNX export with a dynamic batch dimension, one self-contained file."""
-    require_onnxruntime("ONNX export")
+    require_onnxruntime(what)
     for name in ("onnx_ir", "onnxscript"):  # their per-pass INFO lines would flood the run log
         logging.getLogger(name).setLevel(logging.WARNING)
     program = torch.onnx.export(
