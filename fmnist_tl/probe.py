@@ -504,6 +504,7 @@ class Planner:
                 else f"fastest that passes the fidelity gate ({', '.join(rejected)} failed)"
             )
             plan = Plan(c, self.extractor(c), why, timings, gates, self.quantization(c), str(probe_path))
+            self._keep_only(c)
             self._log_choice(plan)
             return plan
         raise AssertionError("the fp32 candidate always passes")  # pragma: no cover
@@ -525,6 +526,11 @@ class Planner:
         plan = Plan(c, self.extractor(c), "set explicitly", {}, gates, self.quantization(c))
         self._log_choice(plan)
         return plan
+
+    def _keep_only(self, c: Candidate) -> None:
+        """Drop the losing candidates' extractors: their ONNX Runtime sessions hold the model and an arena."""
+        self._extractors = {c.id: self._extractors[c.id]}
+        self._reference = None
 
     def _log_choice(self, plan: Plan) -> None:
         rates = ", ".join(
