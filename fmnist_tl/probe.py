@@ -276,6 +276,12 @@ class Planner:
         self.cal_images, self.gate_images, self.samples = split_samples(
             train_images, settings.calibration_images, settings.gate_images, settings.calibration_seed
         )
+        # Timing images: a warm-up batch plus the timed ones, full batches (512 on CUDA), seeded.
+        need = self.batch_size * (settings.probe_batches + 1)
+        order = torch.randperm(
+            len(train_images), generator=torch.Generator().manual_seed(settings.calibration_seed + 1)
+        )
+        self.probe_images = train_images[order.repeat(-(-need // len(order)))[:need]]
         self.timer = timer
         self.quantiser = quantiser
         self.onnx_store = onnx_backend.ArtefactStore(self.root / "models")
@@ -382,9 +388,8 @@ class Planner:
     def measure(self, c: Candidate) -> dict[str, Any]:
         if self.timer is not None:
             return {"img_per_s": float(self.timer(c)), "injected": True}
-        # The warm-up batch is untimed (it compiles the compiled candidate); the gate images serve
-        # as probe images: training images, like the job's.
-        result = time_runner(self.runner(c), self.gate_images, self.batch_size, self.settings.probe_batches, 3.0)
+        # The warm-up batch is untimed (it compiles the compiled candidate); training images, like the job's.
+        result = time_runner(self.runner(c), self.probe_images, self.batch_size, self.settings.probe_batches, 3.0)
         return {**result, "load_average": round(os.getloadavg()[0], 2), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def timings(self, cands: list[Candidate], compile_ok: bool = False) -> tuple[dict[str, dict[str, Any]], Path]:
