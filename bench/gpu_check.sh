@@ -2,8 +2,8 @@
 # The GPU check of issue 10 (README "On a GPU"), one prepared run on a lent CUDA machine:
 #   bash bench/gpu_check.sh            # from the repo root; results under $OUT (default /tmp/gpu_check_out)
 # The device image has torch, lightning and onnxruntime but not hydra-core/omegaconf/antlr4; carry:
-#   .whl/      hydra_core-1.3.2, omegaconf-2.3.0 and antlr4_python3_runtime-4.9.3 wheels
-#              (make them here: python -m pip wheel --no-deps -w .whl hydra-core==1.3.2 omegaconf==2.3.0
+#   .whl/      hydra_core-1.3.8, omegaconf-2.3.1 and antlr4_python3_runtime-4.9.3 wheels
+#              (make them here: python -m pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1
 #               antlr4-python3-runtime==4.9.3)
 #   .gpudata/  the four Fashion-MNIST *-ubyte.gz files (cp /usr/share/datasets/fashion-mnist/*.gz .gpudata/)
 # About 5 minutes on an H200: cold run (70k extracted, 10 head epochs, test), warm run, head epoch timing.
