@@ -4,10 +4,12 @@ With a frozen backbone and no train-time augmentation, the backbone's output for
 changes, so running it in every epoch is wasted work: on a 2-core CPU a float32 ResNet50 at
 224 px manages ~15 img/s, i.e. over an hour per epoch. Instead:
 
-1. `FeatureExtractor` runs the backbone once over a split, as fast as the hardware allows:
-   inference mode, the batched resize on the device (`ImagePreprocess`), bf16 autocast where
-   the hardware does bf16, channels_last, and `torch.compile` with inductor freezing when the
-   job is big enough to repay the compile (eager fallback with one log line if compile fails).
+1. `FeatureExtractor` runs the backbone once over a split, as fast as torch allows: inference
+   mode, the batched resize on the device (`ImagePreprocess`), fp32/bf16/fp16 autocast,
+   channels_last, and `torch.compile` with inductor freezing when the job is big enough to repay
+   the compile (eager fallback with one log line if compile fails). Which extractor runs -- this
+   one or ONNX Runtime's (fp32, int8) -- and in which precision is measured on the machine by
+   `fmnist_tl.probe` (fastest that passes the fidelity gate).
 2. `FeatureStore` keeps the result under `paths.cache_dir` as safetensors + a JSON manifest
    (no pickle), named by a fingerprint of everything that changes the features. Writes are
    atomic, a corrupt or truncated file is detected by its checksum and rebuilt, and a file lock
