@@ -95,8 +95,8 @@ class ExtractionSettings:
     gate_images: int = 128
     calibration_seed: int = 0
     # The fidelity gate: cosine similarity to fp32 features, mean and worst over the sample.
-    gate_mean_cosine: float = 0.99
-    gate_worst_cosine: float = 0.95
+    gate_mean_cosine: float = 0.999
+    gate_worst_cosine: float = 0.98
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict | None) -> ExtractionSettings:

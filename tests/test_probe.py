@@ -144,12 +144,12 @@ def test_a_candidate_failing_the_gate_is_never_used(tmp_path, net, train_images,
     # Both int8 variants fail; the next fastest (ONNX Runtime fp32) is used.
     assert plan.candidate.id == "onnxruntime:32"
     for variant in ("onnxruntime:int8", "onnxruntime:int8-r7"):
-        assert not plan.gates[variant]["passed"] and plan.gates[variant]["worst_cosine"] < 0.95
+        assert not plan.gates[variant]["passed"] and plan.gates[variant]["worst_cosine"] < 0.98
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("fails the fidelity gate" in w and "falling back" in w for w in warnings)
     assert "fastest that passes the fidelity gate (onnxruntime:int8, onnxruntime:int8-r7 failed)" in caplog.text
     assert ran == []  # the int8 models never ran: the gate used the injected quantiser, extraction the fp32 model
-    assert plan.summary()["gate"]["onnxruntime:int8"]["thresholds"] == {"mean": 0.99, "worst": 0.95}
+    assert plan.summary()["gate"]["onnxruntime:int8"]["thresholds"] == {"mean": 0.999, "worst": 0.98}
     # A later run reads the failed verdict from the gate record and still never picks int8.
     again, calls = choose(tmp_path, net, train_images, RATES, quantiser=faithful([]))
     assert again.candidate.id == "onnxruntime:32" and calls == []
