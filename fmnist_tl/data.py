@@ -119,6 +119,37 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
 
+class DeviceBatches:
+    """(features, labels) batches served from tensors already on the GPU, instead of a DataLoader.
+
+    For cached features on CUDA: the whole split lives on the device (55k x 2048 bf16 is 225 MB), and
+    each batch is an index into it, from a permutation drawn on the device and fixed by (seed, epoch)
+    like `EpochShuffleSampler`'s: no per-step host work, copy or sync.
+    """
+
+    def __init__(
+        self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int, epoch=None
+    ) -> None:
+        self.features, self.labels = features, labels
+        self.batch_size, self.shuffle, self.seed = int(batch_size), shuffle, int(seed)
+        self.epoch = epoch or (lambda: 0)  # a callable: the datamodule's trainer knows the current epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        n, bs = len(self.labels), self.batch_size
+        if not self.shuffle:
+            for start in range(0, n, bs):
+                yield self.features[start : start + bs], self.labels[start : start + bs]
+            return
+        g = torch.Generator(device=self.features.device).manual_seed(self.seed * 100_003 + int(self.epoch()))
+        order = torch.randperm(n, device=self.features.device, generator=g)
+        for start in range(0, n, bs):
+            idx = order[start : start + bs]
+            yield self.features[idx], self.labels[idx]
+
+
 class ImagePreprocess(nn.Module):
     """uint8 (B, 1, 28, 28) -> normalised float (B, 3, S, S), batched on whatever device holds it.
 
@@ -212,6 +243,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
         self.data_test: Dataset | None = None
+        # id(dataset) -> (dataset, features, labels) on the GPU, for DeviceBatches (cached features on CUDA).
+        self._device_tensors: dict[int, tuple] = {}
 
     @property
     def raw_dir(self) -> Path:
@@ -336,9 +369,13 @@ class FashionMNISTDataModule(L.LightningDataModule):
         }
 
     # -------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader | DeviceBatches:
         sampler = None
         distributed = self.trainer is not None and self.trainer.world_size > 1
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        cached = isinstance(dataset, TensorDataset) and dataset.tensors[0].is_floating_point()
+        if cached and device is not None and device.type == "cuda" and not distributed:
+            return self.device_batches(dataset, shuffle, batch_size, device)
         if shuffle and not distributed:
             sampler = EpochShuffleSampler(len(dataset), self.seed)
         return DataLoader(
@@ -356,6 +393,17 @@ class FashionMNISTDataModule(L.LightningDataModule):
             return bool(self.pin_memory)
         # auto: page-locked batches let the host-to-device copy overlap compute; only a CUDA run gains.
         return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
+    def device_batches(
+        self, dataset: TensorDataset, shuffle: bool, batch_size: int, device: torch.device
+    ) -> DeviceBatches:
+        """Cached features served from the device (moved there once per split and device)."""
+        held = self._device_tensors
+        entry = held.get(id(dataset))
+        if entry is None or entry[0] is not dataset or entry[1].device != device:
+            entry = held[id(dataset)] = (dataset, *(t.to(device, non_blocking=True) for t in dataset.tensors))
+        epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
+        return DeviceBatches(entry[1], entry[2], batch_size, shuffle, self.seed, epoch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.data_train, True, self.batch_size)

@@ -36,7 +36,7 @@ from torchmetrics.classification import (
 )
 
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.train import build, resolve_precision
+from fmnist_tl.train import build, cpu_precision_probe, resolve_precision
 from fmnist_tl.utils import (
     CONFIG_PATH,
     FmnistError,
@@ -347,7 +347,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     hp = model.hparams
     # The checkpoint's own preprocessing (image size, mean/std), whatever data.image_size says.
     datamodule = build(cfg.data, image_size=hp.image_size, mean=hp.mean, std=hp.std, channels_last=hp.channels_last)
-    precision = resolve_precision(cfg.trainer)
+    # The backbone runs in this trainer (from images): auto precision is measured on a CPU.
+    precision = resolve_precision(cfg.trainer, cpu_precision_probe(cfg, model, datamodule.preprocess))
     collector = RecordTestOutputs()
     # One device: a DistributedSampler would pad the test set and the numbers would drift.
     trainer: L.Trainer = build(

@@ -28,6 +28,7 @@ from torch import nn
 
 from fmnist_tl.data import CLASS_NAMES, ImagePreprocess
 from fmnist_tl.model import TransferClassifier
+from fmnist_tl.onnx_backend import export_onnx
 from fmnist_tl.train import build
 from fmnist_tl.utils import (
     CONFIG_PATH,
@@ -79,24 +80,6 @@ def compare(name: str, reference: torch.Tensor, exported: torch.Tensor) -> dict[
         "top1_agreement": agree / len(reference),
         "top1_agreeing": agree,
     }
-
-
-def export_onnx(module: UInt8Classifier, example: torch.Tensor, path: Path, opset: int, metadata: dict) -> None:
-    for name in ("onnx_ir", "onnxscript"):  # their per-pass INFO lines would flood the run log
-        logging.getLogger(name).setLevel(logging.WARNING)
-    batch = torch.export.Dim.DYNAMIC
-    program = torch.onnx.export(
-        module,
-        (example,),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_shapes={"images": {0: batch}},
-        opset_version=opset,
-        dynamo=True,
-        verbose=False,
-    )
-    program.model.metadata_props.update({k: json.dumps(v) for k, v in metadata.items()})
-    program.save(path, external_data=False)  # one self-contained file
 
 
 def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
@@ -190,7 +173,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     target = output_dir / FILE_NAMES[cfg.format]
     with atomic_path(target) as tmp:
         if cfg.format == "onnx":
-            export_onnx(module, images[:ODD_BATCH], tmp, cfg.opset, metadata)
+            export_onnx(module, images[:ODD_BATCH], tmp, metadata, opset=cfg.opset, what="format=onnx")
         else:
             export_torchscript(module, tmp)
         check = verify(cfg.format, tmp, model, images)  # raising here leaves no file behind

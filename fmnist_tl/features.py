@@ -4,10 +4,12 @@ With a frozen backbone and no train-time augmentation, the backbone's output for
 changes, so running it in every epoch is wasted work: on a 2-core CPU a float32 ResNet50 at
 224 px manages ~15 img/s, i.e. over an hour per epoch. Instead:
 
-1. `FeatureExtractor` runs the backbone once over a split, as fast as the hardware allows:
-   inference mode, the batched resize on the device (`ImagePreprocess`), bf16 autocast where
-   the hardware does bf16, channels_last, and `torch.compile` with inductor freezing when the
-   job is big enough to repay the compile (eager fallback with one log line if compile fails).
+1. `FeatureExtractor` runs the backbone once over a split, as fast as torch allows: inference
+   mode, the batched resize on the device (`ImagePreprocess`), fp32/bf16/fp16 autocast,
+   channels_last, and `torch.compile` with inductor freezing when the job is big enough to repay
+   the compile (eager fallback with one log line if compile fails). Which extractor runs -- this
+   one or ONNX Runtime's (fp32, int8) -- and in which precision is measured on the machine by
+   `fmnist_tl.probe` (fastest that passes the fidelity gate).
 2. `FeatureStore` keeps the result under `paths.cache_dir` as safetensors + a JSON manifest
    (no pickle), named by a fingerprint of everything that changes the features. Writes are
    atomic, a corrupt or truncated file is detected by its checksum and rebuilt, and a file lock
@@ -52,12 +54,14 @@ from rich.progress import (
 from rich.text import Text
 from torch import nn
 
+from fmnist_tl.probe import Plan, Planner, check_backend, probe_lock
 from fmnist_tl.utils import FmnistError, atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the file layout or the meaning of a fingerprint field changes
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
+BACKENDS = ("auto", "torch", "onnxruntime")
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
@@ -69,7 +73,9 @@ class ExtractionSettings:
     # Images per forward pass; null: 16 on CPU (small batches stay in cache: on a 2-core AVX512-BF16
     # CPU, compiled ResNet50 at 224 px ran 110 img/s at 8-16, 90 at 64, 84 at 128), 512 on CUDA.
     batch_size: int | None = None
-    # auto: follow the trainer (bf16 when it trains in bf16), else "32", "bf16" or "16".
+    # auto | torch | onnxruntime, and auto | 32 | bf16 | 16 | int8: auto is chosen by the probe
+    # (fmnist_tl/probe.py): the fastest candidate measured here that passes the fidelity gate.
+    backend: str = "auto"
     precision: str = "auto"
     # auto: bfloat16 after bf16 extraction (lossless), float16 otherwise; or float16/bfloat16/float32.
     store_dtype: str = "auto"
@@ -81,6 +87,16 @@ class ExtractionSettings:
     # default. A head step is a few small matmuls: a second thread saves little, and on a busy
     # or oversubscribed CPU (parallel sweep jobs, shared machines) OpenMP barriers make it ~8x slower.
     head_threads: int | None = 1
+    # Below this much work (images at 224 px) auto settings are not probed: torch, fp32.
+    probe_min_images: int = 4000
+    probe_batches: int = 4
+    # int8 calibration and the fidelity gate's sample: disjoint seeded samples of the training split.
+    calibration_images: int = 256
+    gate_images: int = 128
+    calibration_seed: int = 0
+    # The fidelity gate: cosine similarity to fp32 features, mean and worst over the sample.
+    gate_mean_cosine: float = 0.999
+    gate_worst_cosine: float = 0.98
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict | None) -> ExtractionSettings:
@@ -90,8 +106,10 @@ class ExtractionSettings:
         if unknown:
             raise FmnistError(f"features.{unknown[0]} is not a features setting; see conf/features/default.yaml")
         settings = cls(**values)
-        if settings.precision not in ("auto", *PRECISIONS):
-            raise FmnistError(f"features.precision={settings.precision} must be one of auto, 32, bf16, 16")
+        if settings.backend not in BACKENDS:
+            raise FmnistError(f"features.backend={settings.backend} must be one of {', '.join(BACKENDS)}")
+        if settings.precision not in ("auto", *PRECISIONS, "int8"):
+            raise FmnistError(f"features.precision={settings.precision} must be one of auto, 32, bf16, 16, int8")
         if settings.store_dtype not in ("auto", *STORE_DTYPES):
             raise FmnistError(
                 f"features.store_dtype={settings.store_dtype} must be one of auto, float16, bfloat16, float32"
@@ -102,19 +120,22 @@ class ExtractionSettings:
             value = getattr(settings, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise FmnistError(f"features.{key}={value} must be a positive integer or null")
+        for key, low in (
+            ("probe_min_images", 0),
+            ("probe_batches", 1),
+            ("calibration_images", 1),
+            ("gate_images", 1),
+            ("calibration_seed", 0),
+        ):
+            value = getattr(settings, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise FmnistError(f"features.{key}={value} must be an integer >= {low}")
+        check_backend(settings.backend, settings.precision)
+        for key in ("gate_mean_cosine", "gate_worst_cosine"):
+            value = getattr(settings, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
+                raise FmnistError(f"features.{key}={value} must be a number in [-1, 1]")
         return settings
-
-
-def precision_for(setting: str, trainer_precision: str | None) -> str:
-    """Extraction precision: explicit, or the one the trainer's image path would run the backbone in."""
-    if setting != "auto":
-        return setting
-    p = str(trainer_precision or "32")
-    if p.startswith("bf16"):
-        return "bf16"
-    if p.startswith("16"):
-        return "16"
-    return "32"
 
 
 def store_dtype_for(setting: str, precision: str) -> str:
@@ -159,9 +180,11 @@ def fingerprint(
     split: str,
     data_sha256: str,
     count: int,
+    quantization: str | None = None,
 ) -> dict[str, Any]:
-    """Everything that changes the stored features. The device and compile do not (beyond float noise)."""
-    return {
+    """Everything that changes the stored features. The device, compile and the backend do not (beyond
+    float noise); an int8 model does, so int8 entries also hold its key (weights, calibration, settings)."""
+    fp = {
         "format": CACHE_FORMAT,
         "backbone": backbone,
         "weights_sha256": weights_sha256,
@@ -175,6 +198,9 @@ def fingerprint(
         "data_sha256": data_sha256,
         "count": int(count),
     }
+    if quantization is not None:
+        fp["quantization"] = quantization
+    return fp
 
 
 def cache_key(fp: dict[str, Any]) -> str:
@@ -190,6 +216,7 @@ def split_entry(
     split: str,
     images: torch.Tensor,
     labels: torch.Tensor,
+    quantization: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(entry name, fingerprint) of one split's features; the name ends in the fingerprint's key."""
     fp = fingerprint(
@@ -203,8 +230,10 @@ def split_entry(
         split=split,
         data_sha256=tensors_sha256({"images": images, "labels": labels}),
         count=len(labels),
+        quantization=quantization,
     )
-    return f"{split}-{backbone_name}-{preprocess.image_size}px-{cache_key(fp)}", fp
+    tag = "-int8" if quantization else ""
+    return f"{split}-{backbone_name}-{preprocess.image_size}px{tag}-{cache_key(fp)}", fp
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +264,8 @@ class FeatureExtractor:
 
     The compiled function is kept between calls, so train, val and test pay for one compile.
     """
+
+    backend = "torch"
 
     def __init__(
         self,
@@ -314,6 +345,12 @@ class FeatureExtractor:
         if out is None:
             raise FmnistError(f"{description}: no images to extract features from")
         return out
+
+    @torch.inference_mode()
+    def run_eager(self, batch: torch.Tensor) -> torch.Tensor:
+        """One eager batch (the probe times this), features back on the CPU."""
+        with self._autocast():
+            return self._forward(batch.to(self.device)).float().cpu()
 
     def _run(self, batch: torch.Tensor, use_compiled: bool) -> torch.Tensor:
         if not use_compiled or self._compiled is None:
@@ -487,6 +524,7 @@ def load_or_extract(
             },
         )
         status = "rebuilt" if problem else "extracted"
+        backend = getattr(extract, "backend", "torch")
         log.info(
             "Extracted %s features: %d images in %.1f s (%.1f img/s, %s, %s) -> %s",
             fp["split"],
@@ -494,7 +532,7 @@ def load_or_extract(
             seconds,
             rate or math.nan,
             fp["precision"],
-            "compiled" if compiled else "eager",
+            backend if backend != "torch" else ("compiled" if compiled else "eager"),
             store.paths(name)[0],
         )
         return feats, CacheResult(fp["split"], status, len(labels), name, time.perf_counter() - start, rate, compiled)
@@ -549,12 +587,15 @@ class FeatureCache(L.Callback):
         self.store = FeatureStore(cache_dir)
         self.settings = settings or ExtractionSettings()
         self.results: dict[str, CacheResult] = {}
-        self._extractor: FeatureExtractor | None = None
+        self.plan: Plan | None = None
+        self._plan_key: tuple | None = None
+        self._planner: Planner | None = None
         self._threads_before: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # ddp_spawn pickles callbacks; a compiled function does not pickle and is per process anyway.
-        return {**self.__dict__, "_extractor": None}
+        # ddp_spawn pickles callbacks; a compiled function or an ONNX session does not pickle and is
+        # per process anyway (the probe and gate records on disk make re-planning cheap).
+        return {**self.__dict__, "plan": None, "_plan_key": None, "_planner": None}
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -562,20 +603,62 @@ class FeatureCache(L.Callback):
             for split, result in self.results.items()
         }
 
-    def _extractor_for(self, pl_module: nn.Module, preprocess: nn.Module, device: torch.device, precision: str):
-        ex = self._extractor
-        if ex is None or ex.device != device or ex.precision != precision or ex.backbone is not pl_module.backbone:
-            ex = self._extractor = FeatureExtractor(
-                pl_module.backbone,
-                preprocess,
-                device=device,
-                precision=precision,
-                compile=self.settings.compile,
-                compile_min_images=self.settings.compile_min_images,
-                batch_size=self.settings.batch_size,
-                progress=self.settings.progress,
+    def extraction_summary(self) -> dict[str, Any] | None:
+        """The chosen extraction path, the probe's img/s and the gate's figures (for metrics.json)."""
+        return self.plan.summary() if self.plan is not None else None
+
+    def _plan_for(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        dm: Any,
+        splits: list[str],
+        backbone_name: str,
+        weights_sha: str,
+        device: torch.device,
+    ) -> Plan:
+        """The extraction path for this model on this device: chosen once per process, reused by later stages."""
+        key = (id(pl_module.backbone), weights_sha, str(device))
+        if self.plan is not None and self._plan_key == key:
+            return self.plan
+        s, pre = self.settings, dm.preprocess
+        backend, precision = s.backend, s.precision
+        n_images = sum(len(dm.split_tensors(split)[1]) for split in splits)
+        work = n_images * (pre.image_size / 224) ** 2
+        if work < s.probe_min_images and "auto" in (backend, precision):
+            precision = "32" if precision == "auto" else precision
+            backend = "torch" if backend == "auto" and precision != "int8" else backend
+            log.info(
+                "Extraction probe skipped: %d images' worth of work at 224 px is below features.probe_min_images=%d",
+                work,
+                s.probe_min_images,
             )
-        return ex
+        self._planner = Planner(
+            root=self.store.root,
+            settings=s,
+            device=device,
+            backbone=pl_module.backbone,
+            backbone_name=backbone_name,
+            preprocess=pre,
+            weights_sha256=weights_sha,
+            train_images=dm.image_splits["train"][0],  # calibration and gate images: training split only
+        )
+        lock = probe_lock(self.store.root)
+        if trainer.world_size > 1 and trainer.is_global_zero:
+            lock.acquire()  # rank 0 probes; the other ranks wait on the lock, then read its records
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("fmnist_tl.features.probe")
+        try:
+            started = time.perf_counter()
+            with lock:
+                self.plan = self._planner.choose(backend, precision, job_images=n_images)
+            # The choice's own cost (probe, export, calibration, quantisation, gate): nothing when cached.
+            self.plan.seconds = round(time.perf_counter() - started, 2)
+        finally:
+            if trainer.world_size > 1 and trainer.is_global_zero:
+                lock.release()
+        self._plan_key = key
+        return self.plan
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
@@ -586,24 +669,29 @@ class FeatureCache(L.Callback):
         if not splits:  # already serving features (e.g. a second test in the same process)
             self._use_head_threads()
             return
-        precision = precision_for(self.settings.precision, trainer.precision)
-        store_dtype = store_dtype_for(self.settings.store_dtype, precision)
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)  # probing and extraction want every core
         backbone_name = pl_module.hparams.get("backbone", type(pl_module.backbone).__name__)
         weights_sha = module_sha256(pl_module.backbone)
         pre = dm.preprocess
+        device = trainer.strategy.root_device
+        plan = self._plan_for(trainer, pl_module, dm, splits, backbone_name, weights_sha, device)
+        precision = plan.candidate.precision
+        store_dtype = store_dtype_for(self.settings.store_dtype, precision)
+        quant_key = plan.quantization["key"] if plan.quantization else None
         jobs = []
         for split in splits:
             images, labels = dm.split_tensors(split)
-            name, fp = split_entry(backbone_name, weights_sha, pre, precision, store_dtype, split, images, labels)
+            name, fp = split_entry(
+                backbone_name, weights_sha, pre, precision, store_dtype, split, images, labels, quant_key
+            )
             jobs.append((split, name, fp, images, labels, self.store.lock(name)))
 
-        device = trainer.strategy.root_device
-        if self._threads_before is not None:
-            torch.set_num_threads(self._threads_before)  # extraction wants every core
         extra = {
             "weights_id": getattr(pl_module, "weights_id", None),
             "device": str(device),
             "extracted_by": {"global_rank": trainer.global_rank, "pid": os.getpid()},
+            "extraction": plan.summary(),
             **dm.split_info(),
         }
         held: list[filelock.FileLock] = []
@@ -615,9 +703,9 @@ class FeatureCache(L.Callback):
                     job[-1].acquire()
                     held.append(job[-1])
             trainer.strategy.barrier("fmnist_tl.features.locks")
+        extractor = plan.extractor
         try:
             for split, name, fp, images, labels, lock in jobs:
-                extractor = self._extractor_for(pl_module, pre, device, precision)
                 extractor.progress = self.settings.progress and trainer.is_global_zero
                 feats, result = load_or_extract(
                     self.store, name, fp, images, labels, extractor, extra_manifest=extra, lock=lock
@@ -632,6 +720,8 @@ class FeatureCache(L.Callback):
         finally:
             for lock in held:
                 lock.release()
+            if self._planner is not None:
+                self._planner.close()  # the quantiser's scratch files; the models stay in the store
         self._use_head_threads()
 
     def _use_head_threads(self) -> None:
@@ -677,6 +767,11 @@ def feature_cache_for(cfg: DictConfig, model: nn.Module, datamodule: Any) -> Fea
         log.info("Feature cache off: %s; the backbone runs on every batch", "; ".join(reasons))
         return None
     features_cfg = cfg.get("features") or {}
-    cache_dir = features_cfg.get("cache_dir") or str(Path(cfg.paths.cache_dir) / "features")
+    cache_dir = features_cache_dir(cfg)
     log.info("Feature cache on: frozen backbone, no augmentation; cache in %s", cache_dir)
     return FeatureCache(cache_dir, ExtractionSettings.from_config(features_cfg))
+
+
+def features_cache_dir(cfg: DictConfig) -> str:
+    """features.cache_dir, or paths.cache_dir/features (configs without a features group, e.g. evaluate)."""
+    return (cfg.get("features") or {}).get("cache_dir") or str(Path(cfg.paths.cache_dir) / "features")

@@ -478,7 +478,13 @@ class TransferClassifier(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        self.train_loss = MeanMetric()  # the epoch mean of the train loss, logged in on_train_epoch_end
+        # The epoch mean of the train loss, logged in on_train_epoch_end. nan_strategy="disable": its NaN
+        # check syncs a GPU every step, and a non-finite loss is caught in _step anyway.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        # On CUDA, per-step work that needs a host round trip is deferred to the epoch's end: the
+        # non-finite-loss count, and metric updates (torchmetrics' bincount reads the max back).
+        self._nonfinite_steps: torch.Tensor | None = None
+        self._deferred: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @staticmethod
     def _build_head(in_dim: int, num_classes: int, hidden_dims: Sequence[int], dropout: float) -> nn.Sequential:
@@ -640,12 +646,19 @@ class TransferClassifier(L.LightningModule):
         x, y = batch
         logits = self.logits(x)
         loss = nn.functional.cross_entropy(logits.float(), y)
-        if stage == "train" and not torch.isfinite(loss):
+        on_cuda = loss.device.type == "cuda"
+        if stage == "train" and on_cuda:
+            bad = (~torch.isfinite(loss)).int()
+            self._nonfinite_steps = bad if self._nonfinite_steps is None else self._nonfinite_steps + bad
+        elif stage == "train" and not torch.isfinite(loss):
             raise FmnistError(
                 f"training diverged: loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
                 "lower model.optimizer.lr"
             )
-        metrics.update(logits.detach().float(), y)
+        if on_cuda:
+            self._deferred.setdefault(stage, []).append((logits.detach().argmax(1), y))
+        else:
+            metrics.update(logits.detach().float(), y)
         if stage != "train":
             self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(y), sync_dist=True)
             return loss
@@ -653,10 +666,14 @@ class TransferClassifier(L.LightningModule):
         # every log_every_n_steps anyway, so the step loss is logged on those steps only.
         self.train_loss.update(loss.detach())
         if batch_idx % getattr(self._trainer, "log_every_n_steps", 1) == 0:
-            self.log("train/loss_step", loss, prog_bar=True, batch_size=len(y))
+            # Not on a GPU's progress bar: the bar reads it back (a host sync) at every refresh.
+            self.log("train/loss_step", loss, prog_bar=not on_cuda, batch_size=len(y))
         return loss
 
     def _log_epoch_metrics(self, metrics: MetricCollection, stage: str) -> None:
+        deferred = self._deferred.pop(stage, None)
+        if deferred:  # CUDA: one update with the epoch's predictions (class indices) instead of one per step
+            metrics.update(torch.cat([p for p, _ in deferred]), torch.cat([t for _, t in deferred]))
         # Computed once per epoch here rather than passed to log_dict on every step: Lightning's
         # per-step handling of Metric objects was ~1/3 of a head step on cached features.
         # compute() syncs the metric states across DDP ranks.
@@ -664,6 +681,12 @@ class TransferClassifier(L.LightningModule):
         metrics.reset()
 
     def on_train_epoch_end(self) -> None:
+        bad, self._nonfinite_steps = self._nonfinite_steps, None
+        if bad is not None and int(bad) > 0:
+            raise FmnistError(
+                f"training diverged: the loss was not finite in {int(bad)} steps of epoch {self.current_epoch}; "
+                "lower model.optimizer.lr"
+            )
         self.log("train/loss_epoch", self.train_loss.compute(), prog_bar=True)
         self.train_loss.reset()
         self._log_epoch_metrics(self.train_metrics, "train")

@@ -16,6 +16,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from lightning.pytorch import callbacks
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist_tl.features import feature_cache_for
+from fmnist_tl.features import ExtractionSettings, feature_cache_for, features_cache_dir
 from fmnist_tl.model import (
     TransferClassifier,
     check_backbone,
@@ -42,13 +43,13 @@ from fmnist_tl.model import (
     load_checkpoint_file,
     schedule_kind,
 )
+from fmnist_tl.probe import measured_trainer_precision
 from fmnist_tl.utils import (
     CONFIG_PATH,
     FmnistError,
     atomic_path,
     atomic_write_json,
     atomic_write_text,
-    bf16_supported,
     check_logger_dependencies,
     exit_on_user_error,
     reject_unknown_keys,
@@ -289,11 +290,42 @@ def check_resume_schedule(cfg: DictConfig, path: str, checkpoint: dict[str, Any]
         )
 
 
-def resolve_precision(trainer_cfg: DictConfig) -> str:
+def resolve_precision(trainer_cfg: DictConfig, measure: Callable[[], str] | None = None) -> str:
+    """trainer.precision: explicit values are obeyed; auto is bf16-mixed on a CUDA GPU with bf16, and on
+    a CPU whatever `measure()` finds faster (the extraction probe's torch fp32 vs bf16), or 32-true
+    when the backbone does not run in the trainer (measure=None: features are cached)."""
     precision = str(trainer_cfg.get("precision", "auto"))
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if precision.startswith("bf16") and on_cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise FmnistError(
+            f"trainer.precision={precision}: this GPU ({torch.cuda.get_device_name()}) has no bf16; "
+            "use 16-mixed, 32-true or auto"
+        )
     if precision != "auto":
         return precision
-    return "bf16-mixed" if bf16_supported(str(trainer_cfg.get("accelerator", "auto"))) else "32-true"
+    if on_cuda:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    return measure() if measure is not None else "32-true"
+
+
+def cpu_precision_probe(cfg: DictConfig, model: Any, preprocess: Any) -> Callable[[], str]:
+    """trainer.precision=auto on a CPU for a run whose backbone runs in the trainer: measured, cached."""
+
+    def measure() -> str:
+        settings = ExtractionSettings.from_config(cfg.get("features") or {})
+        chosen, rates = measured_trainer_precision(
+            features_cache_dir(cfg), settings, model.backbone, model.hparams.get("backbone", "backbone"), preprocess
+        )
+        log.info(
+            "trainer.precision=auto: %s (measured here: torch fp32 %.1f img/s, bf16 %.1f img/s)",
+            chosen,
+            rates["torch:32"],
+            rates["torch:bf16"],
+        )
+        return chosen
+
+    return measure
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -402,7 +434,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
 
-    precision = resolve_precision(cfg.trainer)
     callback_list = _instantiate_group(cfg.get("callbacks"))
     if cfg.trainer.get("fast_dev_run"):
         # Lightning means fast_dev_run to save nothing, but ModelCheckpoint still writes last.ckpt
@@ -419,6 +450,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     feature_cache = feature_cache_for(cfg, model, datamodule)
     if feature_cache:
         callback_list.append(feature_cache)
+    # With cached features the backbone never runs in the trainer (extraction has its own probe), and
+    # the head trains in fp32; otherwise auto on a CPU measures fp32 against bf16.
+    precision = resolve_precision(
+        cfg.trainer, None if feature_cache else cpu_precision_probe(cfg, model, datamodule.preprocess)
+    )
     trainer: L.Trainer = build(
         cfg.trainer,
         callbacks=[*callback_list, ReseedEachEpoch(cfg.seed)],
@@ -488,6 +524,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "image_size": cfg.data.image_size,
         "precision": precision,
         "feature_cache": feature_cache.summary() if feature_cache else "off",
+        "extraction": feature_cache.extraction_summary() if feature_cache else None,
         "config_hash": config_hash(cfg),
         "optimized_metric": cfg.optimized_metric,
         "resumed_from": ckpt_path,

@@ -1,4 +1,4 @@
-"""Small shared helpers: the user-facing error type, atomic writes, hardware checks."""
+"""Small shared helpers: the user-facing error type, atomic writes, machine identity."""
 
 from __future__ import annotations
 
@@ -131,19 +131,36 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 matmul (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (e.g. 'AMD EPYC 9R14'), else platform's guess."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def bf16_supported(accelerator: str) -> bool:
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return cpu_supports_bf16()
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags (for the record only: speed choices are measured, never read from flags)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
+
+
+def machine_name(device: torch.device | str) -> str:
+    """What a speed measurement on `device` depends on: the GPU's name, or the CPU model."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{cpu_model()}"
 
 
 def remove_untouched_run_dir() -> None:
