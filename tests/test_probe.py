@@ -19,7 +19,7 @@ from fmnist_tl.model import build_backbone
 from fmnist_tl.probe import Candidate, Planner, candidates, split_samples
 from fmnist_tl.train import build, resolve_precision, train
 from fmnist_tl.utils import FmnistError
-from tests.conftest import make_cfg, run_cli, tiny_overrides, tiny_split
+from tests.helpers import make_cfg, run_cli, tiny_overrides, tiny_split
 
 RATES = {
     "torch:32": 10.0,
