@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 import pytest
 import torch
@@ -368,3 +369,18 @@ def test_int8_run_end_to_end_with_cached_models(tiny_mirror, tmp_path, monkeypat
     with caplog.at_level(logging.WARNING):
         train(make_cfg(overrides, tmp_path / "third"))
     assert "unusable" in caplog.text and "rebuilding it" in caplog.text
+
+
+def test_a_candidate_slower_than_a_quarter_of_the_best_stops_after_its_warm_up():
+    calls = []
+
+    def slow(batch: torch.Tensor) -> None:
+        calls.append(len(batch))
+        time.sleep(0.02)  # at most 16 / 0.02 = 800 img/s, far below the 10^6 img/s bar
+
+    images = torch.zeros((16 * 5, 1, 28, 28), dtype=torch.uint8)
+    result = probe.time_runner(slow, images, 16, max_batches=4, max_seconds=60, give_up_below=1e6)
+    assert result["warmup_only"] and calls == [16]
+    calls.clear()
+    result = probe.time_runner(slow, images, 16, max_batches=4, max_seconds=60)
+    assert "warmup_only" not in result and result["timed_images"] == 64 and calls == [16] * 5
