@@ -292,3 +292,27 @@ def test_joblib_two_parallel_jobs_share_cold_cache_separate_dirs_and_a_nan_job_r
     rows = read_csv(sweep / "sweep_summary.csv")
     assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "failed")]
     assert float(rows[1]["model.optimizer.lr"]) == 1e30
+
+
+@pytest.mark.slow
+def test_optuna_trials_as_a_submitit_job_array_on_the_local_executor(tiny_mirror, tmp_path):
+    # hydra/launcher=slurm's code path (hydra-submitit-launcher, a job array per batch of trials),
+    # run by submitit's local executor: each trial in its own process, the two at once.
+    proc = run_cli(
+        "-m",
+        "hparams_search=head_optuna",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        *tiny_overrides(tiny_mirror, tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "logs" / "train" / "studies" / "head_optuna"
+    jobs = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert sorted(jobs) == ["0", "1"] and all(j["status"] == "completed" for j in jobs.values())
+    assert all(math.isfinite(j["val/acc"]) and math.isfinite(j["test/acc"]) for j in jobs.values())
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # run by submitit, not in-process
+    rows = read_csv(sweep / "sweep_summary.csv")
+    assert sorted(r["job"] for r in rows) == ["0", "1"] and {r["status"] for r in rows} == {"completed"}
+    assert OmegaConf.load(sweep / "optimization_results.yaml").n_complete == 2
