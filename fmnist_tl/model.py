@@ -141,6 +141,35 @@ def fetch_torchvision_weights(backbone: str, weights: str) -> tuple[dict[str, to
     return state, f"torchvision:{backbone}.{weights}:sha256={sha256_file(cached)}"
 
 
+# The backbones built in this process, by what determines their weights (`backbone_key`): the
+# trials of a sweep run one after another in one process (Hydra's basic launcher; joblib reuses
+# its workers too) and would each pay ResNet50's init or weights load (~1 s) and hash (~0.5 s).
+# One entry: a new key replaces the old one.
+_BUILT: dict[tuple, tuple[dict[str, torch.Tensor], str]] = {}
+_SHA256: dict[tuple, str] = {}
+
+
+def backbone_key(
+    backbone: str, weights: str | None, weights_path: str | None, load: bool, init_seed: int | None
+) -> tuple | None:
+    """What determines a built backbone's weights, files by their stat; None when nothing does (unseeded init)."""
+    if load and weights_path:
+        try:
+            st = os.stat(weights_path)
+        except OSError:
+            return None  # build_backbone says what is wrong
+        return (backbone, "file", os.path.realpath(weights_path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if load and weights:
+        enum = torchvision.models.get_model_weights(backbone)[weights]
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+        try:
+            st = cached.stat()
+        except OSError:
+            return None
+        return (backbone, "torchvision", weights, str(cached), st.st_size, st.st_mtime_ns, st.st_ino)
+    return None if init_seed is None else (backbone, "random-init", init_seed, torch.__version__)
+
+
 def build_backbone(
     backbone: str, weights: str | None, weights_path: str | None, load: bool = True, init_seed: int | None = None
 ) -> tuple[nn.Module, str]:
@@ -148,9 +177,28 @@ def build_backbone(
 
     With `init_seed`, the random init (kept for random-init runs, overwritten by loaded weights) draws
     from its own generator seeded with it, so a head-only checkpoint can rebuild the same backbone,
-    and the global RNG (the head's init next) does not depend on the backbone.
+    and the global RNG (the head's init next) does not depend on the backbone. A backbone built
+    before in this process from the same key is copied, not built again.
     """
     check_backbone(backbone, weights)
+    key = backbone_key(backbone, weights, weights_path, load, init_seed)
+    if key is not None and key in _BUILT:
+        state, identity = _BUILT[key]
+        with torch.device("meta"):  # the module's structure only: no init
+            net = torchvision.models.get_model(backbone, weights=None)
+        net.fc = nn.Identity()
+        net.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        return net, identity
+    net, identity = _build_backbone(backbone, weights, weights_path, load, init_seed)
+    if key is not None:
+        _BUILT.clear()
+        _BUILT[key] = ({k: v.detach().clone() for k, v in net.state_dict().items()}, identity)
+    return net, identity
+
+
+def _build_backbone(
+    backbone: str, weights: str | None, weights_path: str | None, load: bool, init_seed: int | None
+) -> tuple[nn.Module, str]:
     if init_seed is None:
         net = torchvision.models.get_model(backbone, weights=None)
     else:
@@ -371,10 +419,9 @@ class TransferClassifier(L.LightningModule):
         )
         init_from = self.finetune["init_from"] if load_weights else None
         # Weights from init_from replace the backbone's anyway: no need to fetch ImageNet weights first.
-        self.backbone, self.weights_id = build_backbone(
-            backbone, weights, weights_path, load=load_weights and not init_from, init_seed=init_seed
-        )
-        self._backbone_sha256: str | None = None
+        load = load_weights and not init_from
+        self.backbone, self.weights_id = build_backbone(backbone, weights, weights_path, load, init_seed)
+        self._backbone_key = backbone_key(backbone, weights, weights_path, load, init_seed)
         self.feature_dim = BACKBONES[backbone]
         self.head = self._build_head(
             self.feature_dim, num_classes, head.get("hidden_dims", [256]), head.get("dropout", 0.5)
@@ -485,12 +532,18 @@ class TransferClassifier(L.LightningModule):
 
     @property
     def backbone_sha256(self) -> str:
-        """sha256 of the backbone's tensors (the feature cache's key); computed once while it cannot change."""
+        """sha256 of the backbone's tensors (the feature cache's key); computed once per process and
+        weights while the backbone cannot change (see `_BUILT`)."""
         from fmnist_tl.features import module_sha256
 
-        if self._backbone_sha256 is None or not self.backbone_frozen_for_good:
-            self._backbone_sha256 = module_sha256(self.backbone)
-        return self._backbone_sha256
+        key = self._backbone_key if self.backbone_frozen_for_good else None
+        if key is None or key not in _SHA256:
+            sha = module_sha256(self.backbone)
+            if key is None:
+                return sha
+            _SHA256.clear()
+            _SHA256[key] = sha
+        return _SHA256[key]
 
     @property
     def head_only_checkpoints(self) -> bool:
