@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e .
+	@# hydra-optuna-sweeper (dropped: it pins optuna<3) registers the same Hydra config names as our sweeper.
+	$(PY) -m pip uninstall -q -y hydra-optuna-sweeper 2>/dev/null || true
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -166,12 +166,70 @@ def fetch_torchvision_weights(backbone: str, weights: str) -> tuple[dict[str, to
     return state, f"torchvision:{backbone}.{weights}:sha256={sha256_file(cached)}"
 
 
+# The backbones built in this process, by what determines their weights (`backbone_key`): the
+# trials of a sweep run one after another in one process (Hydra's basic launcher; joblib reuses
+# its workers too) and would each pay ResNet50's init or weights load (~1 s) and hash (~0.5 s).
+# One entry: a new key replaces the old one.
+_BUILT: dict[tuple, tuple[dict[str, torch.Tensor], str]] = {}
+_SHA256: dict[tuple, str] = {}
+
+
+def backbone_key(
+    backbone: str, weights: str | None, weights_path: str | None, load: bool, init_seed: int | None
+) -> tuple | None:
+    """What determines a built backbone's weights, files by their stat; None when nothing does (unseeded init)."""
+    if load and weights_path:
+        try:
+            st = os.stat(weights_path)
+        except OSError:
+            return None  # build_backbone says what is wrong
+        return (backbone, "file", os.path.realpath(weights_path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if load and weights:
+        enum = torchvision.models.get_model_weights(backbone)[weights]
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+        try:
+            st = cached.stat()
+        except OSError:
+            return None
+        return (backbone, "torchvision", weights, str(cached), st.st_size, st.st_mtime_ns, st.st_ino)
+    return None if init_seed is None else (backbone, "random-init", init_seed, torch.__version__)
+
+
 def build_backbone(
-    backbone: str, weights: str | None, weights_path: str | None, load: bool = True
+    backbone: str, weights: str | None, weights_path: str | None, load: bool = True, init_seed: int | None = None
 ) -> tuple[nn.Module, str]:
-    """Return the backbone with its classifier replaced by Identity, and an identity string for its weights."""
+    """Return the backbone with its classifier replaced by Identity, and an identity string for its weights.
+
+    With `init_seed`, the random init (kept for random-init runs, overwritten by loaded weights) draws
+    from its own generator seeded with it, so a head-only checkpoint can rebuild the same backbone,
+    and the global RNG (the head's init next) does not depend on the backbone. A backbone built
+    before in this process from the same key is copied, not built again.
+    """
     check_backbone(backbone, weights)
-    net = torchvision.models.get_model(backbone, weights=None)
+    key = backbone_key(backbone, weights, weights_path, load, init_seed)
+    if key is not None and key in _BUILT:
+        state, identity = _BUILT[key]
+        with torch.device("meta"):  # the module's structure only: no init
+            net = torchvision.models.get_model(backbone, weights=None)
+        net.fc = nn.Identity()
+        net.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        return net, identity
+    net, identity = _build_backbone(backbone, weights, weights_path, load, init_seed)
+    if key is not None:
+        _BUILT.clear()
+        _BUILT[key] = ({k: v.detach().clone() for k, v in net.state_dict().items()}, identity)
+    return net, identity
+
+
+def _build_backbone(
+    backbone: str, weights: str | None, weights_path: str | None, load: bool, init_seed: int | None
+) -> tuple[nn.Module, str]:
+    if init_seed is None:
+        net = torchvision.models.get_model(backbone, weights=None)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            net = torchvision.models.get_model(backbone, weights=None)
     identity = "random-init"
     if load and weights_path:
         state = load_state_dict_file(weights_path, "model.weights_path")
@@ -182,6 +240,35 @@ def build_backbone(
         load_backbone_state(net, state, identity, backbone)
     net.fc = nn.Identity()
     return net, identity
+
+
+def backbone_state_of(ckpt: Mapping[str, Any], what: str) -> dict[str, torch.Tensor]:
+    """The backbone tensors of a head-only checkpoint (see `TransferClassifier.on_save_checkpoint`).
+
+    Rebuilt from the identity it records (torchvision weights, a weights file, or a seeded random
+    init) and checked against the sha256 of the tensors it was trained on (the feature cache's key).
+    """
+    hp, meta = ckpt["hyper_parameters"], ckpt["backbone_identity"]
+    try:
+        net, _ = build_backbone(
+            hp["backbone"], hp.get("weights"), hp.get("weights_path"), init_seed=hp.get("init_seed")
+        )
+    except FmnistError as e:
+        raise FmnistError(f"{what} holds the head only; its backbone cannot be rebuilt: {e}") from e
+    check_backbone_sha256(net, meta, what)
+    return {f"backbone.{k}": v for k, v in net.state_dict().items()}
+
+
+def check_backbone_sha256(net: nn.Module, meta: Mapping[str, Any], what: str, sha: str | None = None) -> None:
+    from fmnist_tl.features import module_sha256
+
+    sha = sha or module_sha256(net)
+    if sha != meta["sha256"]:
+        raise FmnistError(
+            f"{what} was trained on a backbone with sha256 {meta['sha256'][:16]}... ({meta.get('weights_id')}), "
+            f"but the one built here has {sha[:16]}...: the weights file changed, or this torch/torchvision "
+            "initialises differently; use the same weights (and versions) as the run that wrote it"
+        )
 
 
 def to_container(x: Any) -> Any:
@@ -415,6 +502,7 @@ class TransferClassifier(L.LightningModule):
         channels_last: bool = True,
         finetune: dict | None = None,
         load_weights: bool = True,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         head, optimizer, scheduler = to_container(head) or {}, to_container(optimizer), to_container(scheduler)
@@ -439,13 +527,14 @@ class TransferClassifier(L.LightningModule):
                 "std": std,
                 "channels_last": channels_last,
                 "finetune": self.finetune,
+                "init_seed": init_seed,
             }
         )
         init_from = self.finetune["init_from"] if load_weights else None
         # Weights from init_from replace the backbone's anyway: no need to fetch ImageNet weights first.
-        self.backbone, self.weights_id = build_backbone(
-            backbone, weights, weights_path, load=load_weights and not init_from
-        )
+        load = load_weights and not init_from
+        self.backbone, self.weights_id = build_backbone(backbone, weights, weights_path, load, init_seed)
+        self._backbone_key = backbone_key(backbone, weights, weights_path, load, init_seed)
         self.feature_dim = BACKBONES[backbone]
         self.head = self._build_head(
             self.feature_dim, num_classes, head.get("hidden_dims", [256]), head.get("dropout", 0.5)
@@ -499,7 +588,15 @@ class TransferClassifier(L.LightningModule):
     def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> TransferClassifier:
         """Rebuild from our own checkpoint: config from its hyper-parameters, tensors via weights_only=True."""
         ckpt = read_checkpoint(path, map_location=map_location)
-        model = cls(**ckpt["hyper_parameters"], load_weights=False)
+        if "backbone_identity" not in ckpt:
+            model = cls(**ckpt["hyper_parameters"], load_weights=False)
+        else:  # head only: the backbone is rebuilt from the weights it names, then checked
+            try:
+                model = cls(**ckpt["hyper_parameters"], load_weights=True)
+            except FmnistError as e:
+                raise FmnistError(f"checkpoint {path} holds the head only; its backbone cannot be rebuilt: {e}") from e
+            check_backbone_sha256(model.backbone, ckpt["backbone_identity"], f"checkpoint {path}")
+            ckpt["state_dict"].update({f"backbone.{k}": v for k, v in model.backbone.state_dict().items()})
         model.load_state_dict(ckpt["state_dict"])
         model.weights_id = ckpt.get("weights_id", model.weights_id)
         return model.eval()
@@ -527,6 +624,8 @@ class TransferClassifier(L.LightningModule):
                 + ", ".join(f"model.{k}={ours[k]}" for k in differ)
                 + "; set the same values or use a checkpoint of this architecture"
             )
+        if "backbone_identity" in ckpt:  # a head-only checkpoint: its backbone comes from its own identity
+            ckpt["state_dict"].update(backbone_state_of(ckpt, f"model.finetune.init_from={path}"))
         mismatch = state_mismatch(self.state_dict(), ckpt["state_dict"])
         if mismatch:
             raise FmnistError(f"model.finetune.init_from={path} does not fit this model: {mismatch}")
@@ -547,14 +646,57 @@ class TransferClassifier(L.LightningModule):
         """True from epoch `finetune_start` on: the unfrozen stages get gradients, BN follows finetune.bn."""
         return self.finetune_start is not None and self.current_epoch >= self.finetune_start
 
+    @property
+    def backbone_frozen_for_good(self) -> bool:
+        """True when no epoch of this run trains the backbone: its checkpoints then hold the head only."""
+        return self.freeze_backbone and self.finetune_start is None
+
+    @property
+    def backbone_sha256(self) -> str:
+        """sha256 of the backbone's tensors (the feature cache's key); computed once per process and
+        weights while the backbone cannot change (see `_BUILT`)."""
+        from fmnist_tl.features import module_sha256
+
+        key = self._backbone_key if self.backbone_frozen_for_good else None
+        if key is None or key not in _SHA256:
+            sha = module_sha256(self.backbone)
+            if key is None:
+                return sha
+            _SHA256.clear()
+            _SHA256[key] = sha
+        return _SHA256[key]
+
+    @property
+    def head_only_checkpoints(self) -> bool:
+        """Frozen for good and rebuildable from its identity: named weights, a weights file or a seeded init."""
+        hp = self.hparams
+        rebuildable = bool(hp.get("weights") or hp.get("weights_path")) or hp.get("init_seed") is not None
+        return self.backbone_frozen_for_good and rebuildable
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["weights_id"] = self.weights_id
         if self.lr_plan is not None:
             checkpoint["lr_plan"] = self.lr_plan.state
+        if self.head_only_checkpoints:
+            # The frozen backbone is ~94 MB of a ResNet50 checkpoint's 94 and never changes: keep its
+            # identity instead (what rebuilds it, and the sha256 that proves the rebuild).
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("backbone.")]:
+                del state[key]
+            checkpoint["backbone_identity"] = {"weights_id": self.weights_id, "sha256": self.backbone_sha256}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.weights_id = checkpoint.get("weights_id", self.weights_id)
         self._saved_lr_plan = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
+        meta = checkpoint.get("backbone_identity")
+        if meta is None:
+            return
+        # Head only: this model's backbone when it is the one the checkpoint was trained on (a resumed
+        # head run), else the one its identity rebuilds (a fine-tune run resumed from a head checkpoint).
+        if self.backbone_sha256 == meta["sha256"]:
+            checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+        else:
+            checkpoint["state_dict"].update(backbone_state_of(checkpoint, "the checkpoint"))
 
     def on_train_start(self) -> None:
         """Take over a resumed checkpoint's LR plan (re-planned when trainer.max_epochs changed) and

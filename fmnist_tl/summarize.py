@@ -19,6 +19,7 @@ uses the objective (`optimized_metric`, a validation metric); test metrics are s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -26,7 +27,7 @@ import logging
 import math
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -430,15 +431,37 @@ def plot_objective(summary: SweepSummary, path: Path) -> bool:
 
 
 def write_summary(sweep_dir: str | Path, plot: bool = True) -> SweepSummary:
-    """Write sweep_summary.{csv,md,png} (and the by-config csv when seeds repeat) atomically."""
-    summary = summarize(sweep_dir)
-    out = summary.sweep_dir
-    atomic_write_text(out / CSV_NAME, _csv_text(job_rows(summary)))
-    if summary.groups:
-        atomic_write_text(out / BY_CONFIG_NAME, _csv_text(group_rows(summary)))
-    png = out / PNG_NAME if plot and plot_objective(summary, out / PNG_NAME) else None
-    atomic_write_text(out / MD_NAME, markdown(summary, png))
+    """Write sweep_summary.{csv,md,png} (and the by-config csv when seeds repeat) atomically.
+
+    Several sweeper workers may share one sweep dir (one Optuna study) and each writes the summary
+    when it stops: reading the job dirs and writing happen under one lock, so whoever writes last
+    has read the latest results, and the summary left behind covers every finished trial.
+    """
+    with _summary_lock(Path(sweep_dir)):
+        summary = summarize(sweep_dir)
+        out = summary.sweep_dir
+        atomic_write_text(out / CSV_NAME, _csv_text(job_rows(summary)))
+        if summary.groups:
+            atomic_write_text(out / BY_CONFIG_NAME, _csv_text(group_rows(summary)))
+        png = out / PNG_NAME if plot and plot_objective(summary, out / PNG_NAME) else None
+        atomic_write_text(out / MD_NAME, markdown(summary, png))
     return summary
+
+
+@contextlib.contextmanager
+def _summary_lock(sweep_dir: Path) -> Iterator[None]:
+    import filelock
+
+    lock = filelock.FileLock(sweep_dir / ".sweep_summary.lock")
+    try:
+        lock.acquire()
+    except OSError:  # a missing or read-only sweep dir: summarize() says what is wrong, or nothing to guard
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class SweepSummaryCallback(Callback):

@@ -423,8 +423,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # ImageNet weights are read. (A head-only run still builds its weights: the feature cache
     # extracts in setup, before Lightning restores the checkpoint.)
     resume_finetune = bool(ckpt_path) and finetune_start_epoch(cfg.model.get("finetune")) is not None
+    # init_seed: a random init that a head-only checkpoint can rebuild (model.build_backbone).
     model: TransferClassifier = build(
-        cfg.model, _recursive_=False, **({"load_weights": False} if resume_finetune else {})
+        cfg.model, _recursive_=False, init_seed=cfg.seed, **({"load_weights": False} if resume_finetune else {})
     )
     if resume_finetune:  # weights_id is the checkpoint's once Lightning restores it
         log.info("Backbone %s; resuming a fine-tune run: all weights come from %s", cfg.model.backbone, ckpt_path)

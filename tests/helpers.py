@@ -117,9 +117,11 @@ def run_cli(*args: str, env: dict | None = None, module: str = "fmnist_tl.train"
     return subprocess.run(**_cli(module, args, env), capture_output=True, timeout=timeout)
 
 
-def start_cli(*args: str, stdout=subprocess.PIPE, module: str = "fmnist_tl.train") -> subprocess.Popen:
+def start_cli(
+    *args: str, stdout=subprocess.PIPE, module: str = "fmnist_tl.train", env: dict | None = None
+) -> subprocess.Popen:
     """Start a module as a user would, without waiting; stderr is piped for the failure message."""
-    return subprocess.Popen(**_cli(module, args, None), stdout=stdout, stderr=subprocess.PIPE)
+    return subprocess.Popen(**_cli(module, args, env), stdout=stdout, stderr=subprocess.PIPE)
 
 
 def unreachable_network_env(tmp: Path) -> dict[str, str]:

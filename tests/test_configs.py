@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmnist_tl.data import FashionMNISTDataModule
 from fmnist_tl.features import feature_cache_for
@@ -163,3 +163,14 @@ def test_cli_bad_override_one_line_exit_nonzero(override, tmp_path):
     assert "Traceback" not in proc.stderr
     # Nothing was trained: no checkpoint anywhere under the run root.
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_slurm_launcher_asks_for_what_the_trainer_uses():
+    """hydra/launcher=slurm: one task per GPU on each node, so Lightning's DDP takes its ranks from SLURM."""
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    cfg = compose_cfg("train", [*overrides, "hydra.launcher.partition=gpu"], hydra=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
+    assert launcher["partition"] == "gpu" and launcher["timeout_min"] == 60
+    assert launcher["cpus_per_task"] and launcher["mem_gb"] and launcher["array_parallelism"]

@@ -1,7 +1,7 @@
-"""Sweeps: the Optuna sweeper's failure handling, failed jobs in multiruns, and the sweep summary.
+"""Sweeps: failed jobs in multiruns, the sweep summary, and real multiruns of train.
 
-Fast tests build sweep dirs by hand or drive the sweeper with a fake launcher; the slow ones run
-real multiruns (basic launcher, joblib launcher, Optuna) on the tiny data.
+Fast tests build sweep dirs by hand; the slow ones run real multiruns (basic, joblib and submitit
+launchers, the Optuna sweeper) on the tiny data. The sweeper's own tests are in test_sweeper.py.
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import OmegaConf, open_dict, read_write
+from omegaconf import OmegaConf, read_write
 
 import fmnist_tl.train as train_module
 from fmnist_tl import summarize
-from fmnist_tl.train import build
 from fmnist_tl.utils import FmnistError
-from tests.helpers import compose_cfg, run_cli, tiny_overrides
+from tests.helpers import run_cli, tiny_overrides
 
 # ---- summary of hand-made sweep dirs -----------------------------------------------------------
 
@@ -117,107 +115,6 @@ def test_summarize_cli_rejects_a_dir_that_is_not_a_sweep(tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and str(target) in err[0]
-
-
-# ---- the Optuna sweeper, driven by a fake launcher ----------------------------------------------
-
-
-class FakeLauncher:
-    """Stands in for Hydra's launcher: each job 'returns' the next outcome (a value or an exception)."""
-
-    def __init__(self, outcomes: list) -> None:
-        self.outcomes = iter(outcomes)
-        self.launched: list[list[str]] = []
-
-    def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
-        returns = []
-        for overrides in job_overrides:
-            self.launched.append(list(overrides))
-            outcome = next(self.outcomes)
-            failed = isinstance(outcome, BaseException)
-            ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED if failed else JobStatus.COMPLETED)
-            ret.return_value = outcome
-            returns.append(ret)
-        return returns
-
-
-def head_optuna_sweeper(sweep_dir: Path, outcomes: list, *overrides: str):
-    """Our conf/hparams_search/head_optuna.yaml sweeper as Hydra instantiates it, with a fake launcher."""
-    cfg = compose_cfg("train", ["hparams_search=head_optuna", *overrides], hydra=True)
-    sweeper = build(cfg.hydra.sweeper)
-    with open_dict(cfg):
-        cfg.hydra.sweep.dir = str(sweep_dir)
-    sweeper.impl.config = cfg
-    sweeper.impl.launcher = FakeLauncher(outcomes)
-    return sweeper
-
-
-def test_optuna_sweeper_marks_failed_trials_failed_and_the_study_goes_on(tmp_path):
-    # NaN (a diverged job), an exception the job raised, and None all count as failed trials.
-    outcomes = [float("nan"), RuntimeError("boom"), 0.5, None, 0.7, 0.6]
-    sweeper = head_optuna_sweeper(tmp_path, outcomes, "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2")
-    sweeper.sweep([])
-    launched = sweeper.impl.launcher.launched
-    assert len(launched) == 6
-    results = OmegaConf.load(tmp_path / "optimization_results.yaml")
-    assert results.best_value == 0.7 and results.n_trials == 6 and results.n_failed == 3
-    # Every trial got the whole search space, within its bounds.
-    for job in launched:
-        params = dict(o.split("=", 1) for o in job)
-        assert 1e-4 <= float(params["model.optimizer.lr"]) <= 1e-2
-        assert 1e-6 <= float(params["model.optimizer.weight_decay"]) <= 1e-2
-        assert params["model.head.hidden_dims"] in ("[]", "[128]", "[256]", "[512]", "[256,128]")
-        assert 0.0 <= float(params["model.head.dropout"]) <= 0.6
-        assert 3 <= int(params["trainer.max_epochs"]) <= 15
-    best = dict(o.split("=", 1) for o in launched[4])  # the trial that returned 0.7
-    assert {k: str(v) for k, v in results.best_params.items()} == best
-
-    # The sampler is seeded from cfg.seed: the same seed asks the same trials, another seed others.
-    again = head_optuna_sweeper(
-        tmp_path / "again", list(outcomes), "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2"
-    )
-    again.sweep([])
-    assert again.impl.launcher.launched == launched
-    other = head_optuna_sweeper(tmp_path / "other", [0.5] * 2, "hydra.sweeper.n_trials=2", "seed=7")
-    other.sweep([])
-    assert other.impl.launcher.launched != launched[:2]
-
-
-def test_optuna_sweeper_survives_a_study_where_every_trial_failed(tmp_path):
-    sweeper = head_optuna_sweeper(tmp_path, [float("nan"), ValueError("x"), float("inf")], "hydra.sweeper.n_trials=3")
-    sweeper.sweep([])  # no exception: the summary callback then shows why each job failed
-    assert len(sweeper.impl.launcher.launched) == 3
-    assert not (tmp_path / "optimization_results.yaml").exists()
-
-
-def test_optuna_sweeper_stops_early_only_past_max_failure_rate(tmp_path):
-    sweeper = head_optuna_sweeper(
-        tmp_path,
-        [0.5, float("nan"), float("nan"), 0.6],
-        "hydra.sweeper.n_trials=4",
-        "hydra.sweeper.max_failure_rate=0.5",
-    )
-    sweeper.sweep([])
-    assert len(sweeper.impl.launcher.launched) == 3  # 2 of 3 failed > 0.5: stop, keep the results so far
-    assert OmegaConf.load(tmp_path / "optimization_results.yaml").best_value == 0.5
-
-
-def test_optuna_database_storage_needs_sqlalchemy_1_with_optuna_2(tmp_path, capsys):
-    import optuna
-    import sqlalchemy
-
-    storage = f"sqlite:///{tmp_path}/study.db"
-    incompatible = int(optuna.__version__.split(".")[0]) < 3 and int(sqlalchemy.__version__.split(".")[0]) >= 2
-    sweeper = head_optuna_sweeper(tmp_path, [0.5], f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=1")
-    if incompatible:  # fails before any trial: one line with the fix, exit 2
-        with pytest.raises(SystemExit) as exit_info:
-            sweeper.sweep([])
-        assert exit_info.value.code == 2 and sweeper.impl.launcher.launched == []
-        (line,) = capsys.readouterr().err.strip().splitlines()
-        assert line.startswith("error: hydra.sweeper.storage=sqlite:") and "'.[optuna-db]'" in line
-    else:
-        sweeper.sweep([])
-        assert OmegaConf.load(tmp_path / "optimization_results.yaml").best_value == 0.5
 
 
 # ---- train's main() in a multirun: any failure is recorded, the sweep goes on --------------------
@@ -318,16 +215,17 @@ def test_optuna_sweep_three_trials(tiny_mirror, tmp_path):
         "-m", "hparams_search=head_optuna", "hydra.sweeper.n_trials=3", *tiny_overrides(tiny_mirror, tmp_path)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sweep = sweep_dir_of(tmp_path)
+    sweep = tmp_path / "logs" / "train" / "studies" / "head_optuna"  # one folder per study
     rows = read_csv(sweep / "sweep_summary.csv")
-    assert len(rows) == 3 and {r["job"] for r in rows} == {"0", "1", "2"}
+    assert len(rows) == 3 and {r["job"] for r in rows} == {"0", "1", "2"}  # job dirs named by trial number
     assert all(r["status"] == "completed" for r in rows)
     values = [float(r["val/acc"]) for r in rows]
     assert all(math.isfinite(v) for v in values) and values == sorted(values, reverse=True)
     assert rows[0]["best"] == "*"
     assert len({r["model.optimizer.lr"] for r in rows}) == 3  # Optuna chose the values, not a grid
     results = OmegaConf.load(sweep / "optimization_results.yaml")
-    assert results.best_value == pytest.approx(values[0])
+    assert results.best_value == pytest.approx(values[0]) and results.n_complete == 3
+    assert results.storage == f"sqlite:///{sweep}/head_optuna.db"
     assert (sweep / "sweep_summary.md").is_file() and (sweep / "sweep_summary.png").is_file()
 
 
@@ -394,3 +292,27 @@ def test_joblib_two_parallel_jobs_share_cold_cache_separate_dirs_and_a_nan_job_r
     rows = read_csv(sweep / "sweep_summary.csv")
     assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "failed")]
     assert float(rows[1]["model.optimizer.lr"]) == 1e30
+
+
+@pytest.mark.slow
+def test_optuna_trials_as_a_submitit_job_array_on_the_local_executor(tiny_mirror, tmp_path):
+    # hydra/launcher=slurm's code path (hydra-submitit-launcher, a job array per batch of trials),
+    # run by submitit's local executor: each trial in its own process, the two at once.
+    proc = run_cli(
+        "-m",
+        "hparams_search=head_optuna",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        *tiny_overrides(tiny_mirror, tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "logs" / "train" / "studies" / "head_optuna"
+    jobs = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert sorted(jobs) == ["0", "1"] and all(j["status"] == "completed" for j in jobs.values())
+    assert all(math.isfinite(j["val/acc"]) and math.isfinite(j["test/acc"]) for j in jobs.values())
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # run by submitit, not in-process
+    rows = read_csv(sweep / "sweep_summary.csv")
+    assert sorted(r["job"] for r in rows) == ["0", "1"] and {r["status"] for r in rows} == {"completed"}
+    assert OmegaConf.load(sweep / "optimization_results.yaml").n_complete == 2

@@ -54,7 +54,7 @@ def test_fit_and_test_writes_metrics_and_checkpoints_and_keeps_backbone_frozen(t
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     for key in ("val/acc", "val/f1", "test/acc", "test/f1"):
-        assert 0.0 <= on_disk[key] <= 1.0
+        assert 0.0 <= on_disk[key] <= 1.0 + 1e-6  # torchmetrics' float32 F1 can round to 1.0000001
     assert on_disk["epochs"] == 2 and on_disk["weights_id"] == "random-init"
     # The tiny classes are easy: a head on a random frozen backbone beats chance (10%) clearly.
     assert on_disk["test/acc"] > 0.3

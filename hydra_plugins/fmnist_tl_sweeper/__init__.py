@@ -1,33 +1,97 @@
-"""Hydra plugin: the Optuna sweeper of fmnist_tl (`hydra.sweeper._target_` in conf/hparams_search/).
+"""Hydra plugin: fmnist_tl's Optuna sweeper (`hydra/sweeper=optuna`) and its samplers (`hydra/sweeper/sampler=...`).
 
-Hydra only instantiates plugin classes defined under the `hydra_plugins` namespace package; the
-logic lives in `fmnist_tl.sweeper`. Optuna takes seconds to import, so it is imported only when
-this sweeper is actually used, not when Hydra scans its plugins at every start.
+The same config keys and search-space syntax as hydra-optuna-sweeper, on current Optuna (ask/tell);
+the sweep itself is `fmnist_tl.sweeper.run_study`. Hydra imports every module under `hydra_plugins`
+at start-up, which registers the configs below; Optuna takes a second or two to import, so it is
+imported only when this sweeper actually runs.
+
+hydra-optuna-sweeper registers the same config names (and pins optuna < 3): do not install both.
 """
 
-from __future__ import annotations
-
+from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
+
+# The app's top-level `seed` when it has one (fmnist_tl's train config does), else unseeded.
+APP_SEED = "${oc.select:seed,null}"
+
+
+@dataclass
+class OptunaSweeperConf:
+    _target_: str = "hydra_plugins.fmnist_tl_sweeper.FmnistOptunaSweeper"
+    # The sweeper gets the sampler's config, not a sampler: it builds one per trial (fmnist_tl.sweeper.SamplerFactory).
+    _recursive_: bool = False
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
+    # An Optuna sampler as a _target_ config (hydra/sweeper/sampler=tpe|random|cmaes|gp|qmc|nsgaii|grid).
+    sampler: Any = MISSING
+    # minimize or maximize (one objective).
+    direction: Any = "minimize"
+    # null: the job name (`train`).
+    study_name: Any = None
+    # null: SQLite in the sweep dir, <hydra.sweep.dir>/<study_name>.db. Or any SQLAlchemy URL
+    # (postgresql://user@host/db, mysql+pymysql://..., sqlite:///path.db), journal:<path> (Optuna's
+    # journal file, also on NFS), or memory (a throw-away study).
+    storage: Any = None
+    # The study's total: every worker on the study stops once this many trials are done or running.
+    n_trials: int = 20
+    # Trials asked and launched together (a parallel launcher runs them at once).
+    n_jobs: int = 1
+    # Stop this worker once more than this fraction of its trials failed; 1.0 never stops.
+    max_failure_rate: float = 1.0
+    # The search space in Hydra's override grammar, e.g. model.optimizer.lr: tag(log, interval(1e-4, 1e-2)).
+    params: Any = None
+    # Seconds between heartbeats of a running trial, and the silence after which another worker
+    # counts it lost (workers on the same machine are checked by pid at once instead).
+    heartbeat_interval: int = 60
+    grace_period: int = 600
+
+
+# Samplers as plain _target_ configs (not dataclasses), so a setting of one sampler in a config
+# (head_optuna's TPE n_startup_trials) does not stop the user from picking another on the command
+# line: the sweeper leaves out, with a warning, settings the chosen sampler does not take.
+SAMPLERS: dict[str, dict[str, Any]] = {
+    # constant_liar (Optuna's default): running trials count as bad guesses, so parallel workers spread out.
+    "tpe": {"_target_": "optuna.samplers.TPESampler", "seed": APP_SEED, "n_startup_trials": 10, "constant_liar": True},
+    "random": {"_target_": "optuna.samplers.RandomSampler", "seed": APP_SEED},
+    "cmaes": {"_target_": "optuna.samplers.CmaEsSampler", "seed": APP_SEED, "n_startup_trials": 1},
+    "gp": {"_target_": "optuna.samplers.GPSampler", "seed": APP_SEED, "n_startup_trials": 10},
+    "qmc": {"_target_": "optuna.samplers.QMCSampler", "seed": APP_SEED, "qmc_type": "sobol"},
+    "nsgaii": {"_target_": "optuna.samplers.NSGAIISampler", "seed": APP_SEED, "population_size": 50},
+    # The grid: every value of each searched key (choice, range, int(interval)); n_trials caps it.
+    "grid": {"_target_": "optuna.samplers.GridSampler", "seed": APP_SEED},
+}
+
+_store = ConfigStore.instance()
+_store.store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="fmnist_tl")
+for _name, _node in SAMPLERS.items():
+    _store.store(group="hydra/sweeper/sampler", name=_name, node=_node, provider="fmnist_tl")
 
 
 class FmnistOptunaSweeper(Sweeper):
-    """hydra-optuna-sweeper's config and search-space syntax; failed trials are told FAIL, never fatal."""
+    """Optuna study over Hydra jobs: persistent, shareable by many workers, failed trials never fatal."""
 
     def __init__(self, **config: Any) -> None:
-        from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+        from fmnist_tl.sweeper import SweepSettings
 
-        self.impl = OptunaSweeperImpl(**config)
+        self.settings = SweepSettings(**config)
+        self.config: DictConfig | None = None
+        self.launcher: Any = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        from hydra.core.plugins import Plugins
+
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
 
     def sweep(self, arguments: list[str]) -> None:
         from fmnist_tl.sweeper import run_study
         from fmnist_tl.utils import exit_on_user_error
 
         with exit_on_user_error():  # a bad sweeper setting: one line, exit 2, like train's own errors
-            run_study(self.impl, arguments)
+            run_study(self, arguments)

@@ -1,0 +1,270 @@
+"""What a head-only sweep trial costs besides its head epochs, and what a sweep costs in time and disk.
+
+    python -m bench.trial_cost [--trials 4] [--sweep 20] [-- HYDRA OVERRIDES ...]
+
+1. **Phases** (`--trials N`, default 4): N trials of `fmnist_tl.train.train` in one process, as
+   Hydra's basic launcher runs a sweep's jobs, each composed from `conf/train.yaml` plus the
+   overrides like a launched job, in its own run dir. Each phase's own time (nested phases
+   subtracted) is measured by wrapping the functions that do the work; "epochs" is the time from the
+   start of each training epoch to the end of its validation. The fixed cost of a trial is its wall
+   time minus its epochs. The first trial pays one-off costs (imports, the cold feature cache) and
+   is reported apart; the table shows the median of the others.
+2. **Sweep** (`--sweep N`): the real command, `python -m fmnist_tl.train -m
+   hparams_search=head_optuna hydra.sweeper.n_trials=N` plus the overrides, in a fresh log dir
+   sharing the feature cache (`paths.cache_dir`): its wall time and the disk its study dir holds.
+
+Run it with a warm feature cache for the figures to mean "a trial on a warm cache" (the first
+phase trial warms it otherwise). Prints a markdown table and writes JSON to --out when given.
+Targets (issue 12, 224 px ResNet50, full data, 2 CPU cores): fixed cost <= 3 s per trial,
+20-trial sweep <= 3 min, <= 10 MB of disk per trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+TARGETS = {"fixed_s": 3.0, "sweep20_s": 180.0, "disk_mb_per_trial": 10.0}
+
+
+class Phases:
+    """Exclusive wall time per named phase: a phase's time excludes the phases nested in it."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.stack: list[list[Any]] = []
+
+    def push(self, name: str) -> None:
+        self.stack.append([name, time.perf_counter(), 0.0])
+
+    def pop(self) -> None:
+        name, start, nested = self.stack.pop()
+        took = time.perf_counter() - start
+        self.totals[name] += took - nested
+        if self.stack:
+            self.stack[-1][2] += took
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        original = getattr(owner, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.push(name)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.pop()
+
+        setattr(owner, attr, timed)
+
+    def take(self) -> dict[str, float]:
+        out, self.totals = dict(self.totals), defaultdict(float)
+        return out
+
+
+def instrument(phases: Phases) -> Callable[[], Any]:
+    """Wrap the functions a trial spends its time in; returns the epoch-timing callback class."""
+    import lightning as L
+
+    import fmnist_tl.evaluate as evaluate
+    import fmnist_tl.features as features
+    import fmnist_tl.model as model_module
+    import fmnist_tl.train as train_module
+    from fmnist_tl.data import FashionMNISTDataModule
+
+    phases.wrap(train_module, "validate_config", "config checks")
+    # Not TransferClassifier.__init__: Lightning's save_hyperparameters reads that frame's arguments.
+    phases.wrap(model_module, "build_backbone", "backbone build")
+    phases.wrap(FashionMNISTDataModule, "prepare_data", "data")
+    phases.wrap(FashionMNISTDataModule, "setup", "data")
+    phases.wrap(features.FeatureCache, "setup", "feature cache")
+    phases.wrap(L.Trainer, "__init__", "trainer init")
+    phases.wrap(L.Trainer, "fit", "fit, outside epochs")
+    phases.wrap(L.Trainer, "test", "test")
+    phases.wrap(train_module.AtomicCheckpointIO, "save_checkpoint", "checkpoint save")
+    phases.wrap(train_module.AtomicCheckpointIO, "load_checkpoint", "checkpoint load")
+    phases.wrap(evaluate, "write_report", "report")
+    # train() looks these up in its own module at call time.
+    phases.wrap(train_module, "atomic_write_json", "metrics/config files")
+    phases.wrap(train_module, "atomic_write_text", "metrics/config files")
+
+    class EpochTimer(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            phases.push("epochs")
+
+        def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if not trainer.sanity_checking and phases.stack and phases.stack[-1][0] == "epochs":
+                phases.pop()
+
+    original_init = L.Trainer.__init__
+
+    def trainer_init(self: L.Trainer, *args: Any, callbacks: Any = None, **kwargs: Any) -> None:
+        original_init(self, *args, callbacks=[*(callbacks or []), EpochTimer()], **kwargs)
+
+    L.Trainer.__init__ = trainer_init
+    return EpochTimer
+
+
+def du_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_phases(n_trials: int, overrides: list[str], root: Path) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from fmnist_tl.train import train
+    from fmnist_tl.utils import compose_config
+
+    phases = Phases()
+    instrument(phases)
+    trials = []
+    for i in range(n_trials):
+        out = root / "phases" / str(i)
+        start = time.perf_counter()
+        phases.push("config (Hydra compose)")
+        cfg = compose_config("train", overrides, return_hydra_config=True)
+        HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
+            del cfg.hydra
+        phases.pop()
+        metrics = train(cfg)
+        wall = time.perf_counter() - start
+        took = phases.take()
+        trials.append(
+            {
+                "wall_s": wall,
+                "epochs": metrics.get("epochs"),
+                "epochs_s": took.get("epochs", 0.0),
+                "fixed_s": wall - took.get("epochs", 0.0),
+                "phases": took,
+                "disk_bytes": du_bytes(out),
+                "val_acc": metrics.get("val/acc"),
+            }
+        )
+        print(f"[trial_cost] trial {i}: {wall:.2f} s, epochs {took.get('epochs', 0):.2f} s", file=sys.stderr)
+    return {"trials": trials}
+
+
+def run_sweep(n_trials: int, overrides: list[str], root: Path) -> dict[str, Any]:
+    # The feature cache stays where the overrides (or the default paths) put it; logs go to a fresh dir.
+    cmd = [sys.executable, "-m", "fmnist_tl.train", "-m", "hparams_search=head_optuna",
+           f"hydra.sweeper.n_trials={n_trials}", f"paths.log_dir={root / 'logs'}", *overrides]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    study = root / "logs" / "train" / "studies" / "head_optuna"
+    jobs = [json.loads(p.read_text()) for p in study.glob("*/metrics.json")] if study.is_dir() else []
+    disk = du_bytes(study) if study.is_dir() else 0
+    return {
+        "command": " ".join(["python", *cmd[1:]]),
+        "returncode": proc.returncode,
+        "stderr_tail": proc.stderr[-2000:] if proc.returncode else "",
+        "wall_s": wall,
+        "trials": len(jobs),
+        "completed": sum(j.get("status") == "completed" for j in jobs),
+        "trial_wall_s": sorted(j.get("wall_time_s", 0.0) for j in jobs),
+        "disk_bytes": disk,
+        "disk_mb_per_trial": disk / max(1, len(jobs)) / 1e6,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"CPU: {report['machine']['cpu']}, {report['machine']['cores']} cores; overrides: `{report['overrides']}`"]
+    trials = report.get("phases", {}).get("trials", [])
+    if trials:
+        later = trials[1:] or trials
+        med = {k: statistics.median(t[k] for t in later) for k in ("wall_s", "epochs_s", "fixed_s")}
+        names = sorted({n for t in later for n in t["phases"]} - {"epochs"})
+        lines += [
+            "",
+            f"Per trial (median of trials 2..{len(trials)}; trial 1 apart): "
+            f"wall {med['wall_s']:.2f} s = head epochs {med['epochs_s']:.2f} s + fixed {med['fixed_s']:.2f} s "
+            f"(target <= {TARGETS['fixed_s']} s); "
+            f"disk {statistics.median(t['disk_bytes'] for t in later) / 1e6:.1f} MB",
+            "",
+            "| phase | trial 1 s | median later s |",
+            "| --- | ---: | ---: |",
+        ]
+        rows = []
+        for name in names:
+            rows.append((statistics.median(t["phases"].get(name, 0.0) for t in later), name))
+        accounted = sum(v for v, _ in rows)
+        for value, name in sorted(rows, reverse=True):
+            lines.append(f"| {name} | {trials[0]['phases'].get(name, 0.0):.2f} | {value:.2f} |")
+        lines.append(f"| other (train() glue, logging, GC) |  | {med['fixed_s'] - accounted:.2f} |")
+        lines.append(f"| **fixed total** | {trials[0]['fixed_s']:.2f} | **{med['fixed_s']:.2f}** |")
+        lines.append(f"| head epochs | {trials[0]['epochs_s']:.2f} | {med['epochs_s']:.2f} |")
+    sweep = report.get("sweep")
+    if sweep:
+        lines += [
+            "",
+            f"Sweep: `{sweep['command']}`",
+            f"{sweep['trials']} trials ({sweep['completed']} completed) in {sweep['wall_s']:.0f} s end to end "
+            f"(target <= {TARGETS['sweep20_s']:.0f} s for 20); study dir {sweep['disk_bytes'] / 1e6:.1f} MB, "
+            f"{sweep['disk_mb_per_trial']:.2f} MB per trial (target <= {TARGETS['disk_mb_per_trial']:.0f})"
+            + (f"; FAILED (exit {sweep['returncode']})" if sweep["returncode"] else ""),
+        ]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "?"
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "load_average_start": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=4, help="phase trials in one process (0: skip)")
+    parser.add_argument("--sweep", type=int, default=0, help="also run an N-trial head_optuna sweep")
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    parser.add_argument("--keep", action="store_true", help="keep the run dirs (printed)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every trial (after --)")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="trial_cost-"))
+    report: dict[str, Any] = {"machine": machine(), "overrides": " ".join(args.overrides), "targets": TARGETS}
+    try:
+        if args.trials:
+            report["phases"] = run_phases(args.trials, list(args.overrides), root)
+        if args.sweep:
+            report["sweep"] = run_sweep(args.sweep, list(args.overrides), root)
+    finally:
+        if args.keep:
+            print(f"run dirs kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    report["load_average_end"] = os.getloadavg()
+    print(markdown(report))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0 if report.get("sweep", {}).get("returncode", 0) == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
