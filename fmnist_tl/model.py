@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 # DDP warns when find_unused_parameters=True finds none; in a fine-tune run that is the fine-tune
 # phase, after head-only epochs that did have unused parameters (the case the warning itself names).
 warnings.filterwarnings("ignore", message=r".*find_unused_parameters=True was specified in DDP constructor.*")
+# Under DDP Lightning asks for sync_dist=True on epoch-level logs; ours come from torchmetrics'
+# compute(), which has already synced them across ranks.
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self.log\('(train|val|test)/(acc|f1|loss_epoch)', \.\.\., sync_dist"
+)
 
 # Pooled feature width of each supported backbone; one code path builds all of them.
 BACKBONES: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}

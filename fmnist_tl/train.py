@@ -30,6 +30,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import callbacks
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -444,7 +446,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Keep checkpointing where the resumed run did: Lightning restores the best score and
         # top-k bookkeeping only when the checkpoint directory is unchanged.
         for cb in callback_list:
-            if isinstance(cb, ModelCheckpoint):
+            if isinstance(cb, callbacks.ModelCheckpoint):  # not ModelCheckpoint: here may be __main__
                 cb.dirpath, cb.rebase_resumed_paths = str(Path(ckpt_path).parent), True
         log.info("Checkpoints continue in %s", Path(ckpt_path).parent)
     # Frozen backbone, no augmentation: train the head on features extracted once (features.py).
@@ -498,6 +500,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         recorder = RecordTestOutputs()
         trainer.callbacks.append(recorder)
+        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            # Under ddp_spawn (trainer=ddp_sim) the test runs in new processes, where Lightning's
+            # CSVLogger starts a new writer that deletes the fit's csv/metrics.csv (with a warning).
+            # The test metrics go to metrics.json and the report.
+            trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, CSVLogger)]
         trainer.test(model, datamodule=datamodule, ckpt_path=best if use_best else None, weights_only=True)
         test = {k: _metric(trainer, k) for k in ("test/acc", "test/f1", "test/loss")}
         tested = best if use_best else "the final weights of this run (no checkpoint saved)"

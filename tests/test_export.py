@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import shutil
+import subprocess
 import sys
 import warnings
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -18,7 +22,7 @@ from fmnist_tl.data import CLASS_NAMES
 from fmnist_tl.export import export
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.utils import FmnistError
-from tests.helpers import make_entry_cfg, run_cli, tiny_data_overrides, tiny_split
+from tests.helpers import REPO, make_entry_cfg, run_cli, tiny_data_overrides, tiny_split
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +135,30 @@ def test_onnx_without_the_export_extra_is_one_line_before_anything_is_built(miss
         export(make_entry_cfg("export", [f"paths.root_dir={tmp_path}", f"ckpt_path={no_ckpt}"], tmp_path / "out"))
     assert str(e.value) == f"format=onnx needs {missing}, not installed: pip install 'fmnist_tl[export]'"
     assert not (tmp_path / "out").exists()
+
+
+def readme_onnx_snippet() -> str:
+    """The README's "Using the ONNX file without PyTorch" code block, as written."""
+    section = (REPO / "README.md").read_text().split("Using the ONNX file without PyTorch", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_onnx_snippet_runs_as_written_without_torch(tiny_mirror, tmp_path, checkpoint):
+    export(export_cfg(tiny_mirror, tmp_path, f"ckpt_path={checkpoint}", "format=onnx", "verify.num_images=16"))
+    work = tmp_path / "user"
+    work.mkdir()
+    shutil.copy(tmp_path / "export" / "model.onnx", work / "model.onnx")
+    # A dark T-shirt photographed on white, and a transparent cut-out: both need the conversion.
+    shutil.copy(REPO / "docs" / "examples" / "tshirt_photo.jpg", work / "my_photo.jpg")
+    shutil.copy(REPO / "docs" / "examples" / "sneaker_cutout.png", work / "my_other_photo.png")
+    # torch cannot be imported in the process that runs the snippet.
+    code = "import sys\nsys.modules['torch'] = None\n" + readme_onnx_snippet() + "\nnp.save('batch.npy', batch_uint8)\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    predicted = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    assert len(predicted) == 2 and set(predicted) <= set(CLASS_NAMES)
+    batch = np.load(work / "batch.npy")
+    assert batch.shape == (2, 1, 28, 28) and batch.dtype == np.uint8
+    for image in batch[:, 0].astype(float):
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        assert border.mean() < 40 and image.max() > 150  # a light object on a dark background

@@ -184,3 +184,24 @@ def test_last_ckpt_holds_the_last_epoch_also_when_val_stops_improving(tiny_cfg, 
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
     last = torch.load(ckpts / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (2, 3 * 2)
+
+
+# ---- 5. the progress bar -------------------------------------------------------------------------
+
+
+def _bar_lines(stdout: str, label: str) -> list[str]:
+    return [line.rstrip() for line in stdout.splitlines() if line.startswith(label)]
+
+
+@pytest.mark.slow
+def test_progress_bar_counts_epochs_from_one_on_one_line_with_few_metrics(tiny_mirror, tmp_path):
+    args = (*cli_overrides(tiny_mirror, tmp_path), "trainer.precision=32-true", "debug=fdr")
+    proc = run_cli(*args, env={"COLUMNS": "100"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (epoch,) = _bar_lines(proc.stdout, "Epoch")
+    assert epoch.startswith("Epoch 1/1 ") and len(epoch) <= 100
+    # The bar's metrics end the line: nothing wrapped onto the next one.
+    assert epoch.split("it/s ", 1)[1].startswith("loss: ") and " val/acc: " in epoch
+    assert not [name for name in ("val/f1", "val/loss", "train/acc", "v_num") if name in epoch]
+    (testing,) = _bar_lines(proc.stdout, "Testing")
+    assert "0.00it/s" not in proc.stdout and len(testing) <= 100
