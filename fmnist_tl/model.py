@@ -8,7 +8,7 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -436,7 +436,7 @@ class LRPlan:
         self,
         kind: str | None,
         max_epochs: int,
-        fresh: Any = None,
+        fresh: Callable[[int, int], float] | None = None,
         floor: float = 0.0,
         cosine_start: float = 0,
         total_steps: int | None = None,

@@ -442,13 +442,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Lightning means fast_dev_run to save nothing, but ModelCheckpoint still writes last.ckpt
         # when training ends (save_last); a smoke test leaves no checkpoint behind.
         callback_list = [cb for cb in callback_list if not isinstance(cb, callbacks.Checkpoint)]
-    if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
+    # Real path: how ModelCheckpoint itself records its dirpath, so an unmoved folder compares equal.
+    resume_dir = os.path.realpath(Path(ckpt_path).parent) if ckpt_path else None
+    if resume_dir and Path(resume_dir).name == "checkpoints":
         # Keep checkpointing where the resumed run did: Lightning restores the best score and
         # top-k bookkeeping only when the checkpoint directory is unchanged.
         for cb in callback_list:
             if isinstance(cb, callbacks.ModelCheckpoint):  # not ModelCheckpoint: here may be __main__
-                cb.dirpath, cb.rebase_resumed_paths = str(Path(ckpt_path).parent), True
-        log.info("Checkpoints continue in %s", Path(ckpt_path).parent)
+                cb.dirpath, cb.rebase_resumed_paths = resume_dir, True
+        log.info("Checkpoints continue in %s", resume_dir)
     # Frozen backbone, no augmentation: train the head on features extracted once (features.py).
     feature_cache = feature_cache_for(cfg, model, datamodule)
     if feature_cache:
@@ -471,11 +473,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("Precision %s", precision)
     try:
         with warnings.catch_warnings():
-            if ckpt_path:
+            if resume_dir:
                 # By design: a resumed run checkpoints into the resumed run's directory (see above).
-                warnings.filterwarnings(
-                    "ignore", message=f"Checkpoint directory {re.escape(str(Path(ckpt_path).parent))} exists and is not"
-                )
+                warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(resume_dir)} exists")
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except (SIGTERMException, KeyboardInterrupt, SystemExit) as e:
         # Lightning already ran OnExceptionCheckpoint; say where it is and how to go on.
@@ -571,7 +571,11 @@ def note_experiment_overrides(cfg: DictConfig) -> None:
     chosen = [o for o in overrides if key(o) != "experiment" and key(o) in hc.runtime.choices]
     if experiment in (None, "null") or not chosen:
         return
-    without = hydra.compose(config_name=hc.job.config_name, overrides=[o for o in overrides if key(o) != "experiment"])
+    try:
+        without = hydra.compose(hc.job.config_name, overrides=[o for o in overrides if key(o) != "experiment"])
+    except Exception:  # only a note: never what stops a run
+        log.debug("could not compose the config without experiment=%s", experiment, exc_info=True)
+        return
     replaced = []
     for choice in chosen:
         path = key(choice).replace("/", ".")

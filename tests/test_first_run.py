@@ -160,13 +160,14 @@ def test_ckpt_path_last_takes_the_furthest_trained_checkpoint_not_the_newest_fil
     assert resolve_ckpt_path(cfg) == str(a / "last-v1.ckpt")
 
 
-def test_resuming_a_copied_run_folder_keeps_one_last_and_one_best(tiny_cfg, tmp_path, recwarn):
+def test_resuming_a_copied_run_folder_keeps_one_last_and_one_best(tiny_cfg, tmp_path, recwarn, monkeypatch):
     fast = ("+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false")
     train(tiny_cfg(*fast, output="a"))
     shutil.copytree(tmp_path / "a", tmp_path / "copy")
     before = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
     copied = tmp_path / "copy" / "checkpoints"
-    metrics = train(tiny_cfg(*fast, "trainer.max_epochs=3", f"ckpt_path={copied / 'last.ckpt'}", output="b"))
+    monkeypatch.chdir(tmp_path)  # a relative ckpt_path, as typed in a shell
+    metrics = train(tiny_cfg(*fast, "trainer.max_epochs=3", "ckpt_path=copy/checkpoints/last.ckpt", output="b"))
     names = sorted(p.name for p in copied.iterdir())
     assert "last.ckpt" in names and not [n for n in names if "-v" in n]
     assert len(names) == 2 and Path(metrics["best_model_path"]).parent == copied  # one best, in the copy
