@@ -69,6 +69,7 @@ TOP_LEVEL_KEYS = {
     "ckpt_path",
     "test",
     "optimized_metric",
+    "report",
 }
 
 
@@ -330,7 +331,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(model, datamodule=datamodule, ckpt_path=best if use_best else None, weights_only=True)
         test = {k: _metric(trainer, k) for k in ("test/acc", "test/f1", "test/loss")}
         if use_best and trainer.world_size == 1:
-            write_report(recorder, datamodule, model, best, output_dir, test, precision)
+            plots = bool(OmegaConf.select(cfg, "report.plots", default=True))
+            write_report(recorder, datamodule, model, best, output_dir, test, precision, plots=plots)
         elif use_best and trainer.is_global_zero:
             log.info(
                 "no automatic report under %d processes; run: python -m fmnist_tl.evaluate ckpt_path=%s",
