@@ -213,7 +213,7 @@ def images_of_test_split(datamodule: L.LightningDataModule, labels: torch.Tensor
     return images[: len(labels)]
 
 
-def markdown_report(report: dict[str, Any]) -> str:
+def markdown_report(report: dict[str, Any], plots: bool = True) -> str:
     lines = [
         "# Evaluation report",
         "",
@@ -244,14 +244,15 @@ def markdown_report(report: dict[str, Any]) -> str:
             )
     else:
         lines.append("No wrong predictions.")
-    lines += [
-        "",
-        "![confusion matrix](confusion_matrix.png)",
-        "",
-        "![most confident mistakes](mistakes.png)",
-        "",
-    ]
-    return "\n".join(lines)
+    if plots:
+        lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![most confident mistakes](mistakes.png)"]
+    else:
+        lines += [
+            "",
+            "No plots (report.plots=false); draw them with: "
+            f"python -m fmnist_tl.evaluate ckpt_path={report['checkpoint']}",
+        ]
+    return "\n".join([*lines, ""])
 
 
 def write_report(
@@ -264,8 +265,9 @@ def write_report(
     precision: str,
     top_pairs: int = 5,
     num_mistakes: int = 24,
+    plots: bool = True,
 ) -> dict[str, Any]:
-    """Turn what `trainer.test` just ran into report.json, report.md and the two PNGs in output_dir."""
+    """Turn what `trainer.test` just ran into report.json, report.md and (with `plots`) the two PNGs in output_dir."""
     logits, labels = collector.result()
     class_names = tuple(datamodule.class_names)
     report = {
@@ -290,24 +292,25 @@ def write_report(
 
     output_dir = Path(output_dir)
     confusion = torch.tensor(report["confusion_matrix"]["counts"])
-    atomic_write_bytes(
-        output_dir / "confusion_matrix.png",
-        plot_confusion_matrix(
-            confusion,
-            class_names,
-            f"Confusion matrix, rows normalised (accuracy {report['accuracy']:.2%}, n={report['num_samples']})",
-        ),
-    )
-    atomic_write_bytes(
-        output_dir / "mistakes.png",
-        plot_mistakes(
-            images[worst],
-            [class_names[int(i)] for i in labels[worst]],
-            [class_names[int(i)] for i in predicted[worst]],
-            [float(c) for c in confidence[worst]],
-            f"Most confident wrong predictions ({len(worst)} of {len(wrong)} mistakes)",
-        ),
-    )
+    if plots:  # matplotlib: a second or more per report, which a sweep's trials skip
+        atomic_write_bytes(
+            output_dir / "confusion_matrix.png",
+            plot_confusion_matrix(
+                confusion,
+                class_names,
+                f"Confusion matrix, rows normalised (accuracy {report['accuracy']:.2%}, n={report['num_samples']})",
+            ),
+        )
+        atomic_write_bytes(
+            output_dir / "mistakes.png",
+            plot_mistakes(
+                images[worst],
+                [class_names[int(i)] for i in labels[worst]],
+                [class_names[int(i)] for i in predicted[worst]],
+                [float(c) for c in confidence[worst]],
+                f"Most confident wrong predictions ({len(worst)} of {len(wrong)} mistakes)",
+            ),
+        )
     report["mistakes_shown"] = [
         {
             "index": int(i),
@@ -318,7 +321,7 @@ def write_report(
         for i in worst
     ]
     atomic_write_json(output_dir / "report.json", report)
-    atomic_write_text(output_dir / "report.md", markdown_report(report))
+    atomic_write_text(output_dir / "report.md", markdown_report(report, plots))
     log.info(
         "test accuracy %.4f, macro-F1 %.4f -> %s", report["accuracy"], report["macro_f1"], output_dir / "report.md"
     )

@@ -94,6 +94,7 @@ TOP_LEVEL_KEYS = {
     "ckpt_path",
     "test",
     "optimized_metric",
+    "report",
 }
 
 
@@ -509,7 +510,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         test = {k: _metric(trainer, k) for k in ("test/acc", "test/f1", "test/loss")}
         tested = best if use_best else "the final weights of this run (no checkpoint saved)"
         if trainer.world_size == 1 and not trainer.fast_dev_run:
-            write_report(recorder, datamodule, model, tested, output_dir, test, precision)
+            plots = bool(OmegaConf.select(cfg, "report.plots", default=True))
+            write_report(recorder, datamodule, model, tested, output_dir, test, precision, plots=plots)
         elif use_best and trainer.is_global_zero:
             log.info(
                 "no automatic report under %d processes; run: python -m fmnist_tl.evaluate ckpt_path=%s",

@@ -21,8 +21,9 @@ from omegaconf import OmegaConf, read_write
 
 import fmnist_tl.train as train_module
 from fmnist_tl import summarize
+from fmnist_tl.evaluate import evaluate
 from fmnist_tl.utils import FmnistError
-from tests.helpers import run_cli, tiny_overrides
+from tests.helpers import make_entry_cfg, run_cli, tiny_data_overrides, tiny_overrides
 
 # ---- summary of hand-made sweep dirs -----------------------------------------------------------
 
@@ -227,6 +228,24 @@ def test_optuna_sweep_three_trials(tiny_mirror, tmp_path):
     assert results.best_value == pytest.approx(values[0]) and results.n_complete == 3
     assert results.storage == f"sqlite:///{sweep}/head_optuna.db"
     assert (sweep / "sweep_summary.md").is_file() and (sweep / "sweep_summary.png").is_file()
+    # Cheap trials: one small head-only checkpoint each, the report without its plots.
+    for job in ("0", "1", "2"):
+        (ckpt,) = (sweep / job / "checkpoints").iterdir()
+        assert ckpt.name.startswith("epoch_") and ckpt.stat().st_size < 1e6  # the ResNet18 backbone is 45 MB
+        assert (sweep / job / "report.json").is_file() and not list((sweep / job).glob("*.png"))
+    # ... which evaluate (like predict and export, through from_checkpoint) loads as any other.
+    best = json.loads((sweep / rows[0]["job"] / "metrics.json").read_text())
+    cfg = make_entry_cfg(
+        "evaluate",
+        [
+            f"ckpt_path={best['best_model_path']}",
+            *tiny_data_overrides(tiny_mirror, tmp_path),
+            "trainer.precision=32-true",
+        ],
+        tmp_path / "eval",
+    )
+    assert evaluate(cfg)["accuracy"] == pytest.approx(best["test/acc"], abs=1e-6)
+    assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
 
 
 @pytest.mark.slow
