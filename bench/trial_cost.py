@@ -81,7 +81,7 @@ def instrument(phases: Phases) -> Callable[[], Any]:
     """Wrap the functions a trial spends its time in; returns the epoch-timing callback class."""
     import lightning as L
 
-    import fmnist_tl.evaluate as evaluate
+    import fmnist_tl.callbacks as callbacks
     import fmnist_tl.features as features
     import fmnist_tl.model as model_module
     import fmnist_tl.train as train_module
@@ -96,10 +96,10 @@ def instrument(phases: Phases) -> Callable[[], Any]:
     phases.wrap(L.Trainer, "__init__", "trainer init")
     phases.wrap(L.Trainer, "fit", "fit, outside epochs")
     phases.wrap(L.Trainer, "test", "test")
-    phases.wrap(train_module.AtomicCheckpointIO, "save_checkpoint", "checkpoint save")
-    phases.wrap(train_module.AtomicCheckpointIO, "load_checkpoint", "checkpoint load")
-    phases.wrap(evaluate, "write_report", "report")
+    phases.wrap(callbacks.AtomicCheckpointIO, "save_checkpoint", "checkpoint save")
+    phases.wrap(callbacks.AtomicCheckpointIO, "load_checkpoint", "checkpoint load")
     # train() looks these up in its own module at call time.
+    phases.wrap(train_module, "write_report", "report")
     phases.wrap(train_module, "atomic_write_json", "metrics/config files")
     phases.wrap(train_module, "atomic_write_text", "metrics/config files")
 
@@ -128,8 +128,8 @@ def run_phases(n_trials: int, overrides: list[str], root: Path) -> dict[str, Any
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    from fmnist_tl.runtime import compose_config
     from fmnist_tl.train import train
-    from fmnist_tl.utils import compose_config
 
     phases = Phases()
     instrument(phases)

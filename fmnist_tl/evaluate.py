@@ -34,11 +34,11 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from fmnist_tl.callbacks import RecordTestOutputs
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.progress import EpochProgressBar
-from fmnist_tl.train import build, cpu_precision_probe, resolve_precision
+from fmnist_tl.runtime import CONFIG_PATH, build, cpu_precision_probe, resolve_precision
 from fmnist_tl.utils import (
-    CONFIG_PATH,
     FmnistError,
     atomic_write_bytes,
     atomic_write_json,
@@ -52,42 +52,6 @@ log = logging.getLogger(__name__)
 EVALUATE_KEYS = {"data", "trainer", "paths", "hydra", "task_name", "seed", "ckpt_path", "report"}
 # The report must agree with what trainer.test logged for the same logits.
 AGREEMENT_TOLERANCE = 1e-6
-
-
-class RecordTestOutputs(L.Callback):
-    """Records the logits and labels of every test batch while `trainer.test` runs.
-
-    A forward hook on the model's head sees the logits for images and cached features alike;
-    test_step itself returns nothing, so this costs no extra forward pass.
-    """
-
-    def __init__(self) -> None:
-        self.logits: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
-        self._hook: Any = None
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.logits, self.labels = [], []
-        self._hook = pl_module.head.register_forward_hook(self._record)
-
-    def _record(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        self.logits.append(output.detach().float().cpu())
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.labels.append(batch[1].detach().cpu())
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (N, C) float32, labels (N,) int64) in test-loader order."""
-        if not self.labels or len(self.logits) != len(self.labels):
-            raise RuntimeError(
-                f"test outputs incomplete: {len(self.logits)} logit batches for {len(self.labels)} label batches"
-            )
-        return torch.cat(self.logits), torch.cat(self.labels)
 
 
 def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...], top_pairs: int = 5):

@@ -29,9 +29,8 @@ from torch import nn
 from fmnist_tl.data import CLASS_NAMES, ImagePreprocess
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.onnx_backend import export_onnx
-from fmnist_tl.train import build
+from fmnist_tl.runtime import CONFIG_PATH, build
 from fmnist_tl.utils import (
-    CONFIG_PATH,
     FmnistError,
     atomic_path,
     atomic_write_bytes,

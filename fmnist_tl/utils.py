@@ -11,37 +11,11 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
-
-# The configs ship inside the package (pyproject.toml maps conf/ to fmnist_tl.conf), so a wheel
-# or `pip install .` finds them as well as an editable install does, from any directory.
-CONFIG_MODULE = "fmnist_tl.conf"
-_CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
-# A source tree imported without an install that maps conf/ (a clone on sys.path, or a checkout
-# that shadows a non-editable install when run from its root) has no fmnist_tl.conf: read its conf/.
-CONFIG_PATH = (
-    str(_CHECKOUT_CONF)
-    if importlib.util.find_spec(CONFIG_MODULE) is None and _CHECKOUT_CONF.is_dir()
-    else f"pkg://{CONFIG_MODULE}"
-)
-
-
-def compose_config(config_name: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """conf/<config_name>.yaml with overrides, composed outside a Hydra run from where the CLIs read it."""
-    GlobalHydra.instance().clear()
-    if CONFIG_PATH.startswith("pkg://"):
-        context = initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
-    else:
-        context = initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
-    with context:
-        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 class FmnistError(Exception):

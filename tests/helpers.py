@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from fmnist_tl.data import IDX_FILES, IDX_MAGIC
-from fmnist_tl.utils import compose_config
+from fmnist_tl.runtime import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")

@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fmnist_tl.data import FashionMNISTDataModule
 from fmnist_tl.features import feature_cache_for
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.train import build, finetune_trainer_overrides, resolve_precision, validate_config
-from fmnist_tl.utils import CONFIG_MODULE, FmnistError
+from fmnist_tl.runtime import CONFIG_MODULE, build, finetune_trainer_overrides, resolve_precision, validate_config
+from fmnist_tl.utils import FmnistError
 from tests.helpers import REPO, compose_cfg, make_entry_cfg, run_cli
 
 

@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from fmnist_tl.data import DeviceBatches, EpochShuffleSampler
-from fmnist_tl.train import build, train
+from fmnist_tl.runtime import build
+from fmnist_tl.train import train
 
 
 def make(n: int = 150, shuffle: bool = True, epoch: int = 0) -> DeviceBatches:

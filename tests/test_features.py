@@ -24,7 +24,8 @@ from fmnist_tl.features import (
     module_sha256,
 )
 from fmnist_tl.model import TransferClassifier, build_backbone
-from fmnist_tl.train import build, train
+from fmnist_tl.runtime import build
+from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError
 from tests.helpers import REPO, idx_bytes, make_cfg, tiny_overrides, tiny_split
 

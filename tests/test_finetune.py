@@ -20,7 +20,8 @@ from fmnist_tl.model import (
     finetune_phase_factor,
     head_phase_factors,
 )
-from fmnist_tl.train import train, validate_config
+from fmnist_tl.runtime import validate_config
+from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError
 from tests.helpers import DDP_SIM, make_cfg, run_cli, tiny_overrides
 

@@ -15,7 +15,8 @@ import torch
 from fmnist_tl import summarize
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.predict import main as predict_main
-from fmnist_tl.train import resolve_ckpt_path, train
+from fmnist_tl.runtime import resolve_ckpt_path
+from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError
 from tests.helpers import make_cfg, run_cli, tiny_data_overrides, tiny_overrides
 

@@ -18,7 +18,8 @@ from fmnist_tl.data import ImagePreprocess
 from fmnist_tl.features import ExtractionSettings, FeatureExtractor, module_sha256, split_entry
 from fmnist_tl.model import build_backbone
 from fmnist_tl.probe import Candidate, Planner, candidates, split_samples
-from fmnist_tl.train import build, resolve_precision, train
+from fmnist_tl.runtime import build, resolve_precision
+from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError
 from tests.helpers import make_cfg, run_cli, tiny_overrides, tiny_split
 

@@ -20,10 +20,12 @@ import lightning as L
 import pytest
 import torch
 
-import fmnist_tl.train as train_mod
+import fmnist_tl.callbacks as callbacks_mod
+import fmnist_tl.runtime as runtime_mod
+from fmnist_tl.callbacks import AtomicCheckpointIO
 from fmnist_tl.data import FashionMNISTDataModule
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.train import AtomicCheckpointIO, train
+from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError, atomic_write_json, remove_stale_temp_files
 from tests.helpers import (
     REPO,
@@ -171,7 +173,6 @@ _SAVE_LOOP = """
 import sys, torch
 from fmnist_tl.utils import atomic_write_bytes
 if sys.argv[2] == "checkpoint":
-    from fmnist_tl.train import AtomicCheckpointIO
     io = AtomicCheckpointIO()
 state = {"w": torch.randn(4_000_000)}
 i = 0
@@ -319,7 +320,7 @@ def test_last_never_picks_exception_checkpoint(tiny_cfg, tmp_path):
     time.sleep(0.05)
     (ckpts / "on_exception.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes())
     cfg = tiny_cfg("ckpt_path=last", "trainer.max_epochs=2", output="logs/train/runs/b")
-    assert train_mod.resolve_ckpt_path(cfg) == str(ckpts / "last.ckpt")
+    assert runtime_mod.resolve_ckpt_path(cfg) == str(ckpts / "last.ckpt")
 
 
 # ---------------------------------------------------------------- 6. NaN / Inf
@@ -368,7 +369,7 @@ def test_enospc_on_checkpoint_keeps_previous(tiny_cfg, tmp_path, monkeypatch):
     train(tiny_cfg())
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
-    monkeypatch.setattr(train_mod.torch, "save", _enospc)
+    monkeypatch.setattr(callbacks_mod.torch, "save", _enospc)
     with pytest.raises(FmnistError, match=r"/checkpoints/(epoch_\d+|last)\.ckpt: no space left on device"):
         train(tiny_cfg("trainer.max_epochs=2", f"ckpt_path={last}", output="run"))
     assert last.read_bytes() == before

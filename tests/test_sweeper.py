@@ -27,6 +27,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from fmnist_tl import sweeper as sweeper_module
+from fmnist_tl.runtime import build
 from fmnist_tl.sweeper import (
     FAILURE,
     HEARTBEAT,
@@ -36,7 +37,6 @@ from fmnist_tl.sweeper import (
     search_space,
     worker_identity,
 )
-from fmnist_tl.train import build
 from fmnist_tl.utils import FmnistError
 from tests.helpers import compose_cfg, start_cli
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.train import resolve_precision, train
+from fmnist_tl.runtime import resolve_precision
+from fmnist_tl.train import train
 from tests.helpers import DDP_SIM, run_cli, tiny_overrides, unreachable_network_env
 
 

@@ -1,0 +1,288 @@
+"""What every CLI shares: config composition and validation, instantiation, precision and
+checkpoint-path resolution. The CLIs (train, evaluate, export) sit on top of this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fmnist_tl.features import ExtractionSettings, features_cache_dir
+from fmnist_tl.model import (
+    check_backbone,
+    check_finetune,
+    finetune_start_epoch,
+    legacy_lr_plan,
+    load_checkpoint_file,
+    schedule_kind,
+)
+from fmnist_tl.probe import measured_trainer_precision
+from fmnist_tl.utils import FmnistError, check_logger_dependencies, reject_unknown_keys
+
+log = logging.getLogger(__name__)
+# The frozen backbone is in eval mode on purpose (BatchNorm stats must not move).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# Mixed precision keeps fp32 weights, so the summary's 32-bit size estimate it warns about is right.
+warnings.filterwarnings("ignore", message=r"Precision \S+-mixed is not supported by the model summary")
+
+
+class _DropAdvertTips(logging.Filter):
+    """Lightning logs a tip to install litlogger/litmodels (a cloud service) on every run: not ours to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("💡 Tip") and ("litlogger" in message or "litmodels" in message))
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertTips())
+
+# The configs ship inside the package (pyproject.toml maps conf/ to fmnist_tl.conf), so a wheel
+# or `pip install .` finds them as well as an editable install does, from any directory.
+CONFIG_MODULE = "fmnist_tl.conf"
+_CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
+# A source tree imported without an install that maps conf/ (a clone on sys.path, or a checkout
+# that shadows a non-editable install when run from its root) has no fmnist_tl.conf: read its conf/.
+CONFIG_PATH = (
+    str(_CHECKOUT_CONF)
+    if importlib.util.find_spec(CONFIG_MODULE) is None and _CHECKOUT_CONF.is_dir()
+    else f"pkg://{CONFIG_MODULE}"
+)
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """conf/<config_name>.yaml with overrides, composed outside a Hydra run from where the CLIs read it."""
+    GlobalHydra.instance().clear()
+    if CONFIG_PATH.startswith("pkg://"):
+        context = initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
+    else:
+        context = initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
+    with context:
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+TOP_LEVEL_KEYS = {
+    "data",
+    "model",
+    "callbacks",
+    "logger",
+    "trainer",
+    "paths",
+    "features",
+    "hydra",
+    "experiment",
+    "hparams_search",
+    "debug",
+    "task_name",
+    "tags",
+    "seed",
+    "ckpt_path",
+    "test",
+    "optimized_metric",
+    "report",
+}
+
+
+def _positive_number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FmnistError(f"{name}={value!r} must be a number, e.g. {name}=0.001")
+    if not math.isfinite(value) or value <= 0:
+        raise FmnistError(f"{name}={value} must be a positive finite number")
+    return float(value)
+
+
+def _int_at_least(value: Any, name: str, low: int, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise FmnistError(f"{name}={value!r} must be an integer >= {low}{why}")
+    return value
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject bad values before anything is built or written, with one line naming the key."""
+    reject_unknown_keys(cfg, TOP_LEVEL_KEYS, "conf/train.yaml")
+    check_logger_dependencies(cfg.get("logger"))
+    m, d = cfg.model, cfg.data
+    check_backbone(m.backbone, m.weights)
+    _positive_number(m.optimizer.lr, "model.optimizer.lr")
+    if m.optimizer.get("weight_decay") is not None and (
+        not isinstance(m.optimizer.weight_decay, (int, float)) or m.optimizer.weight_decay < 0
+    ):
+        raise FmnistError(f"model.optimizer.weight_decay={m.optimizer.weight_decay!r} must be a number >= 0")
+    dropout = m.head.get("dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise FmnistError(f"model.head.dropout={dropout!r} must be in [0, 1)")
+    for i, width in enumerate(m.head.get("hidden_dims") or []):
+        _int_at_least(width, f"model.head.hidden_dims[{i}]", 1)
+    _int_at_least(d.batch_size, "data.batch_size", 1)
+    _int_at_least(d.image_size, "data.image_size", 32, " (ResNets downsample 32x)")
+    _int_at_least(d.val_size, "data.val_size", 1)
+    _int_at_least(d.num_workers, "data.num_workers", 0)
+    if cfg.trainer.get("max_epochs") is not None:
+        _int_at_least(cfg.trainer.max_epochs, "trainer.max_epochs", 1)
+    # fast_dev_run runs one batch whatever the epochs, so a fine-tune config is still worth a smoke test.
+    epochs = None if cfg.trainer.get("fast_dev_run") else cfg.trainer.get("max_epochs")
+    ckpt = cfg.get("ckpt_path")
+    # A resumed run takes every weight from its checkpoint, so init_from may be gone by then.
+    check_finetune(m.get("finetune"), m.get("freeze_backbone", True), epochs, check_files=ckpt is None)
+    if m.weights_path is not None and not Path(m.weights_path).is_file():
+        raise FmnistError(f"model.weights_path={m.weights_path} does not exist")
+    if ckpt not in (None, "last") and not Path(ckpt).is_file():
+        raise FmnistError(f"ckpt_path={ckpt} does not exist; pass a .ckpt file or ckpt_path=last")
+
+
+def check_checkpoint_file(path: str) -> dict[str, Any]:
+    """Refuse a checkpoint Lightning could not load safely, before any training starts."""
+    ckpt = load_checkpoint_file(path, f"ckpt_path={path}", "pick another checkpoint", map_location="cpu", mmap=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise FmnistError(f"ckpt_path={path} is not an fmnist_tl checkpoint (no state_dict/hyper_parameters)")
+    return ckpt
+
+
+def check_resume_schedule(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) -> None:
+    """Refuse a resume whose LR schedule cannot go on from the checkpoint's, before anything is built.
+
+    A resumed run restores the checkpoint's scheduler state, so it must be the same kind of
+    schedule. An extended cosine or fine-tune schedule is re-planned (model.LRPlan); a one-cycle
+    schedule has a warm-up and an end fixed in steps, so it is only resumed as planned.
+    """
+    saved = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
+    if not saved:
+        return
+    kind = schedule_kind(cfg.model.get("scheduler"), cfg.model.get("finetune"))
+    if saved.get("scheduler") != kind:
+        raise FmnistError(
+            f"ckpt_path={path} was trained with LR schedule {saved.get('scheduler') or 'constant'}, this config has "
+            f"{kind or 'constant'}; resume with the checkpoint's model.scheduler and model.finetune settings"
+        )
+    planned, wanted = saved.get("max_epochs"), cfg.trainer.get("max_epochs")
+    if kind == "OneCycleLR" and wanted is not None and planned != wanted:
+        raise FmnistError(
+            f"ckpt_path={path} runs a one-cycle LR schedule planned for trainer.max_epochs={planned}, which cannot "
+            f"be re-planned to {wanted}; resume with trainer.max_epochs={planned}, or use model/scheduler=cosine "
+            "for runs you may extend"
+        )
+
+
+def resolve_precision(trainer_cfg: DictConfig, measure: Callable[[], str] | None = None) -> str:
+    """trainer.precision: explicit values are obeyed; auto is bf16-mixed on a CUDA GPU with bf16, and on
+    a CPU whatever `measure()` finds faster (the extraction probe's torch fp32 vs bf16), or 32-true
+    when the backbone does not run in the trainer (measure=None: features are cached)."""
+    precision = str(trainer_cfg.get("precision", "auto"))
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if precision.startswith("bf16") and on_cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise FmnistError(
+            f"trainer.precision={precision}: this GPU ({torch.cuda.get_device_name()}) has no bf16; "
+            "use 16-mixed, 32-true or auto"
+        )
+    if precision != "auto":
+        return precision
+    if on_cuda:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    return measure() if measure is not None else "32-true"
+
+
+def cpu_precision_probe(cfg: DictConfig, model: Any, preprocess: Any) -> Callable[[], str]:
+    """trainer.precision=auto on a CPU for a run whose backbone runs in the trainer: measured, cached."""
+
+    def measure() -> str:
+        settings = ExtractionSettings.from_config(cfg.get("features") or {})
+        chosen, rates = measured_trainer_precision(
+            features_cache_dir(cfg), settings, model.backbone, model.hparams.get("backbone", "backbone"), preprocess
+        )
+        log.info(
+            "trainer.precision=auto: %s (measured here: torch fp32 %.1f img/s, bf16 %.1f img/s)",
+            chosen,
+            rates["torch:32"],
+            rates["torch:bf16"],
+        )
+        return chosen
+
+    return measure
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """`last` means the last checkpoint (checkpoints/last*.ckpt) of an earlier run of this task that
+    trained furthest: the highest global step recorded in it, then the most recently written.
+
+    Not file times or names alone: a copied run folder has new file times, and an older Lightning
+    run may have left a stale last.ckpt next to a newer last-v1.ckpt. Exception checkpoints
+    (on_exception.ckpt, written after a crash or NaN) are never picked.
+    """
+    if cfg.ckpt_path != "last":
+        if cfg.ckpt_path is not None:
+            check_checkpoint_file(cfg.ckpt_path)
+        return cfg.ckpt_path
+    root = Path(cfg.paths.log_dir) / cfg.task_name
+    here = Path(cfg.paths.output_dir).resolve()
+    found = [p for p in root.glob("**/checkpoints/last*.ckpt") if here not in p.resolve().parents]
+    if not found:
+        raise FmnistError(f"ckpt_path=last: no checkpoints/last.ckpt under {root}; pass ckpt_path=PATH instead")
+    steps: dict[Path, int] = {}
+    for path in found:
+        try:
+            steps[path] = int(check_checkpoint_file(str(path)).get("global_step", -1))
+        except FmnistError as e:
+            log.warning("ckpt_path=last: skipping %s", e)
+    if not steps:
+        raise FmnistError(f"ckpt_path=last: no readable checkpoints/last.ckpt under {root}; pass ckpt_path=PATH")
+    chosen = max(steps, key=lambda p: (steps[p], p.stat().st_mtime))
+    log.info("Resuming from %s (global step %d)", chosen, steps[chosen])
+    return str(chosen)
+
+
+def finetune_trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """DDP for a run with head-only epochs before its fine-tune phase.
+
+    The stages to unfreeze require grad from the first step (so every rank's DDP registers the same
+    parameters) but get no gradient until model.finetune.start_epoch; DDP accepts that only with
+    find_unused_parameters=True. Such parameters keep grad None, so the optimizer leaves them alone.
+    """
+    start = finetune_start_epoch(cfg.model.get("finetune"))
+    strategy = cfg.trainer.get("strategy")
+    if not start or not isinstance(strategy, str) or not strategy.startswith("ddp") or "find_unused" in strategy:
+        return {}
+    return {"strategy": f"{strategy}_find_unused_parameters_true"}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of what determines the result (not where files go or whether we resume)."""
+    keep = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg, resolve=False).items()
+        if k not in ("paths", "hydra", "ckpt_path", "tags", "callbacks", "logger")
+    }
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build(cfg: DictConfig, **kwargs: Any) -> Any:
+    """hydra's instantiate, but our own one-line errors come out unwrapped."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, FmnistError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from e
+        raise
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [build(c) for c in group.values() if c is not None and "_target_" in c]
