@@ -34,22 +34,21 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from fmnist_tl import schemas
 from fmnist_tl.callbacks import RecordTestOutputs
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.progress import EpochProgressBar
-from fmnist_tl.runtime import CONFIG_PATH, build, cpu_precision_probe, resolve_precision
+from fmnist_tl.runtime import CONFIG_PATH, build, cpu_precision_probe, resolve_precision, run_hydra_cli
 from fmnist_tl.utils import (
     FmnistError,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     exit_on_user_error,
-    reject_unknown_keys,
 )
 
 log = logging.getLogger(__name__)
 
-EVALUATE_KEYS = {"data", "trainer", "paths", "hydra", "task_name", "seed", "ckpt_path", "report"}
 # The report must agree with what trainer.test logged for the same logits.
 AGREEMENT_TOLERANCE = 1e-6
 
@@ -293,17 +292,10 @@ def write_report(
 
 
 def _check_config(cfg: DictConfig) -> str:
-    reject_unknown_keys(cfg, EVALUATE_KEYS, "conf/evaluate.yaml")
+    schemas.check(cfg)
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
         raise FmnistError("ckpt_path is required: python -m fmnist_tl.evaluate ckpt_path=PATH/TO/checkpoint.ckpt")
-    for key in ("top_pairs", "mistakes"):
-        value = cfg.report.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise FmnistError(f"report.{key}={value!r} must be an integer >= 0")
-    batch_size = cfg.data.get("eval_batch_size") or cfg.data.get("batch_size")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise FmnistError(f"data.eval_batch_size={batch_size!r} must be an integer >= 1")
     return str(ckpt)
 
 
@@ -352,4 +344,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_cli(main, "evaluate")

@@ -26,27 +26,25 @@ from omegaconf import DictConfig
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from fmnist_tl import schemas
 from fmnist_tl.data import CLASS_NAMES, ImagePreprocess
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.onnx_backend import export_onnx
-from fmnist_tl.runtime import CONFIG_PATH, build
+from fmnist_tl.runtime import CONFIG_PATH, build, run_hydra_cli
+from fmnist_tl.schemas import ODD_BATCH
 from fmnist_tl.utils import (
     FmnistError,
     atomic_path,
     atomic_write_bytes,
     atomic_write_json,
     exit_on_user_error,
-    reject_unknown_keys,
     require_modules,
     sha256_file,
 )
 
 log = logging.getLogger(__name__)
 
-EXPORT_KEYS = {"data", "paths", "hydra", "task_name", "seed", "ckpt_path", "format", "opset", "verify"}
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
-# A second, odd batch size checks that the batch dimension really is dynamic.
-ODD_BATCH = 3
 
 
 class UInt8Classifier(nn.Module):
@@ -141,16 +139,11 @@ def load_test_images(cfg: DictConfig, count: int) -> torch.Tensor:
 
 
 def _check_config(cfg: DictConfig) -> str:
-    reject_unknown_keys(cfg, EXPORT_KEYS, "conf/export.yaml")
+    schemas.check(cfg)
     if not cfg.get("ckpt_path"):
         raise FmnistError("ckpt_path is required: python -m fmnist_tl.export ckpt_path=PATH/TO/checkpoint.ckpt")
-    if cfg.format not in FILE_NAMES:
-        raise FmnistError(f"format={cfg.format} is not supported; choose onnx or torchscript")
     if cfg.format == "onnx":  # torch.onnx's exporter needs onnxscript (and onnx); onnxruntime verifies
         require_modules("format=onnx", "export", "onnx", "onnxscript", "onnxruntime")
-    count = cfg.verify.num_images
-    if isinstance(count, bool) or not isinstance(count, int) or count < ODD_BATCH:
-        raise FmnistError(f"verify.num_images={count!r} must be an integer >= {ODD_BATCH}")
     return str(cfg.ckpt_path)
 
 
@@ -202,4 +195,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_cli(main, "export")

@@ -4,11 +4,15 @@ checkpoint-path resolution. The CLIs (train, evaluate, export) sit on top of thi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
-import math
+import os
+import re
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,10 +21,12 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from fmnist_tl import schemas, utils
 from fmnist_tl.features import ExtractionSettings, features_cache_dir
 from fmnist_tl.model import (
     check_backbone,
@@ -31,7 +37,7 @@ from fmnist_tl.model import (
     schedule_kind,
 )
 from fmnist_tl.probe import measured_trainer_precision
-from fmnist_tl.utils import FmnistError, check_logger_dependencies, reject_unknown_keys
+from fmnist_tl.utils import USER_FULL_ERROR_ENV, FmnistError, check_logger_dependencies, full_error_wanted
 
 log = logging.getLogger(__name__)
 # The frozen backbone is in eval mode on purpose (BatchNorm stats must not move).
@@ -65,74 +71,104 @@ CONFIG_PATH = (
 
 
 def compose_config(config_name: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """conf/<config_name>.yaml with overrides, composed outside a Hydra run from where the CLIs read it."""
+    """conf/<config_name>.yaml with overrides, composed outside a Hydra run from where the CLIs read it.
+
+    Hydra's own errors (bad override, unknown key, wrong type) come out as one-line FmnistErrors.
+    """
     GlobalHydra.instance().clear()
     if CONFIG_PATH.startswith("pkg://"):
         context = initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
     else:
         context = initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
     with context:
-        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+        try:
+            return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise FmnistError(hydra_error_line(e, config_name)) from e
 
 
-TOP_LEVEL_KEYS = {
-    "data",
-    "model",
-    "callbacks",
-    "logger",
-    "trainer",
-    "paths",
-    "features",
-    "hydra",
-    "experiment",
-    "hparams_search",
-    "debug",
-    "task_name",
-    "tags",
-    "seed",
-    "ckpt_path",
-    "test",
-    "optimized_metric",
-    "report",
-}
+def _known_keys(config_name: str, parent: str) -> list[str]:
+    """The keys a schema declares at `parent` (a dotted path), for close-match hints."""
+    node: Any = schemas.ENTRIES.get(config_name)
+    for part in [p for p in parent.split(".") if p]:
+        if part == "trainer":
+            import lightning as L
+
+            return sorted(set(inspect.signature(L.Trainer.__init__).parameters) - {"self"})
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return []
+        node = fields[part].type
+        node = getattr(schemas, node, None) if isinstance(node, str) else node
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
-def _positive_number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FmnistError(f"{name}={value!r} must be a number, e.g. {name}=0.001")
-    if not math.isfinite(value) or value <= 0:
-        raise FmnistError(f"{name}={value} must be a positive finite number")
-    return float(value)
+def hydra_error_line(e: BaseException, config_name: str) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing conf/<config_name>.yaml."""
+    message, cause = str(e), e.__cause__
+    first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+    if isinstance(e, MissingConfigException):
+        found = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
+        options = re.findall(r"^\t(\S+)$", message.split("Config search path:")[0], flags=re.M)
+        options = [o for o in options if o != "schema"]
+        if found:
+            group, name = found.groups()
+            return f"{group}={name}: no such option in {group}; choose one of {', '.join(options) or '(none)'}"
+        return first
+    if isinstance(e, OverrideParseException):
+        detail = next((line for line in message.splitlines()[1:] if line and not line.startswith("See ")), "")
+        return f"{first}{f' ({detail})' if detail else ''}; see https://hydra.cc/docs/advanced/override_grammar/basic/"
+    override = re.search(r"(?:Could not override|Error merging override) '?([^'\s]+)'?", message)
+    key = override.group(1).split("=", 1)[0].lstrip("+~") if override else ""
+    if key.split(".")[0] == "model" and config_name != "train":
+        return (
+            f"{key}: {config_name} takes the model from the checkpoint (ckpt_path), so it has no model.* "
+            "settings; drop that override"
+        )
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        parts = key.split(".")
+        for depth in range(len(parts)):  # name the first unknown part, with its close matches
+            known = _known_keys(config_name, ".".join(parts[:depth]))
+            if known and parts[depth] not in known:
+                # An open node (the trainer's) takes new keys with +; a schema's never does.
+                return schemas.unknown_key_message(".".join(parts[: depth + 1]), known, can_add=parts[0] == "trainer")
+        return schemas.unknown_key_message(key, [], can_add=True)
+    if isinstance(cause, OmegaConfBaseException) and override:
+        what = str(cause).strip().splitlines()[0]
+        return f"{override.group(1)}: {what} (see conf/{config_name}.yaml and its groups)"
+    exists = re.search(r"An item is already at '([^']+)'", message)
+    if exists:
+        return f"+{exists.group(1)}: the key exists already; drop the + (write {exists.group(1)}=...)"
+    return first
 
 
-def _int_at_least(value: Any, name: str, low: int, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise FmnistError(f"{name}={value!r} must be an integer >= {low}{why}")
-    return value
+def run_hydra_cli(main: Callable[[], Any], config_name: str) -> None:
+    """Run a @hydra.main entry point, with Hydra's composition errors as one `error:` line, exit 2.
+
+    HYDRA_FULL_ERROR=1 makes Hydra raise instead of printing its multi-line report; the user's own
+    setting is kept in USER_FULL_ERROR_ENV, and with it set to 1 the full trace is shown as usual.
+    """
+    os.environ.setdefault(USER_FULL_ERROR_ENV, os.environ.get("HYDRA_FULL_ERROR", "0"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if full_error_wanted() or utils.TASK_STARTED:
+            raise
+        print(f"error: {hydra_error_line(e, config_name)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Reject bad values before anything is built or written, with one line naming the key."""
-    reject_unknown_keys(cfg, TOP_LEVEL_KEYS, "conf/train.yaml")
+    """Reject bad values before anything is built or written, with one line naming the key.
+
+    Keys and types were checked by Hydra while composing (fmnist_tl/schemas.py); here the ranges
+    declared next to each field, then what depends on more than one key or on files.
+    """
+    schemas.check(cfg)
     check_logger_dependencies(cfg.get("logger"))
-    m, d = cfg.model, cfg.data
+    m = cfg.model
     check_backbone(m.backbone, m.weights)
-    _positive_number(m.optimizer.lr, "model.optimizer.lr")
-    if m.optimizer.get("weight_decay") is not None and (
-        not isinstance(m.optimizer.weight_decay, (int, float)) or m.optimizer.weight_decay < 0
-    ):
-        raise FmnistError(f"model.optimizer.weight_decay={m.optimizer.weight_decay!r} must be a number >= 0")
-    dropout = m.head.get("dropout", 0.0)
-    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise FmnistError(f"model.head.dropout={dropout!r} must be in [0, 1)")
-    for i, width in enumerate(m.head.get("hidden_dims") or []):
-        _int_at_least(width, f"model.head.hidden_dims[{i}]", 1)
-    _int_at_least(d.batch_size, "data.batch_size", 1)
-    _int_at_least(d.image_size, "data.image_size", 32, " (ResNets downsample 32x)")
-    _int_at_least(d.val_size, "data.val_size", 1)
-    _int_at_least(d.num_workers, "data.num_workers", 0)
-    if cfg.trainer.get("max_epochs") is not None:
-        _int_at_least(cfg.trainer.max_epochs, "trainer.max_epochs", 1)
     # fast_dev_run runs one batch whatever the epochs, so a fine-tune config is still worth a smoke test.
     epochs = None if cfg.trainer.get("fast_dev_run") else cfg.trainer.get("max_epochs")
     ckpt = cfg.get("ckpt_path")

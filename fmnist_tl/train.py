@@ -42,6 +42,7 @@ from fmnist_tl.runtime import (
     instantiate_group,
     resolve_ckpt_path,
     resolve_precision,
+    run_hydra_cli,
     validate_config,
 )
 from fmnist_tl.utils import (
@@ -49,6 +50,7 @@ from fmnist_tl.utils import (
     atomic_write_json,
     atomic_write_text,
     exit_on_user_error,
+    full_error_wanted,
     remove_stale_temp_files,
 )
 
@@ -297,7 +299,7 @@ def main(cfg: DictConfig) -> float:
             metrics = train(cfg)
         except BaseException as e:
             if not multirun:
-                if isinstance(e, KeyboardInterrupt) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                if isinstance(e, KeyboardInterrupt) and not full_error_wanted():
                     print("error: interrupted", file=sys.stderr)
                     sys.exit(130)
                 raise
@@ -309,7 +311,7 @@ def main(cfg: DictConfig) -> float:
                 why = str(e) if isinstance(e, FmnistError) else f"stopped by {signal_name}"
                 record_failed_job(cfg, "interrupted", f"{why}; the sweep stopped here", start)
                 _summarize_stopped_sweep()
-                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                if full_error_wanted():
                     raise
                 print(f"error: {why}; the sweep stopped here", file=sys.stderr)
                 sys.exit(143 if signal_name == "SIGTERM" else 130)
@@ -328,4 +330,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    main()
+    run_hydra_cli(main, "train")

@@ -22,13 +22,6 @@ class FmnistError(Exception):
     """An error caused by user input; the CLI prints its message as one line and exits non-zero."""
 
 
-def reject_unknown_keys(cfg: Any, allowed: set[str], config_file: str) -> None:
-    """A misspelt top-level key would otherwise be ignored silently; name the first one."""
-    unknown = sorted(set(cfg.keys()) - allowed)
-    if unknown:
-        raise FmnistError(f"unknown config key '{unknown[0]}'; check the spelling (see {config_file})")
-
-
 def require_modules(what: str, extra: str, *modules: str) -> None:
     """Refuse `what` before anything is built when an optional dependency is missing, naming the fix."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
@@ -157,6 +150,20 @@ def remove_untouched_run_dir() -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def full_error_wanted() -> bool:
+    """Whether the user asked for full tracebacks (HYDRA_FULL_ERROR=1), as they set it.
+
+    The Hydra CLIs set HYDRA_FULL_ERROR=1 themselves to receive Hydra's errors (runtime.run_hydra_cli)
+    and keep the user's own setting in USER_FULL_ERROR_ENV, which child processes inherit.
+    """
+    return os.environ.get(USER_FULL_ERROR_ENV, os.environ.get("HYDRA_FULL_ERROR")) == "1"
+
+
+USER_FULL_ERROR_ENV = "FMNIST_TL_HYDRA_FULL_ERROR"
+# Set once a Hydra task function runs: an error after that is the task's, never a config error.
+TASK_STARTED = False
+
+
 @contextlib.contextmanager
 def exit_on_user_error(hydra_run: bool = False) -> Iterator[None]:
     """For CLI entry points: a FmnistError becomes `error: <msg>` on stderr and exit code 2.
@@ -164,12 +171,14 @@ def exit_on_user_error(hydra_run: bool = False) -> Iterator[None]:
     Ctrl-C exits 130. HYDRA_FULL_ERROR=1 keeps the full traceback instead. With `hydra_run` (a
     Hydra entry point), the run dir a refused config left empty is removed.
     """
+    global TASK_STARTED
+    TASK_STARTED = TASK_STARTED or hydra_run
     try:
         yield
     except (FmnistError, KeyboardInterrupt) as e:
         if hydra_run and isinstance(e, FmnistError):
             remove_untouched_run_dir()
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_error_wanted():
             raise
         message = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
         print(f"error: {message}", file=sys.stderr)

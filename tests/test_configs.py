@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fmnist_tl import schemas
 from fmnist_tl.data import FashionMNISTDataModule
 from fmnist_tl.features import feature_cache_for
 from fmnist_tl.model import TransferClassifier
@@ -135,7 +136,11 @@ def test_cli_missing_optional_dependency_one_line(tmp_path):
     "override, message",
     [
         ("model.optimizer.lr=-1", "model.optimizer.lr=-1 must be a positive"),
-        ("model.optimizer.lr=abc", "model.optimizer.lr='abc' must be a number"),
+        ("model.optimizer.lr=abc", "model.optimizer.lr='abc' must be a positive finite number"),
+        ("features.precision=int4", "features.precision='int4' must be one of auto, 32, bf16, 16, int8"),
+        ("data.pin_memory=maybe", "data.pin_memory='maybe' must be one of auto, true, false"),
+        ("model.finetune.bn=eval", "model.finetune.bn='eval' must be one of frozen, train"),
+        ("+data.colour=1", "unknown config key 'data.colour'"),
         ("model.backbone=vgg99", "model.backbone=vgg99 is not supported"),
         ("model.weights=IMAGENET1K_V9", "model.weights=IMAGENET1K_V9 is not a torchvision weights name"),
         ("data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),
@@ -149,6 +154,56 @@ def test_bad_values_rejected_by_validation(override, message):
     cfg = compose_cfg("train", [override])
     with pytest.raises(FmnistError, match=re.escape(message)):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "config_name, override, message",
+    [
+        ("train", "model.optimzer.lr=1", "unknown config key 'model.optimzer'; did you mean model.optimizer?"),
+        ("train", "model.head.dropot=0.1", "unknown config key 'model.head.dropot'; did you mean model.head.dropout?"),
+        ("train", "trainer.max_epoch=3", "unknown config key 'trainer.max_epoch'; did you mean trainer.max_epochs"),
+        ("train", "data.batch_size=abc", "data.batch_size=abc: Value 'abc' of type 'str' could not be converted to"),
+        ("train", "model=resnet99", "model=resnet99: no such option in model; choose one of resnet18, resnet50"),
+        ("train", "+data.batch_size=3", "+data.batch_size: the key exists already; drop the +"),
+        ("train", "data.batch_size==3", "Error parsing override 'data.batch_size==3'"),
+        ("evaluate", "model.weights=null", "model.weights: evaluate takes the model from the checkpoint (ckpt_path)"),
+        ("export", "model.backbone=resnet18", "model.backbone: export takes the model from the checkpoint (ckpt_path)"),
+    ],
+)
+def test_hydra_override_errors_are_one_line(config_name, override, message):
+    """What Hydra refuses while composing comes out as one FmnistError line naming the key."""
+    with pytest.raises(FmnistError) as e:
+        compose_cfg(config_name, [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "config_name, overrides, message",
+    [
+        ("evaluate", ["report.top_pairs=-1"], "report.top_pairs=-1 must be an integer >= 0"),
+        ("evaluate", ["data.eval_batch_size=0"], "data.eval_batch_size=0 must be an integer >= 1 or null"),
+        ("export", ["format=xyz"], "format='xyz' must be one of onnx, torchscript"),
+        ("export", ["verify.num_images=2"], "verify.num_images=2 must be an integer >= 3"),
+    ],
+)
+def test_entry_schemas_check_ranges(config_name, overrides, message):
+    with pytest.raises(FmnistError, match=re.escape(message)):
+        schemas.check(compose_cfg(config_name, ["ckpt_path=x.ckpt", *overrides]))
+
+
+@pytest.mark.parametrize(
+    "module, override",
+    [("fmnist_tl.evaluate", "model.weights=null"), ("fmnist_tl.train", "model.optimzer.lr=1")],
+)
+def test_cli_hydra_error_one_line(module, override, tmp_path):
+    """Hydra's own multi-line report (and its HYDRA_FULL_ERROR hint) becomes our one line; with
+    HYDRA_FULL_ERROR=1 the user gets the full trace."""
+    proc = run_cli("ckpt_path=x.ckpt", override, f"paths.root_dir={tmp_path}", module=module)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
+    assert not list(tmp_path.iterdir())
+    full = run_cli("ckpt_path=x.ckpt", override, env={**os.environ, "HYDRA_FULL_ERROR": "1"}, module=module)
+    assert full.returncode != 0 and "Traceback" in full.stderr
 
 
 @pytest.mark.parametrize(
