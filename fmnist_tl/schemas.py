@@ -129,7 +129,8 @@ class DataConfig:
     channels_last: bool = MISSING
     train_subset: int | None = checked(None, at_least(1, optional=True))
     test_subset: int | None = checked(None, at_least(1, optional=True))
-    expected_sizes: dict[str, int] = field(default_factory=dict)
+    # null: do not check that split's size (a mirror holding a subset)
+    expected_sizes: dict[str, int | None] = field(default_factory=dict)
     seed: int = MISSING
     cache_features: Any = checked("auto", one_of("auto", True, False))
 

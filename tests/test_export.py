@@ -106,10 +106,10 @@ def test_export_that_disagrees_with_pytorch_fails_and_writes_nothing(tiny_mirror
     "extra, message",
     [
         ([], "ckpt_path is required"),
-        (["ckpt_path=x.ckpt", "format=tflite"], "format=tflite is not supported"),
+        (["ckpt_path=x.ckpt", "format=tflite"], "format='tflite' must be one of onnx, torchscript"),
         (["ckpt_path=x.ckpt", "verify.num_images=0"], "verify.num_images=0 must be an integer >= 3"),
         (["ckpt_path=/no/such.ckpt"], "checkpoint /no/such.ckpt does not exist"),
-        (["+bogus=1"], "unknown config key 'bogus'; check the spelling (see conf/export.yaml)"),
+        (["+bogus=1"], "unknown config key 'bogus'"),
     ],
 )
 def test_export_rejects_bad_config(tiny_mirror, tmp_path, extra, message):

@@ -225,7 +225,7 @@ def test_int8_feature_entries_have_their_own_key(net, train_images):
         (["features.backend=torch", "features.precision=int8"], "features.precision=int8 runs on onnxruntime"),
         (["features.backend=onnxruntime", "features.precision=bf16"], "features.precision=bf16 with features.backend"),
         (["features.backend=tensorrt"], "features.backend=tensorrt must be one of auto, torch, onnxruntime"),
-        (["features.gate_mean_cosine=2"], "features.gate_mean_cosine=2 must be a number in [-1, 1]"),
+        (["features.gate_mean_cosine=2"], "features.gate_mean_cosine=2.0 must be in [-1, 1]"),
     ],
 )
 def test_impossible_settings_are_one_line_errors(tiny_cfg, overrides, message):

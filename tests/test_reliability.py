@@ -173,6 +173,7 @@ _SAVE_LOOP = """
 import sys, torch
 from fmnist_tl.utils import atomic_write_bytes
 if sys.argv[2] == "checkpoint":
+    from fmnist_tl.callbacks import AtomicCheckpointIO
     io = AtomicCheckpointIO()
 state = {"w": torch.randn(4_000_000)}
 i = 0
