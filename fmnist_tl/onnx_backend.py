@@ -33,6 +33,7 @@ import filelock
 import torch
 from torch import nn
 
+from fmnist_tl.progress import progress_bar
 from fmnist_tl.utils import FmnistError, atomic_path, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -360,8 +361,6 @@ class OnnxExtractor:
         return torch.from_numpy(self.session.run(["features"], {"images": batch.contiguous().numpy()})[0])
 
     def __call__(self, images: torch.Tensor, description: str = "features") -> torch.Tensor:
-        from fmnist_tl.features import progress_bar  # the same bar as torch extraction
-
         n, bs = len(images), self.batch_size
         if n == 0:
             raise FmnistError(f"{description}: no images to extract features from")
