@@ -24,6 +24,7 @@ from torch import nn
 
 from fmnist_tl import onnx_backend
 from fmnist_tl.extraction import PRECISIONS, FeatureExtractor, check_backend
+from fmnist_tl.manifest_store import fingerprint_key
 from fmnist_tl.utils import FmnistError, tensors_sha256
 
 
@@ -177,7 +178,7 @@ class CandidateRunners:
         if c.precision != "int8":
             return None
         fp = onnx_backend.int8_fingerprint(self.base, c.variant, self.calibration)
-        return {"key": onnx_backend.artefact_key(fp), **{k: fp[k] for k in ("variant", "quantization", "calibration")}}
+        return {"key": fingerprint_key(fp), **{k: fp[k] for k in ("variant", "quantization", "calibration")}}
 
     def _work_dir(self) -> Path:
         if self._work is None:

@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fmnist_tl import onnx_backend
+from fmnist_tl.manifest_store import fingerprint_key
 from fmnist_tl.progress import progress_bar
 from fmnist_tl.utils import FmnistError, tensors_sha256
 
@@ -135,6 +134,12 @@ def check_backend(backend: str, precision: str, device: torch.device | None = No
         )
 
 
+def work_at_224(n_images: int, image_size: int) -> float:
+    """A job's size in 224-px image equivalents: a backbone's cost scales with pixels, so the thresholds
+    (features.compile_min_images, features.probe_min_images) are counted in these."""
+    return n_images * (image_size / 224) ** 2
+
+
 def store_dtype_for(setting: str, precision: str) -> str:
     if setting != "auto":
         return setting
@@ -181,10 +186,6 @@ def fingerprint(
     return fp
 
 
-def cache_key(fp: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:24]
-
-
 def split_entry(
     backbone_name: str,
     weights_sha256: str,
@@ -211,7 +212,7 @@ def split_entry(
         quantization=quantization,
     )
     tag = "-int8" if quantization else ""
-    return f"{split}-{backbone_name}-{preprocess.image_size}px{tag}-{cache_key(fp)}", fp
+    return f"{split}-{backbone_name}-{preprocess.image_size}px{tag}-{fingerprint_key(fp)}", fp
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,9 +264,7 @@ class FeatureExtractor:
         if self.compile in (True, False):
             return bool(self.compile)
         # Compiling is a fixed cost up front; it pays only once the eager time it saves clearly exceeds it.
-        # Cost scales with pixels, so count work in 224-px image equivalents.
-        work = n_images * (self.preprocess.image_size / 224) ** 2
-        return work >= self.compile_min_images
+        return work_at_224(n_images, self.preprocess.image_size) >= self.compile_min_images
 
     def __call__(self, images: torch.Tensor, description: str = "features") -> torch.Tensor:
         """uint8 (N, 1, 28, 28) on the CPU -> pooled features (N, D) float32 on the CPU."""

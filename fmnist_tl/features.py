@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fmnist_tl.data import holds_features
-from fmnist_tl.extraction import ExtractionSettings, split_entry, store_dtype_for
+from fmnist_tl.extraction import ExtractionSettings, split_entry, store_dtype_for, work_at_224
 from fmnist_tl.feature_store import CacheResult, FeatureStore, load_or_extract
 from fmnist_tl.probe import Plan, Planner, probe_lock
 from fmnist_tl.utils import FmnistError, module_sha256
@@ -97,7 +97,7 @@ class FeatureCache(L.Callback):
         s, pre = self.settings, dm.preprocess
         backend, precision = s.backend, s.precision
         n_images = sum(len(dm.split_tensors(split)[1]) for split in splits)
-        work = n_images * (pre.image_size / 224) ** 2
+        work = work_at_224(n_images, pre.image_size)
         if work < s.probe_min_images and "auto" in (backend, precision):
             precision = "32" if precision == "auto" else precision
             backend = "torch" if backend == "auto" and precision != "int8" else backend

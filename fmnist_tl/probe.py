@@ -44,6 +44,7 @@ from fmnist_tl.candidates import (
     split_samples,
     time_runner,
 )
+from fmnist_tl.extraction import work_at_224
 from fmnist_tl.utils import FmnistError, atomic_write_json, machine_name
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ class Planner:
         compile_ok = self.settings.compile is True or (
             self.settings.compile == "auto"
             and job_images is not None
-            and job_images * (self.image_size / 224) ** 2 >= self.settings.compile_min_images
+            and work_at_224(job_images, self.image_size) >= self.settings.compile_min_images
         )
         timings, probe_path = self.timings(cands, compile_ok)
         order = sorted(timings, key=lambda k: timings[k]["img_per_s"], reverse=True)

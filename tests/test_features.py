@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from fmnist_tl.data import IDX_FILES, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess
+from fmnist_tl.data import IDX_FILES, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, holds_features
 from fmnist_tl.extraction import FeatureExtractor
 from fmnist_tl.feature_store import CacheResult, FeatureStore, cached_features
 from fmnist_tl.features import FeatureCache, feature_cache_for
@@ -208,6 +208,24 @@ def test_cached_logits_equal_image_logits(tmp_path, data):
             scale = float(from_images.abs().max())
             torch.testing.assert_close(from_cache, from_images, rtol=rel, atol=rel * scale)
             assert (from_cache.argmax(1) == from_images.argmax(1)).float().mean() >= 0.95
+
+
+def test_the_datamodule_serves_a_split_of_cached_features_as_it_is(tiny_cfg):
+    dm = build(tiny_cfg().data)
+    dm.prepare_data()
+    dm.setup("fit")
+    images, labels = dm.split_tensors("val")
+    preprocessed, _ = dm.on_after_batch_transfer((images[:4], labels[:4]), 0)
+    assert not holds_features(images) and not holds_features(preprocessed) and preprocessed.shape[1] == 3
+    feats = torch.randn(len(labels), 8)
+    with pytest.raises(FmnistError, match=r"cached val features must be 2-D \(N, D\), got shape"):
+        dm.use_cached_features("val", feats.unsqueeze(1))
+    dm.use_cached_features("val", feats)
+    served, served_labels = dm.split_tensors("val")
+    assert holds_features(served) and torch.equal(served, feats) and torch.equal(served_labels, labels)
+    batch, _ = dm.on_after_batch_transfer((feats[:4], labels[:4]), 0)
+    assert torch.equal(batch, feats[:4])  # no preprocessing: features go to the head as they are
+    assert dm.image_splits["val"][0] is images  # the images stay reachable for reports
 
 
 def test_compile_failure_falls_back_to_eager_with_one_log_line(monkeypatch, caplog, data):

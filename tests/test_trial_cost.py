@@ -12,7 +12,7 @@ import os
 
 import torch
 
-import fmnist_tl.feature_store as feature_store
+import fmnist_tl.manifest_store as manifest_store
 import fmnist_tl.model as model_module
 from fmnist_tl.feature_store import FeatureStore
 from fmnist_tl.model import TransferClassifier
@@ -58,8 +58,8 @@ def test_a_cache_file_checked_once_is_not_hashed_again_until_it_changes(tmp_path
     tensors = {"features": torch.randn(8, 4).half(), "labels": torch.arange(8)}
     store.save("entry", tensors, {"fingerprint": fp})
     hashed = []
-    real = feature_store.sha256_file
-    monkeypatch.setattr(feature_store, "sha256_file", lambda p: hashed.append(p) or real(p))
+    real = manifest_store.sha256_file
+    monkeypatch.setattr(manifest_store, "sha256_file", lambda p: hashed.append(p) or real(p))
     for _ in range(3):
         loaded, problem = store.load("entry", fp)
         assert problem is None and torch.equal(loaded["features"], tensors["features"])
