@@ -84,6 +84,12 @@ def split_samples(
     return cal, held, identity
 
 
+def timing_sample(train_images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` seeded training images for timing, repeated if the split is smaller: like the job's images."""
+    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))
+    return train_images[order.repeat(-(-count // len(order)))[:count]]
+
+
 # --------------------------------------------------------------------------------------------
 # Measuring a runner: its speed, and its features against fp32 (the fidelity gate)
 
@@ -130,45 +136,50 @@ def cosine_figures(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str
     return {"mean_cosine": round(float(cos.mean()), 6), "worst_cosine": round(float(cos.min()), 6)}
 
 
+def backbone_identity(backbone_name: str, weights_sha256: str, preprocess: nn.Module) -> dict[str, Any]:
+    """What every model and gate record made from a backbone depends on: network, weights, preprocessing."""
+    return {
+        "backbone": backbone_name,
+        "weights_sha256": weights_sha256,
+        "image_size": int(preprocess.image_size),
+        "mean": [round(float(m), 8) for m in preprocess.mean.flatten().tolist()],
+        "std": [round(float(s), 8) for s in preprocess.std.flatten().tolist()],
+    }
+
+
 class CandidateRunners:
     """Builds and keeps one extractor per candidate, for one backbone (weights) on one device.
 
+    `base` is the backbone's identity (backbone_identity); `calibration` the identity of the int8
+    calibration images `cal_images` (split_samples). ONNX models are kept in `models_dir`.
     `quantiser(candidate, images) -> features` (tests) replaces a reduced-precision candidate's
     extraction in `features`, i.e. in the fidelity gate.
     """
 
     def __init__(
         self,
-        *,
-        root: str | Path,
+        backbone: nn.Module,
+        preprocess: nn.Module,
+        base: dict[str, Any],
         settings: Any,
         device: torch.device,
-        backbone: nn.Module,
-        backbone_name: str,
-        preprocess: nn.Module,
-        weights_sha256: str,
+        *,
         cal_images: torch.Tensor,
-        samples: dict[str, Any],
+        calibration: dict[str, Any],
+        models_dir: Path,
         quantiser: Callable[[Candidate, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        self.root = Path(root)
-        self.settings = settings
-        self.device = torch.device(device)
         self.backbone = backbone
         self.preprocess = preprocess
+        self.base = base
+        self.settings = settings
+        self.device = torch.device(device)
         self.batch_size = int(settings.batch_size or (512 if self.device.type == "cuda" else 16))
         self.cal_images = cal_images
+        self.calibration = calibration
+        self.models_dir = models_dir
         self.quantiser = quantiser
-        # What every model built here is made from: the network, its weights, its preprocessing.
-        self.base = {
-            "backbone": backbone_name,
-            "weights_sha256": weights_sha256,
-            "image_size": int(preprocess.image_size),
-            "mean": [round(float(m), 8) for m in preprocess.mean.flatten().tolist()],
-            "std": [round(float(s), 8) for s in preprocess.std.flatten().tolist()],
-        }
-        self.calibration = {k: v for k, v in samples.items() if k.startswith("calibration") or k in ("split", "seed")}
-        self.onnx_store = onnx_backend.ArtefactStore(self.root / "models")
+        self.onnx_store = onnx_backend.ArtefactStore(models_dir)
         self._extractors: dict[str, Any] = {}
         self._artefacts: dict[str, tuple[Path, dict[str, Any]]] = {}
         self._work: Path | None = None
@@ -182,8 +193,8 @@ class CandidateRunners:
 
     def _work_dir(self) -> Path:
         if self._work is None:
-            (self.root / "models").mkdir(parents=True, exist_ok=True)
-            self._work = Path(tempfile.mkdtemp(prefix=".work-", dir=self.root / "models"))
+            self.models_dir.mkdir(parents=True, exist_ok=True)
+            self._work = Path(tempfile.mkdtemp(prefix=".work-", dir=self.models_dir))
         return self._work
 
     def artefact(self, c: Candidate) -> tuple[Path, dict[str, Any]]:

@@ -39,10 +39,12 @@ from fmnist_tl import onnx_backend
 from fmnist_tl.candidates import (
     Candidate,
     CandidateRunners,
+    backbone_identity,
     candidates,
     cosine_figures,
     split_samples,
     time_runner,
+    timing_sample,
 )
 from fmnist_tl.extraction import work_at_224
 from fmnist_tl.utils import FmnistError, atomic_write_json, machine_name
@@ -193,25 +195,23 @@ class Planner:
         cal_images, self.gate_images, self.samples = split_samples(
             train_images, settings.calibration_images, settings.gate_images, settings.calibration_seed
         )
+        calibration = {k: v for k, v in self.samples.items() if k.startswith("calibration") or k in ("split", "seed")}
         self.runners = CandidateRunners(
-            root=self.root,
-            settings=settings,
-            device=self.device,
-            backbone=backbone,
-            backbone_name=backbone_name,
-            preprocess=preprocess,
-            weights_sha256=weights_sha256,
+            backbone,
+            preprocess,
+            backbone_identity(backbone_name, weights_sha256, preprocess),
+            settings,
+            self.device,
             cal_images=cal_images,
-            samples=self.samples,
+            calibration=calibration,
+            models_dir=self.root / "models",
             quantiser=quantiser,
         )
         self.batch_size = self.runners.batch_size
-        # Timing images: a warm-up batch plus the timed ones, full batches (512 on CUDA), seeded.
-        need = self.batch_size * (settings.probe_batches + 1)
-        order = torch.randperm(
-            len(train_images), generator=torch.Generator().manual_seed(settings.calibration_seed + 1)
+        # A warm-up batch plus the timed ones, full batches (512 on CUDA).
+        self.probe_images = timing_sample(
+            train_images, self.batch_size * (settings.probe_batches + 1), settings.calibration_seed + 1
         )
-        self.probe_images = train_images[order.repeat(-(-need // len(order)))[:need]]
         self.timer = timer
         self._reference: torch.Tensor | None = None
 
