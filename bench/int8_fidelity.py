@@ -34,12 +34,13 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from fmnist_tl.candidates import Candidate, cosine_figures  # noqa: E402
 from fmnist_tl.data import FashionMNISTDataModule  # noqa: E402
-from fmnist_tl.features import ExtractionSettings, module_sha256  # noqa: E402
+from fmnist_tl.extraction import ExtractionSettings  # noqa: E402
 from fmnist_tl.model import TransferClassifier, load_state_dict_file  # noqa: E402
 from fmnist_tl.onnx_backend import INT8_VARIANTS  # noqa: E402
-from fmnist_tl.probe import Candidate, Planner, cosine_figures  # noqa: E402
-from fmnist_tl.utils import atomic_write_json, cpu_model, sha256_file  # noqa: E402
+from fmnist_tl.probe import Planner  # noqa: E402
+from fmnist_tl.utils import atomic_write_json, cpu_model, module_sha256, sha256_file  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         train_images=train_x,
     )
     # Head-training images: seeded, and disjoint from the calibration and gate images.
-    used = {bytes(x.numpy()) for x in torch.cat([planner.cal_images, planner.gate_images])}
+    used = {bytes(x.numpy()) for x in torch.cat([planner.runners.cal_images, planner.gate_images])}
     pool = [i for i in torch.randperm(len(train_x), generator=torch.Generator().manual_seed(7)).tolist()]
     head_idx = torch.tensor([i for i in pool if bytes(train_x[i].numpy()) not in used][: args.train_images])
     sets = {
@@ -119,19 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         out = {}
         for name, (images, _) in sets.items():
             t0 = time.perf_counter()
-            out[name] = planner.features(c, images)
+            out[name] = planner.runners.features(c, images)
             log(f"{c.id} {name}: {len(images)} images in {time.perf_counter() - t0:.0f} s")
         return out
 
     fp32 = extract(Candidate("onnxruntime", "32"))
-    torch_gate = planner.features(Candidate("torch", "32"), planner.gate_images)
+    torch_gate = planner.runners.features(Candidate("torch", "32"), planner.gate_images)
     result: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "command": "python -m bench.int8_fidelity " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu": cpu_model(),
         "weights": {"file": str(args.weights), "sha256": sha256_file(args.weights)},
         "images": {k: len(v[0]) for k, v in sets.items()},
-        "calibration": planner.calibration(),
+        "calibration": planner.runners.calibration,
         "thresholds": {"mean": settings.gate_mean_cosine, "worst": settings.gate_worst_cosine},
         "onnxruntime_fp32_vs_torch_fp32_gate": cosine_detail(torch_gate, fp32["gate"]),
         "variants": {},
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         heads = [train_head(q["train"], sets["train"][1], args.epochs, s) for s in range(args.seeds)]
         acc = [accuracy(h, q["test"], sets["test"][1]) for h in heads]
         row = {
-            "quantization": planner.quantization(c),
+            "quantization": planner.runners.quantization(c),
             "gate_sample": cosine_detail(fp32["gate"], q["gate"]),
             "test_images": cosine_detail(fp32["test"], q["test"]),
             "int8_head_test_acc": acc,

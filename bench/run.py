@@ -51,11 +51,12 @@ from torch.utils.data import DataLoader, Subset, TensorDataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD, FashionMNISTDataModule  # noqa: E402
-from fmnist_tl.features import ExtractionSettings, features_cache_dir, module_sha256  # noqa: E402
+from fmnist_tl.extraction import ExtractionSettings  # noqa: E402
+from fmnist_tl.features import features_cache_dir  # noqa: E402
 from fmnist_tl.onnx_backend import onnxruntime_version  # noqa: E402
 from fmnist_tl.probe import Planner  # noqa: E402
 from fmnist_tl.runtime import build, compose_config, resolve_precision  # noqa: E402
-from fmnist_tl.utils import atomic_write_json, cpu_flags, cpu_model, sha256_file  # noqa: E402
+from fmnist_tl.utils import atomic_write_json, cpu_flags, cpu_model, module_sha256, sha256_file  # noqa: E402
 
 TARGETS = {
     "extraction_ratio": 9.0,  # end-to-end extraction (probe, export, quantisation, compile included) / (a)

@@ -197,6 +197,19 @@ def augment_batch(images: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
     return x
 
 
+def holds_features(x: torch.Tensor) -> bool:
+    """True when a split's tensor or a batch holds cached backbone features rather than images.
+
+    The cached-features contract, in one place. Images are 4-D: uint8 (N, 1, 28, 28) in a split,
+    float (B, 3, H, W) once preprocessed on the device. Pooled backbone features are 2-D (N, D).
+    The feature cache (fmnist_tl.features.FeatureCache) swaps a split's images for its features
+    with `FashionMNISTDataModule.use_cached_features`; from then on this test is what makes the
+    datamodule skip preprocessing (and serve the split from the device on CUDA), and what makes
+    `TransferClassifier.logits` send the batch straight to the head.
+    """
+    return x.ndim == 2
+
+
 class FashionMNISTDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -343,7 +356,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         # The uint8 images stay reachable when a split is swapped for cached features (reports need them).
         self.image_splits = {s: getattr(self, f"data_{s}").tensors for s in ("train", "val", "test")}
 
-    # --- cached features (fmnist_tl/features.py) ---------------------------------------------
+    # --- cached features (see holds_features) -------------------------------------------------
     def split_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(images uint8 (N,1,28,28) or cached features (N,D), labels) of train/val/test after setup."""
         dataset = getattr(self, f"data_{split}", None)
@@ -352,8 +365,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return dataset.tensors[0], dataset.tensors[1]
 
     def use_cached_features(self, split: str, features: torch.Tensor) -> None:
-        """Serve (pooled features, labels) for this split; on_after_batch_transfer passes floats through."""
+        """Serve (pooled features (N, D), labels) for this split instead of its images (holds_features)."""
         labels = self.split_tensors(split)[1]
+        if not holds_features(features):
+            raise FmnistError(f"cached {split} features must be 2-D (N, D), got shape {tuple(features.shape)}")
         if len(features) != len(labels):
             raise FmnistError(f"cached {split} features hold {len(features)} rows for {len(labels)} labels")
         setattr(self, f"data_{split}", TensorDataset(features, labels))
@@ -373,7 +388,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         sampler = None
         distributed = self.trainer is not None and self.trainer.world_size > 1
         device = self.trainer.strategy.root_device if self.trainer is not None else None
-        cached = isinstance(dataset, TensorDataset) and dataset.tensors[0].is_floating_point()
+        cached = isinstance(dataset, TensorDataset) and holds_features(dataset.tensors[0])
         if cached and device is not None and device.type == "cuda" and not distributed:
             return self.device_batches(dataset, shuffle, batch_size, device)
         if shuffle and not distributed:
@@ -419,7 +434,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
-        if images.dtype == torch.uint8:  # cached features arrive as float and pass through
+        if not holds_features(images):  # cached features go to the head as they are
             if self.augment and self.trainer is not None and self.trainer.training:
                 images = augment_batch(images)
             images = self.preprocess.to(images.device)(images)

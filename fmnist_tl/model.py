@@ -21,8 +21,8 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess
-from fmnist_tl.utils import FmnistError, sha256_file
+from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, holds_features
+from fmnist_tl.utils import FmnistError, module_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 # DDP warns when find_unused_parameters=True finds none; in a fine-tune run that is the fine-tune
@@ -265,8 +265,6 @@ def backbone_state_of(ckpt: Mapping[str, Any], what: str) -> dict[str, torch.Ten
 
 
 def check_backbone_sha256(net: nn.Module, meta: Mapping[str, Any], what: str, sha: str | None = None) -> None:
-    from fmnist_tl.features import module_sha256
-
     sha = sha or module_sha256(net)
     if sha != meta["sha256"]:
         raise FmnistError(
@@ -660,8 +658,6 @@ class TransferClassifier(L.LightningModule):
     def backbone_sha256(self) -> str:
         """sha256 of the backbone's tensors (the feature cache's key); computed once per process and
         weights while the backbone cannot change (see `_BUILT`)."""
-        from fmnist_tl.features import module_sha256
-
         key = self._backbone_key if self.backbone_frozen_for_good else None
         if key is None or key not in _SHA256:
             sha = module_sha256(self.backbone)
@@ -781,13 +777,13 @@ class TransferClassifier(L.LightningModule):
         return self.head(self.embed(images))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        # 2-D input is cached backbone features (see features.py); 4-D is preprocessed images.
-        if x.ndim == 2 and self.finetune_active:
+        features = holds_features(x)  # cached backbone features, else preprocessed images
+        if features and self.finetune_active:
             raise FmnistError(
                 f"cached backbone features reached the model in its fine-tune phase (epoch {self.current_epoch}); "
                 "they are stale once the backbone trains: turn the feature cache off for fine-tune runs"
             )
-        return self.head(x.to(self.head[0].weight.dtype)) if x.ndim == 2 else self(x)
+        return self.head(x.to(self.head[0].weight.dtype)) if features else self(x)
 
     def _step(self, batch, metrics: MetricCollection, stage: str, batch_idx: int = 0) -> torch.Tensor:
         x, y = batch

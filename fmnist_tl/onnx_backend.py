@@ -17,23 +17,22 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
 import inspect
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import filelock
 import torch
 from torch import nn
 
-from fmnist_tl.utils import FmnistError, atomic_path, atomic_write_json, sha256_file
+from fmnist_tl.manifest_store import ManifestStore, fingerprint_key
+from fmnist_tl.progress import progress_bar
+from fmnist_tl.utils import FmnistError
 
 log = logging.getLogger(__name__)
 
@@ -110,78 +109,17 @@ def session(path: str | Path, threads: int | None = None):
 # Artefact store
 
 
-class ArtefactStore:
-    """One file + JSON manifest per entry (like the feature cache): atomic, checksummed, locked."""
+class ArtefactStore(ManifestStore):
+    """One model file + its manifest per entry (fmnist_tl.manifest_store), beside the feature cache."""
 
     def __init__(self, root: str | Path, suffix: str = ".onnx") -> None:
-        self.root = Path(root)
-        self.suffix = suffix
-
-    def paths(self, name: str) -> tuple[Path, Path, Path]:
-        return self.root / f"{name}{self.suffix}", self.root / f"{name}.json", self.root / f"{name}.lock"
-
-    def lock(self, name: str) -> filelock.FileLock:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise FmnistError(
-                f"model cache {self.root}: cannot write ({e.strerror or e}); set paths.cache_dir to a writable folder"
-            ) from e
-        return filelock.FileLock(str(self.paths(name)[2]))
-
-    def load(self, name: str, fp: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-        """(manifest, None) on a valid entry; (None, None) when absent; (None, why) when unusable."""
-        data_path, manifest_path, _ = self.paths(name)
-        if not manifest_path.exists():
-            return None, ("file without a manifest (interrupted write)" if data_path.exists() else None)
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as e:
-            return None, f"manifest unreadable ({type(e).__name__})"
-        if not isinstance(manifest, dict) or manifest.get("fingerprint") != fp:
-            return None, "manifest does not match the fingerprint"
-        if not data_path.exists():
-            return None, "model file missing"
-        if data_path.stat().st_size != manifest.get("bytes"):
-            return None, f"model file is {data_path.stat().st_size} bytes, manifest says {manifest.get('bytes')}"
-        if sha256_file(data_path) != manifest.get("sha256"):
-            return None, "checksum mismatch"
-        return manifest, None
-
-    def save(self, name: str, built: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Move `built` (a file in a temp dir) into place, then write the manifest that commits it."""
-        data_path, manifest_path, _ = self.paths(name)
-        manifest = {**manifest, "file": data_path.name, "bytes": built.stat().st_size, "sha256": sha256_file(built)}
-        with atomic_path(data_path) as tmp:
-            tmp.write_bytes(built.read_bytes())
-        atomic_write_json(manifest_path, manifest)
-        return manifest
-
-
-def artefact_key(fp: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:24]
-
-
-@contextlib.contextmanager
-def _entry(store: ArtefactStore, name: str) -> Iterator[None]:
-    lock = store.lock(name)
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        log.info("Model %s is being built by another process; waiting for it", name)
-        lock.acquire()
-    try:
-        for stale in store.root.glob(f".{name}.*.tmp"):  # holding the lock: left by a crashed writer
-            stale.unlink(missing_ok=True)
-        yield
-    finally:
-        lock.release()
+        super().__init__(root, suffix, "model cache", "set paths.cache_dir to a writable folder with space")
 
 
 def cached_artefact(store: ArtefactStore, name: str, fp: dict[str, Any], build, what: str) -> tuple[Path, dict]:
     """The entry's file and manifest; built by `build(tmp_dir) -> (path, manifest extras)` when absent or bad."""
-    with _entry(store, name):
-        manifest, problem = store.load(name, fp)
+    with store.hold(name):
+        manifest, problem = store.manifest(name, fp)
         if manifest is not None:
             return store.paths(name)[0], manifest
         if problem:
@@ -190,12 +128,12 @@ def cached_artefact(store: ArtefactStore, name: str, fp: dict[str, Any], build, 
         with tempfile.TemporaryDirectory(prefix=".build-", dir=store.root) as tmp:
             built, extra = build(Path(tmp))
             seconds = round(time.perf_counter() - start, 2)
-            manifest = store.save(
+            manifest = store.commit(
                 name,
-                built,
+                built.read_bytes(),
                 {
                     "fingerprint": fp,
-                    "key": artefact_key(fp),
+                    "key": fingerprint_key(fp),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "build_seconds": seconds,
                     **extra,
@@ -244,7 +182,7 @@ def backbone_onnx(
     """The fp32 ONNX model of preprocess + backbone, from the store or exported now."""
     require_onnxruntime("features.backend=onnxruntime")
     fp = fp32_fingerprint(base)
-    name = f"{base['backbone']}-{base['image_size']}px-fp32-{artefact_key(fp)}"
+    name = f"{base['backbone']}-{base['image_size']}px-fp32-{fingerprint_key(fp)}"
 
     def build(tmp: Path) -> tuple[Path, dict[str, Any]]:
         import copy
@@ -316,7 +254,7 @@ def int8_onnx(
 ) -> tuple[Path, dict[str, Any]]:
     """The int8 model of `variant`, from the store or quantised now from `fp32_path`."""
     fp = int8_fingerprint(base, variant, calibration)
-    name = f"{base['backbone']}-{base['image_size']}px-{variant}-{artefact_key(fp)}"
+    name = f"{base['backbone']}-{base['image_size']}px-{variant}-{fingerprint_key(fp)}"
 
     def build(tmp: Path) -> tuple[Path, dict[str, Any]]:
         path = tmp / "model.onnx"
@@ -360,8 +298,6 @@ class OnnxExtractor:
         return torch.from_numpy(self.session.run(["features"], {"images": batch.contiguous().numpy()})[0])
 
     def __call__(self, images: torch.Tensor, description: str = "features") -> torch.Tensor:
-        from fmnist_tl.features import progress_bar  # the same bar as torch extraction
-
         n, bs = len(images), self.batch_size
         if n == 0:
             raise FmnistError(f"{description}: no images to extract features from")

@@ -16,7 +16,7 @@ this machine. The fastest candidate that passes the fidelity gate is used:
   that fails the gate it is still used, with one warning line.
 
 `trainer.precision=auto` on a CPU reads the same probe (torch fp32 vs bf16): bf16 only where it is
-measured faster.
+measured faster. The candidates and their extractors come from fmnist_tl.candidates.
 """
 
 from __future__ import annotations
@@ -36,108 +36,26 @@ import torch
 from torch import nn
 
 from fmnist_tl import onnx_backend
+from fmnist_tl.candidates import (
+    Candidate,
+    CandidateRunners,
+    backbone_identity,
+    candidates,
+    cosine_figures,
+    split_samples,
+    time_runner,
+    timing_sample,
+)
+from fmnist_tl.extraction import work_at_224
 from fmnist_tl.utils import FmnistError, atomic_write_json, machine_name
 
 log = logging.getLogger(__name__)
 
 PROBE_FORMAT = 1
-TORCH_PRECISIONS = ("32", "bf16", "16")
 # A compiled torch candidate is timed only if its eager rate times this could beat the best
-# candidate: compiling ResNet50 costs about a minute on a small CPU, and inductor has not been
-# measured to gain more than 1.5x over eager (README, "Measured speed on CPU").
+# candidate: compiling is a large fixed cost, and inductor's gain over eager has been measured
+# well below this bound (README, "Benchmark": the compiled and eager bf16 rows).
 COMPILE_BOUND = 2.0
-
-
-@dataclass(frozen=True)
-class Candidate:
-    backend: str  # torch | onnxruntime
-    precision: str  # 32 | bf16 | 16 | int8
-    variant: str | None = None  # the int8 quantiser settings (onnx_backend.INT8_VARIANTS)
-    compiled: bool = False
-
-    @property
-    def id(self) -> str:
-        name = f"{self.backend}:{self.variant or self.precision}"
-        return name + ("+compile" if self.compiled else "")
-
-    @property
-    def reduced(self) -> bool:
-        """Anything but fp32 must pass the fidelity gate."""
-        return self.precision != "32"
-
-
-def check_backend(backend: str, precision: str, device: torch.device | None = None) -> None:
-    """One-line errors for (backend, precision) settings that cannot run (here, when `device` is given)."""
-    on_cuda = device is not None and device.type == "cuda"
-    if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
-        raise FmnistError(
-            f"features.precision=bf16: the GPU ({torch.cuda.get_device_name(device)}) has no bf16; use 16, 32 or auto"
-        )
-    if backend != "onnxruntime" and precision != "int8":
-        return
-    if backend == "torch":
-        raise FmnistError("features.precision=int8 runs on onnxruntime: set features.backend=onnxruntime or auto")
-    if precision in ("bf16", "16"):
-        raise FmnistError(
-            f"features.precision={precision} with features.backend=onnxruntime: ONNX Runtime's CPU kernels "
-            "are fp32 and int8; use precision 32, int8 or auto, or features.backend=torch"
-        )
-    what = "features.backend=onnxruntime" if backend == "onnxruntime" else "features.precision=int8"
-    onnx_backend.require_onnxruntime(what)
-    if on_cuda:
-        raise FmnistError(
-            f"{what}: ONNX Runtime extraction (fp32/int8) runs on the CPU, but the trainer is on {device}; "
-            "use features.backend=torch or auto on a GPU"
-        )
-
-
-def candidates(backend: str, precision: str, device: torch.device) -> list[Candidate]:
-    """The candidates a (backend, precision) setting allows here; impossible settings are one-line errors."""
-    check_backend(backend, precision, device)
-    ort = not onnx_backend.missing_modules()
-    on_cuda = device.type == "cuda"
-    out: list[Candidate] = []
-    if backend in ("auto", "torch"):
-        for p in TORCH_PRECISIONS:
-            if precision in ("auto", p) and not (p == "bf16" and on_cuda and not torch.cuda.is_bf16_supported()):
-                out.append(Candidate("torch", p))
-    if backend in ("auto", "onnxruntime") and ort and not on_cuda:
-        if precision in ("auto", "32"):
-            out.append(Candidate("onnxruntime", "32"))
-        if precision in ("auto", "int8"):
-            out += [Candidate("onnxruntime", "int8", v) for v in onnx_backend.INT8_VARIANTS]
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Samples: calibration and gate images, both from the training split
-
-
-def split_samples(
-    train_images: torch.Tensor, calibration: int, gate: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(calibration images, gate images, identity): disjoint seeded samples of the training split."""
-    n = len(train_images)
-    gate = min(gate, max(1, n // 4))
-    calibration = min(calibration, n - gate)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    cal, held = train_images[perm[:calibration]], train_images[perm[calibration : calibration + gate]]
-    from fmnist_tl.features import tensors_sha256
-
-    identity = {
-        "split": "train",
-        "seed": seed,
-        "calibration_images": calibration,
-        "calibration_sha256": tensors_sha256({"images": cal}),
-        "gate_images": gate,
-        "gate_sha256": tensors_sha256({"images": held}),
-    }
-    return cal, held, identity
-
-
-def cosine_figures(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
-    cos = nn.functional.cosine_similarity(reference.double(), candidate.double(), dim=1)
-    return {"mean_cosine": round(float(cos.mean()), 6), "worst_cosine": round(float(cos.min()), 6)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,46 +101,6 @@ def valid_timing(entry: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Timing
-
-
-def time_runner(
-    run: Callable[[torch.Tensor], Any],
-    images: torch.Tensor,
-    batch_size: int,
-    max_batches: int,
-    max_seconds: float,
-    give_up_below: float | None = None,
-) -> dict[str, Any]:
-    """img/s of `run` over batches of `images`: one untimed warm-up batch, then up to `max_batches`
-    timed ones, stopping early once `max_seconds` have passed (a slow candidate costs little).
-
-    `give_up_below`: if even the warm-up batch shows a rate below this, it is the result (marked
-    warmup_only): such a candidate cannot win, and emulated bf16 on a CPU takes ~30 s per batch."""
-    batches = [images[i : i + batch_size] for i in range(0, len(images) - batch_size + 1, batch_size)]
-    if len(batches) < 2:
-        raise FmnistError(f"the probe needs at least {2 * batch_size} training images")
-    start = time.perf_counter()
-    run(batches[0])
-    warmup = time.perf_counter() - start
-    if give_up_below is not None and batch_size / warmup < give_up_below:
-        return {"img_per_s": round(batch_size / warmup, 2), "warmup_only": True, "warmup_s": round(warmup, 2)}
-    done, t0 = 0, time.perf_counter()
-    for batch in batches[1 : 1 + max_batches]:
-        run(batch)
-        done += 1
-        if time.perf_counter() - t0 >= max_seconds:
-            break
-    seconds = time.perf_counter() - t0
-    return {
-        "img_per_s": round(done * batch_size / seconds, 2),
-        "timed_images": done * batch_size,
-        "seconds": round(seconds, 2),
-        "warmup_s": round(warmup, 2),
-    }
-
-
-# --------------------------------------------------------------------------------------------
 # The plan
 
 
@@ -253,9 +131,43 @@ class Plan:
             "seconds": self.seconds,
         }
 
+    def log(self, device: torch.device) -> None:
+        """One line: the choice, why, its fidelity and the probe's rates."""
+        rates = ", ".join(
+            f"{k} {v['img_per_s']:.1f}" for k, v in sorted(self.timings.items(), key=lambda kv: -kv[1]["img_per_s"])
+        )
+        gate = self.gates.get(self.candidate.id)
+        fidelity = f"; cosine to fp32 mean {gate['mean_cosine']:.4f}, worst {gate['worst_cosine']:.4f}" if gate else ""
+        # Timings taken while other work held the cores are kept like any other: say so, with the fix.
+        loads = [
+            v.get("load_average") for v in self.timings.values() if isinstance(v.get("load_average"), (int, float))
+        ]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        busy = (
+            f"; probed under load {max(loads):.1f} on {cores} cores: delete {self.probe_file} to re-probe when quiet"
+            if loads and max(loads) > 1.5 * cores and device.type == "cpu"
+            else ""
+        )
+        log.info(
+            "Extraction: %s (%s%s)%s%s",
+            self.candidate.id,
+            self.reason,
+            fidelity,
+            f"; probe img/s: {rates}" if rates else "",
+            busy,
+        )
+
+
+def gate_failure(g: dict[str, Any]) -> str:
+    """The gate's figures against its thresholds, for a warning line."""
+    return (
+        f"cosine to fp32 features: mean {g['mean_cosine']:.4f}, worst {g['worst_cosine']:.4f}; "
+        f"need {g['thresholds']['mean']:.4f} / {g['thresholds']['worst']:.4f}"
+    )
+
 
 class Planner:
-    """Builds runners for candidates, times them (cached), gates them (cached), and picks one.
+    """Times the candidates (cached), gates them (cached), and picks one; `runners` builds them.
 
     `timer` and `quantiser` can be injected (tests): `timer(candidate) -> img/s` replaces the
     measurement; `quantiser(candidate, images) -> features` replaces a candidate's extraction in the gate.
@@ -278,121 +190,30 @@ class Planner:
         self.root = Path(root)
         self.settings = settings
         self.device = torch.device(device)
-        self.backbone = backbone
         self.backbone_name = backbone_name
-        self.preprocess = preprocess
-        self.weights_sha256 = weights_sha256
-        self.batch_size = int(settings.batch_size or (512 if self.device.type == "cuda" else 16))
-        self.cal_images, self.gate_images, self.samples = split_samples(
+        self.image_size = int(preprocess.image_size)
+        cal_images, self.gate_images, self.samples = split_samples(
             train_images, settings.calibration_images, settings.gate_images, settings.calibration_seed
         )
-        # Timing images: a warm-up batch plus the timed ones, full batches (512 on CUDA), seeded.
-        need = self.batch_size * (settings.probe_batches + 1)
-        order = torch.randperm(
-            len(train_images), generator=torch.Generator().manual_seed(settings.calibration_seed + 1)
+        calibration = {k: v for k, v in self.samples.items() if k.startswith("calibration") or k in ("split", "seed")}
+        self.runners = CandidateRunners(
+            backbone,
+            preprocess,
+            backbone_identity(backbone_name, weights_sha256, preprocess),
+            settings,
+            self.device,
+            cal_images=cal_images,
+            calibration=calibration,
+            models_dir=self.root / "models",
+            quantiser=quantiser,
         )
-        self.probe_images = train_images[order.repeat(-(-need // len(order)))[:need]]
+        self.batch_size = self.runners.batch_size
+        # A warm-up batch plus the timed ones, full batches (512 on CUDA).
+        self.probe_images = timing_sample(
+            train_images, self.batch_size * (settings.probe_batches + 1), settings.calibration_seed + 1
+        )
         self.timer = timer
-        self.quantiser = quantiser
-        self.onnx_store = onnx_backend.ArtefactStore(self.root / "models")
-        self._extractors: dict[str, Any] = {}
-        self._artefacts: dict[str, tuple[Path, dict[str, Any]]] = {}
         self._reference: torch.Tensor | None = None
-        self._work: Path | None = None
-
-    # --- identities -------------------------------------------------------------------------
-    @property
-    def base(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone_name,
-            "weights_sha256": self.weights_sha256,
-            "image_size": int(self.preprocess.image_size),
-            "mean": [round(float(m), 8) for m in self.preprocess.mean.flatten().tolist()],
-            "std": [round(float(s), 8) for s in self.preprocess.std.flatten().tolist()],
-        }
-
-    def calibration(self) -> dict[str, Any]:
-        return {k: v for k, v in self.samples.items() if k.startswith("calibration") or k in ("split", "seed")}
-
-    def quantization(self, c: Candidate) -> dict[str, Any] | None:
-        """An int8 candidate's model identity: weights, calibration set and quantiser settings."""
-        if c.precision != "int8":
-            return None
-        fp = onnx_backend.int8_fingerprint(self.base, c.variant, self.calibration())
-        return {"key": onnx_backend.artefact_key(fp), **{k: fp[k] for k in ("variant", "quantization", "calibration")}}
-
-    # --- runners ----------------------------------------------------------------------------
-    def _work_dir(self) -> Path:
-        if self._work is None:
-            import tempfile
-
-            (self.root / "models").mkdir(parents=True, exist_ok=True)
-            self._work = Path(tempfile.mkdtemp(prefix=".work-", dir=self.root / "models"))
-        return self._work
-
-    def artefact(self, c: Candidate) -> tuple[Path, dict[str, Any]]:
-        if c.id not in self._artefacts:
-            fp32 = onnx_backend.backbone_onnx(self.onnx_store, self.base, self.backbone, self.preprocess)
-            if c.precision == "32":
-                self._artefacts[c.id] = fp32
-            else:
-                self._artefacts[c.id] = onnx_backend.int8_onnx(
-                    self.onnx_store,
-                    self.base,
-                    c.variant,
-                    self.calibration(),
-                    self.cal_images,
-                    fp32[0],
-                    self._work_dir(),
-                )
-        return self._artefacts[c.id]
-
-    def extractor(self, c: Candidate) -> Any:
-        if c.id not in self._extractors:
-            s = self.settings
-            if c.backend == "torch":
-                from fmnist_tl.features import FeatureExtractor
-
-                self._extractors[c.id] = FeatureExtractor(
-                    self.backbone,
-                    self.preprocess,
-                    device=self.device,
-                    precision=c.precision,
-                    compile=True if c.compiled else s.compile,
-                    compile_min_images=s.compile_min_images,
-                    batch_size=self.batch_size,
-                    progress=s.progress,
-                )
-            else:
-                # The model is built (or loaded from the store) at first use: a run whose features
-                # are all cached never needs it.
-                self._extractors[c.id] = onnx_backend.OnnxExtractor(
-                    lambda c=c: self.artefact(c)[0], c.precision, self.batch_size, s.progress
-                )
-        return self._extractors[c.id]
-
-    def runner(self, c: Candidate) -> Callable[[torch.Tensor], torch.Tensor]:
-        """One batch -> features on the CPU: eager for torch (the compiled candidate compiles at first call)."""
-        ex = self.extractor(c)
-        if c.backend != "torch":
-            return ex.run
-        if c.compiled:
-
-            def compiled(batch: torch.Tensor) -> torch.Tensor:
-                progress, ex.progress = ex.progress, False
-                try:
-                    return ex(batch)
-                finally:
-                    ex.progress = progress
-
-            return compiled
-        return ex.run_eager
-
-    def features(self, c: Candidate, images: torch.Tensor) -> torch.Tensor:
-        if self.quantiser is not None and c.reduced:
-            return self.quantiser(c, images)
-        run = self.runner(c)
-        return torch.cat([run(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)])
 
     # --- timing -----------------------------------------------------------------------------
     def measure(self, c: Candidate, best: float | None = None) -> dict[str, Any]:
@@ -402,9 +223,8 @@ class Planner:
             return {"img_per_s": float(self.timer(c)), "injected": True}
         give_up = best / 4 if best and c.backend == "torch" and not c.compiled else None
         # The warm-up batch is untimed (it compiles the compiled candidate); training images, like the job's.
-        result = time_runner(
-            self.runner(c), self.probe_images, self.batch_size, self.settings.probe_batches, 3.0, give_up
-        )
+        run = self.runners.runner(c)
+        result = time_runner(run, self.probe_images, self.batch_size, self.settings.probe_batches, 3.0, give_up)
         return {**result, "load_average": round(os.getloadavg()[0], 2), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def timings(self, cands: list[Candidate], compile_ok: bool = False) -> tuple[dict[str, dict[str, Any]], Path]:
@@ -412,7 +232,7 @@ class Planner:
 
         `compile_ok`: the job would compile a torch extractor, so a compiled torch candidate may be timed too.
         """
-        fields = probe_fields(self.device, self.backbone_name, self.preprocess.image_size, self.batch_size)
+        fields = probe_fields(self.device, self.backbone_name, self.image_size, self.batch_size)
         path = self.root / f"probe-{record_key(fields)}.json"
         record = read_record(path, fields) or {"fields": fields, "candidates": {}}
         known = {k: v for k, v in record.get("candidates", {}).items() if valid_timing(v)}
@@ -449,26 +269,23 @@ class Planner:
         return Candidate("torch", best_torch.precision, compiled=True)
 
     # --- gate -------------------------------------------------------------------------------
-    def gate_fields(self, c: Candidate) -> dict[str, Any]:
-        return {
-            "format": PROBE_FORMAT,
-            **self.base,
-            "candidate": Candidate(c.backend, c.precision, c.variant).id,
-            "quantization": (self.quantization(c) or {}).get("key"),
-            "sample": {k: self.samples[k] for k in ("split", "seed", "gate_images", "gate_sha256")},
-            "device": self.device.type,
-            "injected": self.quantiser is not None,
-        }
-
     def gate(self, c: Candidate) -> dict[str, Any]:
         """Fidelity figures of a reduced-precision candidate (from its record, or measured now) and the verdict."""
-        fields = self.gate_fields(c)
+        fields = {
+            "format": PROBE_FORMAT,
+            **self.runners.base,
+            "candidate": Candidate(c.backend, c.precision, c.variant).id,
+            "quantization": (self.runners.quantization(c) or {}).get("key"),
+            "sample": {k: self.samples[k] for k in ("split", "seed", "gate_images", "gate_sha256")},
+            "device": self.device.type,
+            "injected": self.runners.quantiser is not None,
+        }
         path = self.root / f"gate-{record_key(fields)}.json"
         record = read_record(path, fields)
         if record is None or not isinstance(record.get("mean_cosine"), (int, float)):
             if self._reference is None:
-                self._reference = self.features(Candidate("torch", "32"), self.gate_images)
-            figures = cosine_figures(self._reference, self.features(c, self.gate_images))
+                self._reference = self.runners.features(Candidate("torch", "32"), self.gate_images)
+            figures = cosine_figures(self._reference, self.runners.features(c, self.gate_images))
             record = {"fields": fields, **figures, "images": len(self.gate_images)}
             atomic_write_json(path, record)
         s = self.settings
@@ -493,7 +310,7 @@ class Planner:
         compile_ok = self.settings.compile is True or (
             self.settings.compile == "auto"
             and job_images is not None
-            and job_images * (self.preprocess.image_size / 224) ** 2 >= self.settings.compile_min_images
+            and work_at_224(job_images, self.image_size) >= self.settings.compile_min_images
         )
         timings, probe_path = self.timings(cands, compile_ok)
         order = sorted(timings, key=lambda k: timings[k]["img_per_s"], reverse=True)
@@ -508,15 +325,10 @@ class Planner:
             if c.reduced:
                 gates[cid] = self.gate(c)
                 if not gates[cid]["passed"]:
-                    g = gates[cid]
                     log.warning(
-                        "Extraction candidate %s fails the fidelity gate (cosine to fp32 features: mean %.4f, "
-                        "worst %.4f; need %.4f / %.4f); falling back to the next fastest",
+                        "Extraction candidate %s fails the fidelity gate (%s); falling back to the next fastest",
                         cid,
-                        g["mean_cosine"],
-                        g["worst_cosine"],
-                        g["thresholds"]["mean"],
-                        g["thresholds"]["worst"],
+                        gate_failure(gates[cid]),
                     )
                     rejected.append(cid)
                     continue
@@ -525,9 +337,13 @@ class Planner:
                 if not rejected
                 else f"fastest that passes the fidelity gate ({', '.join(rejected)} failed)"
             )
-            plan = Plan(c, self.extractor(c), why, timings, gates, self.quantization(c), str(probe_path))
-            self._keep_only(c)
-            self._log_choice(plan)
+            plan = Plan(
+                c, self.runners.extractor(c), why, timings, gates, self.runners.quantization(c), str(probe_path)
+            )
+            # The losers' extractors go: their ONNX Runtime sessions hold the model and an arena.
+            self.runners.keep_only(c)
+            self._reference = None
+            plan.log(self.device)
             return plan
         raise AssertionError("the fp32 candidate always passes")  # pragma: no cover
 
@@ -537,54 +353,16 @@ class Planner:
             gates[c.id] = g = self.gate(c)
             if not g["passed"]:
                 log.warning(
-                    "features: %s fails the fidelity gate (cosine to fp32 features: mean %.4f, worst %.4f; need "
-                    "%.4f / %.4f) but was set explicitly, so it is used",
+                    "features: %s fails the fidelity gate (%s) but was set explicitly, so it is used",
                     c.id,
-                    g["mean_cosine"],
-                    g["worst_cosine"],
-                    g["thresholds"]["mean"],
-                    g["thresholds"]["worst"],
+                    gate_failure(g),
                 )
-        plan = Plan(c, self.extractor(c), "set explicitly", {}, gates, self.quantization(c))
-        self._log_choice(plan)
+        plan = Plan(c, self.runners.extractor(c), "set explicitly", {}, gates, self.runners.quantization(c))
+        plan.log(self.device)
         return plan
 
-    def _keep_only(self, c: Candidate) -> None:
-        """Drop the losing candidates' extractors: their ONNX Runtime sessions hold the model and an arena."""
-        self._extractors = {c.id: self._extractors[c.id]}
-        self._reference = None
-
-    def _log_choice(self, plan: Plan) -> None:
-        rates = ", ".join(
-            f"{k} {v['img_per_s']:.1f}" for k, v in sorted(plan.timings.items(), key=lambda kv: -kv[1]["img_per_s"])
-        )
-        gate = plan.gates.get(plan.candidate.id)
-        fidelity = f"; cosine to fp32 mean {gate['mean_cosine']:.4f}, worst {gate['worst_cosine']:.4f}" if gate else ""
-        # Timings taken while other work held the cores are kept like any other: say so, with the fix.
-        loads = [
-            v.get("load_average") for v in plan.timings.values() if isinstance(v.get("load_average"), (int, float))
-        ]
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        busy = (
-            f"; probed under load {max(loads):.1f} on {cores} cores: delete {plan.probe_file} to re-probe when quiet"
-            if loads and max(loads) > 1.5 * cores and self.device.type == "cpu"
-            else ""
-        )
-        log.info(
-            "Extraction: %s (%s%s)%s%s",
-            plan.candidate.id,
-            plan.reason,
-            fidelity,
-            f"; probe img/s: {rates}" if rates else "",
-            busy,
-        )
-
     def close(self) -> None:
-        if self._work is not None:
-            import shutil
-
-            shutil.rmtree(self._work, ignore_errors=True)
-            self._work = None
+        self.runners.close()
 
 
 def probe_lock(root: str | Path) -> filelock.FileLock:

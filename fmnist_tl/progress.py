@@ -1,4 +1,5 @@
-"""The training progress bar: Lightning's RichProgressBar, made to read well on one line."""
+"""Progress bars: Lightning's RichProgressBar made to read well on one line (training), and the
+images-per-second bar of feature extraction (torch and ONNX Runtime alike)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ from lightning.pytorch.callbacks.progress.rich_progress import (
     CustomBarColumn,
     CustomTimeColumn,
 )
-from rich.progress import ProgressColumn, Task, TextColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 # What the bar shows, under the names it shows them by; every metric is in the loggers' files anyway.
@@ -65,3 +75,23 @@ class EpochProgressBar(RichProgressBar):
             CustomTimeColumn(style=self.theme.time),
             SpeedColumn(style=self.theme.processing_speed),
         ]
+
+
+class RateColumn(ProgressColumn):
+    """Images per second, from rich's moving estimate."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:,.1f} img/s", style="progress.data.speed")
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """The bar of one feature extraction pass: images done, img/s, time spent and left."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )

@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from fmnist_tl import schemas, utils
-from fmnist_tl.features import ExtractionSettings, features_cache_dir
+from fmnist_tl.extraction import ExtractionSettings
+from fmnist_tl.features import features_cache_dir
 from fmnist_tl.model import (
     check_backbone,
     check_finetune,

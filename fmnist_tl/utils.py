@@ -1,4 +1,4 @@
-"""Small shared helpers: the user-facing error type, atomic writes, machine identity."""
+"""Small shared helpers: the user-facing error type, atomic writes, file and tensor hashes, machine identity."""
 
 from __future__ import annotations
 
@@ -96,6 +96,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, independent of device and memory layout."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensors[name].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def module_sha256(module: torch.nn.Module) -> str:
+    """Identity of a module's weights (parameters and buffers, e.g. BatchNorm running stats).
+
+    Hashing the tensors themselves covers every source alike: torchvision weights, a
+    weights file, and a random init (seeded, so the same seed gives the same identity).
+    """
+    return tensors_sha256(module.state_dict())
 
 
 def cpu_model() -> str:

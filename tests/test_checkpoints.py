@@ -12,9 +12,8 @@ import pytest
 import torch
 import torchvision
 
-from fmnist_tl.features import module_sha256
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.utils import FmnistError
+from fmnist_tl.utils import FmnistError, module_sha256
 
 
 def save_like_lightning(model: TransferClassifier, path) -> dict:

@@ -1,4 +1,5 @@
-"""Feature extraction and the on-disk feature cache (fmnist_tl/features.py)."""
+"""Feature extraction (fmnist_tl/extraction.py), the on-disk feature cache (feature_store.py) and the
+FeatureCache callback with its on/off policy (features.py)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from fmnist_tl import features
-from fmnist_tl.data import IDX_FILES, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess
-from fmnist_tl.features import (
-    FeatureCache,
-    FeatureExtractor,
-    FeatureStore,
-    cached_features,
-    feature_cache_for,
-    module_sha256,
-)
+from fmnist_tl.data import IDX_FILES, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, holds_features
+from fmnist_tl.extraction import FeatureExtractor
+from fmnist_tl.feature_store import CacheResult, FeatureStore, cached_features
+from fmnist_tl.features import FeatureCache, feature_cache_for
 from fmnist_tl.model import TransferClassifier, build_backbone
 from fmnist_tl.runtime import build
 from fmnist_tl.train import train
-from fmnist_tl.utils import FmnistError
+from fmnist_tl.utils import FmnistError, module_sha256
 from tests.helpers import REPO, idx_bytes, make_cfg, tiny_overrides, tiny_split
 
 N = 48
@@ -48,7 +43,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return images.unsqueeze(1), labels.long()
 
 
-def lookup(cache, nets, data, *, change: str | None = None) -> tuple[torch.Tensor, features.CacheResult]:
+def lookup(cache, nets, data, *, change: str | None = None) -> tuple[torch.Tensor, CacheResult]:
     """Features through the cache with the base settings, or with one fingerprint input changed."""
     images, labels = data
     kw = dict(split="train", backbone_name="resnet18", backbone=nets["base"], precision="32", store_dtype="auto")
@@ -135,7 +130,7 @@ def corrupt(store: FeatureStore, name: str, how: str) -> None:
 def test_corrupt_entry_is_reported_once_and_rebuilt(tmp_path, nets, data, how, caplog):
     feats, first = lookup(tmp_path, nets, data)
     corrupt(FeatureStore(tmp_path), first.entry, how)
-    with caplog.at_level(logging.INFO, logger="fmnist_tl.features"):
+    with caplog.at_level(logging.INFO, logger="fmnist_tl.feature_store"):
         rebuilt, result = lookup(tmp_path, nets, data)
     assert result.status == "rebuilt"
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -156,7 +151,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 from fmnist_tl.data import ImagePreprocess
-from fmnist_tl.features import cached_features
+from fmnist_tl.feature_store import cached_features
 from fmnist_tl.model import build_backbone
 
 cache, me, other = sys.argv[1:4]
@@ -215,6 +210,24 @@ def test_cached_logits_equal_image_logits(tmp_path, data):
             assert (from_cache.argmax(1) == from_images.argmax(1)).float().mean() >= 0.95
 
 
+def test_the_datamodule_serves_a_split_of_cached_features_as_it_is(tiny_cfg):
+    dm = build(tiny_cfg().data)
+    dm.prepare_data()
+    dm.setup("fit")
+    images, labels = dm.split_tensors("val")
+    preprocessed, _ = dm.on_after_batch_transfer((images[:4], labels[:4]), 0)
+    assert not holds_features(images) and not holds_features(preprocessed) and preprocessed.shape[1] == 3
+    feats = torch.randn(len(labels), 8)
+    with pytest.raises(FmnistError, match=r"cached val features must be 2-D \(N, D\), got shape"):
+        dm.use_cached_features("val", feats.unsqueeze(1))
+    dm.use_cached_features("val", feats)
+    served, served_labels = dm.split_tensors("val")
+    assert holds_features(served) and torch.equal(served, feats) and torch.equal(served_labels, labels)
+    batch, _ = dm.on_after_batch_transfer((feats[:4], labels[:4]), 0)
+    assert torch.equal(batch, feats[:4])  # no preprocessing: features go to the head as they are
+    assert dm.image_splits["val"][0] is images  # the images stay reachable for reports
+
+
 def test_compile_failure_falls_back_to_eager_with_one_log_line(monkeypatch, caplog, data):
     def broken_compile(fn, **kwargs):
         def run(x):
@@ -225,7 +238,7 @@ def test_compile_failure_falls_back_to_eager_with_one_log_line(monkeypatch, capl
     monkeypatch.setattr(torch, "compile", broken_compile)
     net, pre = make_backbone(), ImagePreprocess(32)
     extractor = FeatureExtractor(net, pre, compile=True, batch_size=32, progress=False)
-    with caplog.at_level(logging.WARNING, logger="fmnist_tl.features"):
+    with caplog.at_level(logging.WARNING, logger="fmnist_tl.extraction"):
         feats = extractor(data[0])
     assert [r.getMessage() for r in caplog.records] == [
         "torch.compile failed (RuntimeError: no C++ compiler); extracting eagerly"

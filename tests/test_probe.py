@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from fmnist_tl import onnx_backend, probe
+from fmnist_tl.candidates import Candidate, candidates, split_samples, time_runner
 from fmnist_tl.data import ImagePreprocess
-from fmnist_tl.features import ExtractionSettings, FeatureExtractor, module_sha256, split_entry
+from fmnist_tl.extraction import ExtractionSettings, FeatureExtractor, split_entry
 from fmnist_tl.model import build_backbone
-from fmnist_tl.probe import Candidate, Planner, candidates, split_samples
+from fmnist_tl.probe import Planner
 from fmnist_tl.runtime import build, resolve_precision
 from fmnist_tl.train import train
-from fmnist_tl.utils import FmnistError
+from fmnist_tl.utils import FmnistError, module_sha256
 from tests.helpers import make_cfg, run_cli, tiny_overrides, tiny_split
 
 RATES = {
@@ -63,7 +64,7 @@ def faithful(planner_ref: list[Planner]):
     """An injected int8 'quantiser' that returns the fp32 features plus a little noise: passes the gate."""
 
     def run(c: Candidate, images: torch.Tensor) -> torch.Tensor:
-        ref = planner_ref[0].features(Candidate("torch", "32"), images)
+        ref = planner_ref[0].runners.features(Candidate("torch", "32"), images)
         return ref + 1e-3 * ref.std() * torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
 
     return run
@@ -196,7 +197,7 @@ def test_calibration_and_gate_samples_are_disjoint_seeded_training_images(train_
     assert split_samples(train_images, 64, 32, seed=1)[2]["calibration_sha256"] != identity["calibration_sha256"]
 
 
-def test_int8_feature_entries_have_their_own_key(net, train_images):
+def test_int8_feature_entries_have_their_own_key(tmp_path, net, train_images):
     images, labels = tiny_split(40, seed=2)
     pre, sha = ImagePreprocess(32), module_sha256(net)
     args = ("resnet18", sha, pre)
@@ -206,12 +207,10 @@ def test_int8_feature_entries_have_their_own_key(net, train_images):
     assert len({fp32_name, a_name, b_name}) == 3 and "-int8-" in a_name and "quantization" not in fp32_fp
     assert a_fp["quantization"] == "aaaa"
     # The quantised model's key changes with the calibration set and with the quantiser's settings.
-    p = Planner.__new__(Planner)
-    p.backbone_name, p.weights_sha256, p.preprocess = "resnet18", sha, pre
-    p.samples = split_samples(train_images, 64, 32, 0)[2]
-    keys = {p.quantization(Candidate("onnxruntime", "int8", v))["key"] for v in ("int8", "int8-r7")}
-    p.samples = split_samples(train_images, 64, 32, 1)[2]
-    keys.add(p.quantization(Candidate("onnxruntime", "int8", "int8"))["key"])
+    runners = planner(tmp_path, net, train_images, calibration_seed=0).runners
+    keys = {runners.quantization(Candidate("onnxruntime", "int8", v))["key"] for v in ("int8", "int8-r7")}
+    runners = planner(tmp_path, net, train_images, calibration_seed=1).runners
+    keys.add(runners.quantization(Candidate("onnxruntime", "int8", "int8"))["key"])
     assert len(keys) == 3
 
 
@@ -380,8 +379,8 @@ def test_a_candidate_slower_than_a_quarter_of_the_best_stops_after_its_warm_up()
         time.sleep(0.02)  # at most 16 / 0.02 = 800 img/s, far below the 10^6 img/s bar
 
     images = torch.zeros((16 * 5, 1, 28, 28), dtype=torch.uint8)
-    result = probe.time_runner(slow, images, 16, max_batches=4, max_seconds=60, give_up_below=1e6)
+    result = time_runner(slow, images, 16, max_batches=4, max_seconds=60, give_up_below=1e6)
     assert result["warmup_only"] and calls == [16]
     calls.clear()
-    result = probe.time_runner(slow, images, 16, max_batches=4, max_seconds=60)
+    result = time_runner(slow, images, 16, max_batches=4, max_seconds=60)
     assert "warmup_only" not in result and result["timed_images"] == 64 and calls == [16] * 5

@@ -12,10 +12,11 @@ import os
 
 import torch
 
-import fmnist_tl.features as features
+import fmnist_tl.manifest_store as manifest_store
 import fmnist_tl.model as model_module
-from fmnist_tl.features import FeatureStore, module_sha256
+from fmnist_tl.feature_store import FeatureStore
 from fmnist_tl.model import TransferClassifier
+from fmnist_tl.utils import module_sha256
 
 
 def test_a_backbone_built_before_is_copied_not_rebuilt(monkeypatch):
@@ -23,7 +24,7 @@ def test_a_backbone_built_before_is_copied_not_rebuilt(monkeypatch):
     first_sha = first.backbone_sha256
     inits, hashes = [], []
     monkeypatch.setattr(model_module, "_build_backbone", lambda *a: inits.append(a))  # would fail if called
-    monkeypatch.setattr(features, "module_sha256", lambda m: hashes.append(m))
+    monkeypatch.setattr(model_module, "module_sha256", lambda m: hashes.append(m))
     second = TransferClassifier(backbone="resnet18", weights=None, image_size=32, init_seed=11)
     assert inits == [] and second.backbone_sha256 == first_sha and hashes == []
     for (name, a), b in zip(first.backbone.state_dict().items(), second.backbone.state_dict().values(), strict=True):
@@ -57,8 +58,8 @@ def test_a_cache_file_checked_once_is_not_hashed_again_until_it_changes(tmp_path
     tensors = {"features": torch.randn(8, 4).half(), "labels": torch.arange(8)}
     store.save("entry", tensors, {"fingerprint": fp})
     hashed = []
-    real = features.sha256_file
-    monkeypatch.setattr(features, "sha256_file", lambda p: hashed.append(p) or real(p))
+    real = manifest_store.sha256_file
+    monkeypatch.setattr(manifest_store, "sha256_file", lambda p: hashed.append(p) or real(p))
     for _ in range(3):
         loaded, problem = store.load("entry", fp)
         assert problem is None and torch.equal(loaded["features"], tensors["features"])
