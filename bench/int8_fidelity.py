@@ -36,10 +36,10 @@ from torch import nn  # noqa: E402
 
 from fmnist_tl.candidates import Candidate, cosine_figures  # noqa: E402
 from fmnist_tl.data import FashionMNISTDataModule  # noqa: E402
-from fmnist_tl.extraction import ExtractionSettings  # noqa: E402
 from fmnist_tl.model import TransferClassifier, load_state_dict_file  # noqa: E402
 from fmnist_tl.onnx_backend import INT8_VARIANTS  # noqa: E402
 from fmnist_tl.probe import Planner  # noqa: E402
+from fmnist_tl.schemas import FeaturesConfig  # noqa: E402
 from fmnist_tl.utils import atomic_write_json, cpu_model, module_sha256, sha256_file  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     dm.setup("fit")
     train_x, train_y = dm.data_train.tensors
     test_x, test_y = dm.data_test.tensors
-    settings = ExtractionSettings(progress=False)
+    settings = FeaturesConfig(progress=False)
     planner = Planner(
         root=args.workdir / "cache",
         settings=settings,

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD, FashionMNISTDataModule  # noqa: E402
-from fmnist_tl.extraction import ExtractionSettings  # noqa: E402
+from fmnist_tl.extraction import extraction_settings  # noqa: E402
 from fmnist_tl.features import features_cache_dir  # noqa: E402
 from fmnist_tl.onnx_backend import onnxruntime_version  # noqa: E402
 from fmnist_tl.probe import Planner  # noqa: E402
@@ -261,7 +261,7 @@ def bench_plan(overrides: list[str], device: torch.device) -> tuple[Any, dict[st
     dm = build(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
-    settings = ExtractionSettings.from_config(cfg.features)
+    settings = extraction_settings(cfg.features)
     planner = Planner(
         root=features_cache_dir(cfg),
         settings=settings,
@@ -386,7 +386,7 @@ def head_epoch_time(data_dir: Path, cache_dir: Path, device: torch.device, epoch
         callbacks=[timer],
     )
     threads = torch.get_num_threads()
-    head_threads = ExtractionSettings.from_config(cfg.features).head_threads  # as FeatureCache sets it
+    head_threads = extraction_settings(cfg.features).head_threads  # as FeatureCache sets it
     if head_threads:
         torch.set_num_threads(head_threads)
     try:

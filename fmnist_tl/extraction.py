@@ -1,7 +1,7 @@
 """Running a frozen backbone once over a split: the settings, the fingerprint, the torch extractor.
 
-- `ExtractionSettings` is the `features` config group (conf/features/default.yaml), checked once;
-  `check_backend` refuses (backend, precision) pairs that cannot run, in one line.
+- `extraction_settings` reads the `features` config group (declared by schemas.FeaturesConfig),
+  checked once; `check_backend` refuses (backend, precision) pairs that cannot run, in one line.
 - `fingerprint` / `split_entry` name one split's features by everything that changes them, so the
   store (fmnist_tl.feature_store) can tell a valid entry from a stale one.
 - `FeatureExtractor` runs the backbone as fast as torch allows: inference mode, the batched resize
@@ -16,97 +16,41 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch import nn
 
-from fmnist_tl import onnx_backend
+from fmnist_tl import onnx_backend, schemas
 from fmnist_tl.manifest_store import fingerprint_key
 from fmnist_tl.progress import progress_bar
+from fmnist_tl.schemas import FeaturesConfig
 from fmnist_tl.utils import FmnistError, tensors_sha256
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the file layout or the meaning of a fingerprint field changes
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
-BACKENDS = ("auto", "torch", "onnxruntime")
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-@dataclass(frozen=True)
-class ExtractionSettings:
-    """The `features` config group (conf/features/default.yaml)."""
-
-    # Images per forward pass; null: 16 on CPU (a small batch's activations stay in the CPU's caches),
-    # 512 on CUDA (a GPU needs big batches to fill).
-    batch_size: int | None = None
-    # auto | torch | onnxruntime, and auto | 32 | bf16 | 16 | int8: auto is chosen by the probe
-    # (fmnist_tl/probe.py): the fastest candidate measured here that passes the fidelity gate.
-    backend: str = "auto"
-    precision: str = "auto"
-    # auto: bfloat16 after bf16 extraction (lossless), float16 otherwise; or float16/bfloat16/float32.
-    store_dtype: str = "auto"
-    # auto: compile when the job is worth at least `compile_min_images` images at 224 px.
-    compile: bool | str = "auto"
-    compile_min_images: int = 4000
-    progress: bool = True
-    # CPU threads while training/evaluating the head on cached features; null leaves torch's
-    # default. A head step is a few small matmuls: a second thread saves little, and on a busy
-    # or oversubscribed CPU (parallel sweep jobs, shared machines) OpenMP barriers cost far more
-    # (README, "Feature cache and speed").
-    head_threads: int | None = 1
-    # Below this much work (images at 224 px) auto settings are not probed: torch, fp32.
-    probe_min_images: int = 4000
-    probe_batches: int = 4
-    # int8 calibration and the fidelity gate's sample: disjoint seeded samples of the training split.
-    calibration_images: int = 256
-    gate_images: int = 128
-    calibration_seed: int = 0
-    # The fidelity gate: cosine similarity to fp32 features, mean and worst over the sample.
-    gate_mean_cosine: float = 0.999
-    gate_worst_cosine: float = 0.98
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig | dict | None) -> ExtractionSettings:
-        values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-        values.pop("cache_dir", None)
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise FmnistError(f"features.{unknown[0]} is not a features setting; see conf/features/default.yaml")
-        settings = cls(**values)
-        if settings.backend not in BACKENDS:
-            raise FmnistError(f"features.backend={settings.backend} must be one of {', '.join(BACKENDS)}")
-        if settings.precision not in ("auto", *PRECISIONS, "int8"):
-            raise FmnistError(f"features.precision={settings.precision} must be one of auto, 32, bf16, 16, int8")
-        if settings.store_dtype not in ("auto", *STORE_DTYPES):
-            raise FmnistError(
-                f"features.store_dtype={settings.store_dtype} must be one of auto, float16, bfloat16, float32"
-            )
-        if settings.compile not in ("auto", True, False):
-            raise FmnistError(f"features.compile={settings.compile} must be auto, true or false")
-        for key in ("batch_size", "head_threads"):
-            value = getattr(settings, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise FmnistError(f"features.{key}={value} must be a positive integer or null")
-        for key, low in (
-            ("probe_min_images", 0),
-            ("probe_batches", 1),
-            ("calibration_images", 1),
-            ("gate_images", 1),
-            ("calibration_seed", 0),
-        ):
-            value = getattr(settings, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise FmnistError(f"features.{key}={value} must be an integer >= {low}")
-        check_backend(settings.backend, settings.precision)
-        for key in ("gate_mean_cosine", "gate_worst_cosine"):
-            value = getattr(settings, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
-                raise FmnistError(f"features.{key}={value} must be a number in [-1, 1]")
-        return settings
+def extraction_settings(cfg: DictConfig | dict | None) -> FeaturesConfig:
+    """The `features` group as a FeaturesConfig, its keys, types and ranges checked by its schema
+    (fmnist_tl/schemas.py) and its (backend, precision) pair by `check_backend`."""
+    try:
+        given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        node = OmegaConf.merge(OmegaConf.structured(FeaturesConfig), given or {})
+    except OmegaConfBaseException as e:
+        key = f"features.{getattr(e, 'full_key', '') or ''}".rstrip(".")
+        if isinstance(e, ConfigKeyError):
+            raise FmnistError(schemas.unknown_key_message(key, list(FeaturesConfig.__dataclass_fields__))) from e
+        raise FmnistError(f"{key}: {str(e).strip().splitlines()[0]} (see conf/features/default.yaml)") from e
+    schemas.check(node, FeaturesConfig, "features.")
+    settings: FeaturesConfig = OmegaConf.to_object(node)
+    check_backend(settings.backend, settings.precision)
+    return settings
 
 
 def check_backend(backend: str, precision: str, device: torch.device | None = None) -> None:

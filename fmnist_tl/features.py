@@ -30,9 +30,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fmnist_tl.data import holds_features
-from fmnist_tl.extraction import ExtractionSettings, split_entry, store_dtype_for, work_at_224
+from fmnist_tl.extraction import extraction_settings, split_entry, store_dtype_for, work_at_224
 from fmnist_tl.feature_store import CacheResult, FeatureStore, load_or_extract
 from fmnist_tl.probe import Plan, Planner, probe_lock
+from fmnist_tl.schemas import FeaturesConfig
 from fmnist_tl.utils import FmnistError, module_sha256
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,9 @@ class FeatureCache(L.Callback):
     barrier, so it is the one that extracts while the other ranks wait on the lock, then load.
     """
 
-    def __init__(self, cache_dir: str | Path, settings: ExtractionSettings | None = None) -> None:
+    def __init__(self, cache_dir: str | Path, settings: FeaturesConfig | None = None) -> None:
         self.store = FeatureStore(cache_dir)
-        self.settings = settings or ExtractionSettings()
+        self.settings = settings or FeaturesConfig()
         self.results: dict[str, CacheResult] = {}
         self.plan: Plan | None = None
         self._plan_key: tuple | None = None
@@ -217,11 +218,7 @@ def feature_cache_for(cfg: DictConfig, model: nn.Module, datamodule: Any) -> Fea
     `data.cache_features`: auto (on when the backbone is fully frozen and augmentation is off),
     true (on; an error if it cannot be), false (off). When off, one log line says why.
     """
-    setting = cfg.data.get("cache_features", "auto")
-    if isinstance(setting, str) and setting.lower() in ("true", "false"):
-        setting = setting.lower() == "true"
-    if setting not in ("auto", True, False):
-        raise FmnistError(f"data.cache_features={setting} must be auto, true or false")
+    setting = cfg.data.get("cache_features", "auto")  # auto, true or false (schemas.DataConfig)
     reasons = []
     if not backbone_is_frozen(model):
         reasons.append("the backbone is trainable (model.freeze_backbone=false or model.finetune)")
@@ -243,7 +240,7 @@ def feature_cache_for(cfg: DictConfig, model: nn.Module, datamodule: Any) -> Fea
     features_cfg = cfg.get("features") or {}
     cache_dir = features_cache_dir(cfg)
     log.info("Feature cache on: frozen backbone, no augmentation; cache in %s", cache_dir)
-    return FeatureCache(cache_dir, ExtractionSettings.from_config(features_cfg))
+    return FeatureCache(cache_dir, extraction_settings(features_cfg))
 
 
 def features_cache_dir(cfg: DictConfig) -> str:

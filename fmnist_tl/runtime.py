@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from fmnist_tl import schemas, utils
-from fmnist_tl.extraction import ExtractionSettings
+from fmnist_tl.extraction import extraction_settings
 from fmnist_tl.features import features_cache_dir
 from fmnist_tl.model import (
     check_backbone,
@@ -237,7 +237,7 @@ def cpu_precision_probe(cfg: DictConfig, model: Any, preprocess: Any) -> Callabl
     """trainer.precision=auto on a CPU for a run whose backbone runs in the trainer: measured, cached."""
 
     def measure() -> str:
-        settings = ExtractionSettings.from_config(cfg.get("features") or {})
+        settings = extraction_settings(cfg.get("features") or {})
         chosen, rates = measured_trainer_precision(
             features_cache_dir(cfg), settings, model.backbone, model.hparams.get("backbone", "backbone"), preprocess
         )

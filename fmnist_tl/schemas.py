@@ -180,20 +180,37 @@ class ModelConfig:
 
 @dataclass
 class FeaturesConfig:
-    cache_dir: str = MISSING
+    """The `features` group: how the frozen backbone's features are extracted and cached
+    (fmnist_tl.extraction, fmnist_tl.features)."""
+
+    # Where extracted features, probe records and ONNX models are kept.
+    cache_dir: str | None = None
+    # Images per forward pass; null: 16 on CPU (a small batch's activations stay in the CPU's caches),
+    # 512 on CUDA (a GPU needs big batches to fill).
     batch_size: int | None = checked(None, at_least(1, optional=True))
+    # auto is chosen by the probe (fmnist_tl/probe.py): the fastest candidate measured here that
+    # passes the fidelity gate.
     backend: str = checked("auto", one_of("auto", "torch", "onnxruntime"))
     precision: str = checked("auto", one_of("auto", "32", "bf16", "16", "int8"))
+    # auto: bfloat16 after bf16 extraction (lossless), float16 otherwise.
     store_dtype: str = checked("auto", one_of("auto", "float16", "bfloat16", "float32"))
+    # auto: compile when the job is worth at least `compile_min_images` images at 224 px.
     compile: Any = checked("auto", one_of("auto", True, False))
     compile_min_images: int = checked(4000, at_least(0))
     progress: bool = True
+    # CPU threads while training/evaluating the head on cached features; null leaves torch's
+    # default. A head step is a few small matmuls: a second thread saves little, and on a busy
+    # or oversubscribed CPU (parallel sweep jobs, shared machines) OpenMP barriers cost far more
+    # (README, "Feature cache and speed").
     head_threads: int | None = checked(1, at_least(1, optional=True))
+    # Below this much work (images at 224 px) auto settings are not probed: torch, fp32.
     probe_min_images: int = checked(4000, at_least(0))
     probe_batches: int = checked(4, at_least(1))
+    # int8 calibration and the fidelity gate's sample: disjoint seeded samples of the training split.
     calibration_images: int = checked(256, at_least(1))
     gate_images: int = checked(128, at_least(1))
     calibration_seed: int = checked(0, at_least(0))
+    # The fidelity gate: cosine similarity to fp32 features, mean and worst over the sample.
     gate_mean_cosine: float = checked(0.999, in_range(-1, 1))
     gate_worst_cosine: float = checked(0.98, in_range(-1, 1))
 

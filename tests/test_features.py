@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from fmnist_tl.data import IDX_FILES, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, holds_features
-from fmnist_tl.extraction import FeatureExtractor
+from fmnist_tl.extraction import FeatureExtractor, extraction_settings
 from fmnist_tl.feature_store import CacheResult, FeatureStore, cached_features
 from fmnist_tl.features import FeatureCache, feature_cache_for
 from fmnist_tl.model import TransferClassifier, build_backbone
-from fmnist_tl.runtime import build
+from fmnist_tl.runtime import build, validate_config
 from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError, module_sha256
 from tests.helpers import REPO, idx_bytes, make_cfg, tiny_overrides, tiny_split
@@ -347,18 +347,26 @@ def test_cache_features_auto_decision_is_logged(tiny_cfg, caplog, overrides, exp
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("features.precision=fp8", "features.precision=fp8 must be one of"),
-        ("features.store_dtype=int8", "features.store_dtype=int8 must be one of"),
-        ("features.compile=maybe", "features.compile=maybe must be auto, true or false"),
-        ("features.batch_size=0", "features.batch_size=0 must be a positive integer or null"),
-        ("+features.typo=1", "features.typo is not a features setting"),
-        ("data.cache_features=sometimes", "data.cache_features=sometimes must be auto, true or false"),
+        ("features.precision=fp8", "features.precision='fp8' must be one of"),
+        ("features.store_dtype=int8", "features.store_dtype='int8' must be one of"),
+        ("features.compile=maybe", "features.compile='maybe' must be one of auto, true, false"),
+        ("features.batch_size=0", "features.batch_size=0 must be an integer >= 1 or null"),
+        ("+features.typo=1", "unknown config key 'features.typo'"),
+        ("data.cache_features=sometimes", "data.cache_features='sometimes' must be one of auto, true, false"),
     ],
 )
 def test_bad_feature_settings_are_one_line_errors(tiny_cfg, override, message):
-    cfg = tiny_cfg(override)
     with pytest.raises(FmnistError, match=re.escape(message)):
-        feature_cache_for(cfg, build(cfg.model, _recursive_=False), build(cfg.data))
+        validate_config(tiny_cfg(override))
+
+
+def test_extraction_settings_check_a_plain_mapping():
+    """Code that builds the settings from a dict (not a composed config) gets the schema's checks too."""
+    assert extraction_settings({"batch_size": 8}).batch_size == 8
+    with pytest.raises(FmnistError, match=re.escape("unknown config key 'features.typo'")):
+        extraction_settings({"typo": 1})
+    with pytest.raises(FmnistError, match=re.escape("features.batch_size=0 must be an integer >= 1 or null")):
+        extraction_settings({"batch_size": 0})
 
 
 def test_cache_features_true_with_augmentation_is_an_error(tiny_cfg):

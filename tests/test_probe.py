@@ -16,10 +16,11 @@ import torch
 from fmnist_tl import onnx_backend, probe
 from fmnist_tl.candidates import Candidate, candidates, split_samples, time_runner
 from fmnist_tl.data import ImagePreprocess
-from fmnist_tl.extraction import ExtractionSettings, FeatureExtractor, split_entry
+from fmnist_tl.extraction import FeatureExtractor, extraction_settings, split_entry
 from fmnist_tl.model import build_backbone
 from fmnist_tl.probe import Planner
 from fmnist_tl.runtime import build, resolve_precision
+from fmnist_tl.schemas import FeaturesConfig
 from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError, module_sha256
 from tests.helpers import make_cfg, run_cli, tiny_overrides, tiny_split
@@ -48,7 +49,7 @@ def train_images():
 def planner(tmp_path, net, train_images, timer=None, quantiser=None, **settings) -> Planner:
     return Planner(
         root=tmp_path / "features",
-        settings=ExtractionSettings(calibration_images=64, gate_images=32, progress=False, **settings),
+        settings=FeaturesConfig(calibration_images=64, gate_images=32, progress=False, **settings),
         device=torch.device("cpu"),
         backbone=net,
         backbone_name="resnet18",
@@ -223,7 +224,7 @@ def test_int8_feature_entries_have_their_own_key(tmp_path, net, train_images):
     [
         (["features.backend=torch", "features.precision=int8"], "features.precision=int8 runs on onnxruntime"),
         (["features.backend=onnxruntime", "features.precision=bf16"], "features.precision=bf16 with features.backend"),
-        (["features.backend=tensorrt"], "features.backend=tensorrt must be one of auto, torch, onnxruntime"),
+        (["features.backend=tensorrt"], "features.backend='tensorrt' must be one of auto, torch, onnxruntime"),
         (["features.gate_mean_cosine=2"], "features.gate_mean_cosine=2.0 must be in [-1, 1]"),
     ],
 )
@@ -241,7 +242,7 @@ def test_int8_without_onnxruntime_is_a_one_line_error(monkeypatch):
         onnx_backend.importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
     )
     with pytest.raises(FmnistError, match=r"^features.precision=int8 needs onnxruntime: pip install"):
-        ExtractionSettings.from_config({"precision": "int8"})
+        extraction_settings({"precision": "int8"})
     # auto simply has no ONNX Runtime candidates then
     assert {c.backend for c in candidates("auto", "auto", torch.device("cpu"))} == {"torch"}
 
@@ -274,7 +275,7 @@ def test_cli_error_line_for_int8_on_torch(tiny_mirror, tmp_path):
 
 
 def test_trainer_precision_auto_on_cpu_follows_the_measurement(tmp_path, net, monkeypatch):
-    settings = ExtractionSettings()
+    settings = FeaturesConfig()
     pre = ImagePreprocess(32)
     fields = probe.probe_fields(torch.device("cpu"), "resnet18", 32, 16)
     path = tmp_path / f"probe-{probe.record_key(fields)}.json"
@@ -291,7 +292,7 @@ def test_trainer_precision_auto_on_cpu_follows_the_measurement(tmp_path, net, mo
 
 
 def test_trainer_precision_probe_measures_once_and_caches(tmp_path, net):
-    settings = ExtractionSettings(probe_batches=1)
+    settings = FeaturesConfig(probe_batches=1)
     chosen, rates = probe.measured_trainer_precision(tmp_path, settings, net, "resnet18", ImagePreprocess(32))
     assert chosen == ("bf16-mixed" if rates["torch:bf16"] > rates["torch:32"] else "32-true")
     (record,) = tmp_path.glob("probe-*.json")
