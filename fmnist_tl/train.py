@@ -28,9 +28,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.callbacks import AtomicCheckpointIO, ModelCheckpoint, RecordTestOutputs, ReseedEachEpoch
-from fmnist_tl.evaluate import write_report
 from fmnist_tl.features import feature_cache_for
 from fmnist_tl.model import TransferClassifier, finetune_start_epoch
+from fmnist_tl.report import write_report
 from fmnist_tl.runtime import (
     CONFIG_PATH,
     build,
