@@ -266,7 +266,7 @@ def record_failed_job(cfg: DictConfig, status: str, error: str, start: float) ->
 def _summarize_stopped_sweep() -> None:
     """A stopped sweep never reaches Hydra's on_multirun_end: write its summary from here."""
     try:
-        from fmnist_tl.summarize import write_summary
+        from fmnist_tl.sweep_summary import write_summary
 
         write_summary(HydraConfig.get().sweep.dir, plot=False)
     except Exception:  # the jobs' results are on disk; `python -m fmnist_tl.summarize` can redo this

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf, read_write
 import fmnist_tl.train as train_module
 from fmnist_tl import summarize
 from fmnist_tl.evaluate import evaluate
+from fmnist_tl.sweep_summary import write_summary
 from fmnist_tl.utils import FmnistError
 from tests.helpers import make_entry_cfg, run_cli, tiny_data_overrides, tiny_overrides
 
@@ -93,7 +94,7 @@ def test_summary_aggregates_repeated_seeds_as_mean_and_std(tmp_path):
         for seed, acc in enumerate(accs):
             fake_job(sweep, str(n), [f"model.head.dropout={dropout}", f"seed={seed}"], done(acc, acc - 0.05))
             n += 1
-    summary = summarize.write_summary(sweep, plot=False)
+    summary = write_summary(sweep, plot=False)
     assert [g.overrides for g in summary.groups] == [{"model.head.dropout": "0.5"}, {"model.head.dropout": "0.2"}]
 
     rows = read_csv(sweep / "sweep_summary_by_config.csv")
