@@ -1,5 +1,5 @@
-"""The Optuna sweeper (fmnist_tl/sweeper.py, hydra_plugins/fmnist_tl_sweeper): search spaces, trial
-outcomes, persistent studies, several workers on one study, lost trials.
+"""The Optuna sweeper (fmnist_tl/sweeper.py, search_space.py, study.py; hydra_plugins/fmnist_tl_sweeper): search
+spaces, trial outcomes, persistent studies, several workers on one study, lost trials.
 
 Fast tests drive the sweeper as Hydra builds it from conf/hparams_search/head_optuna.yaml, with a
 fake launcher. The multi-process ones run tests/sweep_app.py, a Hydra app on the same sweeper,
@@ -26,15 +26,15 @@ from omegaconf import OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from fmnist_tl import sweeper as sweeper_module
 from fmnist_tl.runtime import build
-from fmnist_tl.sweeper import (
+from fmnist_tl.search_space import search_space
+from fmnist_tl.study import (
     FAILURE,
     HEARTBEAT,
     WORKER,
     counts_toward_total,
+    mark_lost,
     process_start,
-    search_space,
     worker_identity,
 )
 from fmnist_tl.utils import FmnistError
@@ -257,7 +257,7 @@ def test_only_trials_of_gone_workers_are_marked_lost(tmp_path):
     study.ask()  # no worker attr (not asked by this sweeper): left alone
     (tmp_path / "1" / ".hydra").mkdir(parents=True)  # trial 1's job dir, without metrics.json
 
-    assert sweeper_module._mark_lost(study, here, 600.0, tmp_path) == 3
+    assert mark_lost(study, here, 600.0, tmp_path) == 3
     states = [t.state for t in study.trials]
     running, fail = TrialState.RUNNING, TrialState.FAIL
     assert states == [running, fail, fail, running, fail, running]

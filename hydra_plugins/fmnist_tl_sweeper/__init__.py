@@ -23,7 +23,8 @@ APP_SEED = "${oc.select:seed,null}"
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.fmnist_tl_sweeper.FmnistOptunaSweeper"
-    # The sweeper gets the sampler's config, not a sampler: it builds one per trial (fmnist_tl.sweeper.SamplerFactory).
+    # The sweeper gets the sampler's config, not a sampler: it builds one per trial
+    # (fmnist_tl.search_space.SamplerFactory).
     _recursive_: bool = False
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     # An Optuna sampler as a _target_ config (hydra/sweeper/sampler=tpe|random|cmaes|gp|qmc|nsgaii|grid).
