@@ -1,9 +1,11 @@
 """The jobs of a sweep dir, read and ranked by the objective (the data behind the sweep summary).
 
 Each job dir's `.hydra/overrides.yaml` (Hydra writes it before the job starts) gives its overrides,
-its `metrics.json` (train writes it at the end, also for failed jobs) its status and metrics. A job
-dir without metrics.json is `incomplete` (still running, killed, or crashed hard). Ranking uses
-the objective, a validation metric; test metrics are shown only.
+its `metrics.json` (train writes it at the end, also for failed jobs) its status and metrics, and
+its `.hydra/config.yaml` the objective it ranked its checkpoints by (`objective.metric` and
+`objective.mode`, conf/train.yaml). A job dir without metrics.json is `incomplete` (still
+running, killed, or crashed hard). Ranking uses that objective, a validation metric; test metrics
+are shown only.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ class Job:
     status: str  # completed | failed | interrupted | incomplete
     overrides: dict[str, str]
     metrics: dict[str, Any] = field(default_factory=dict)
+    objective: tuple[str, str] | None = None  # (metric, max|min) the job ranked its checkpoints by
 
     def value(self, key: str) -> float | None:
         v = self.metrics.get(key)
@@ -97,7 +100,28 @@ def load_job(run_dir: Path) -> Job:
             status = str(metrics.get("status", "completed"))
         except (OSError, ValueError) as e:
             metrics = {"error": f"unreadable metrics.json ({e})"}
-    return Job(run_dir.name, run_dir, status, overrides, metrics)
+    return Job(run_dir.name, run_dir, status, overrides, metrics, job_objective(run_dir, metrics))
+
+
+def job_objective(run_dir: Path, metrics: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(metric, mode) from `objective` in the job's config as Hydra saved it (.hydra/config.yaml).
+
+    Runs from before `objective` existed name only `optimized_metric` (in metrics.json); their
+    checkpoints were always ranked by the highest value, so their mode is max.
+    """
+    from omegaconf import OmegaConf
+
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if config_file.is_file():
+        try:
+            cfg = OmegaConf.load(config_file)
+            metric, mode = OmegaConf.select(cfg, "objective.metric"), OmegaConf.select(cfg, "objective.mode")
+        except Exception:  # half-written, hand-edited, or interpolating what only the run had: no say
+            metric = mode = None
+        if isinstance(metric, str) and mode in ("max", "min"):
+            return metric, mode
+    legacy = metrics.get("optimized_metric")
+    return (str(legacy), "max") if legacy else None
 
 
 def job_sort_key(name: str) -> tuple[int, int, str]:
@@ -114,9 +138,10 @@ def find_jobs(sweep_dir: Path) -> list[Job]:
     return [load_job(d) for d in sorted(dirs, key=lambda d: job_sort_key(d.name))]
 
 
-def _objective(jobs: list[Job]) -> str:
-    names = [str(j.metrics["optimized_metric"]) for j in jobs if j.metrics.get("optimized_metric")]
-    return max(set(names), key=names.count) if names else "val/acc"
+def _objective(jobs: list[Job]) -> tuple[str, str]:
+    """The objective most jobs declared; conf/train.yaml's default when none did (none got to start)."""
+    declared = [j.objective for j in jobs if j.objective is not None]
+    return max(dict.fromkeys(declared), key=declared.count) if declared else ("val/acc", "max")
 
 
 def summarize(sweep_dir: str | Path) -> SweepSummary:
@@ -128,8 +153,8 @@ def summarize(sweep_dir: str | Path) -> SweepSummary:
         raise FmnistError(
             f"{sweep_dir} holds no job dirs (with .hydra/overrides.yaml or metrics.json); is it a sweep dir?"
         )
-    objective = _objective(jobs)
-    maximize = not objective.endswith("loss")
+    objective, mode = _objective(jobs)
+    maximize = mode == "max"
 
     keys = sorted({k for j in jobs for k in j.overrides})
     swept = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]

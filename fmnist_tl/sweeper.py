@@ -94,8 +94,20 @@ class SweepSettings:
                 f"hydra.sweeper.grace_period={self.grace_period}"
             )
 
-    def one_direction(self) -> str:
+    def one_direction(self, objective_mode: Any = None) -> str:
+        """minimize or maximize: hydra.sweeper.direction, by default the app's objective.mode.
+
+        An explicit direction must agree with objective.mode: the checkpoint and early stopping
+        follow objective.mode, and a study ranking the other way would pick the worst trial.
+        """
+        from_objective = None
+        if objective_mode is not None:
+            from_objective = {"max": "maximize", "min": "minimize"}.get(str(objective_mode))
+            if from_objective is None:
+                raise FmnistError(f"objective.mode={objective_mode} must be max or min")
         direction = self.direction
+        if direction is None:
+            return from_objective or "minimize"  # an app without an objective: Optuna's default
         if isinstance(direction, (list, tuple, ListConfig)):
             if len(direction) != 1:
                 raise FmnistError(
@@ -105,6 +117,12 @@ class SweepSettings:
         direction = str(getattr(direction, "name", direction)).lower()
         if direction not in ("minimize", "maximize"):
             raise FmnistError(f"hydra.sweeper.direction={direction} must be minimize or maximize")
+        if from_objective is not None and direction != from_objective:
+            raise FmnistError(
+                f"hydra.sweeper.direction={direction} contradicts objective.mode={objective_mode}, which the "
+                f"checkpoint and early stopping follow; drop hydra.sweeper.direction or set "
+                f"objective.mode={direction[:3]}"
+            )
         return direction
 
 
@@ -152,9 +170,9 @@ def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
 
     settings: SweepSettings = sweeper.settings
     settings.check()
-    direction = settings.one_direction()
-    distributions, pinned = search_space(settings.params, arguments)
     config = sweeper.config
+    direction = settings.one_direction(OmegaConf.select(config, "objective.mode"))
+    distributions, pinned = search_space(settings.params, arguments)
     sweep_dir = Path(str(config.hydra.sweep.dir))
     study_name = str(settings.study_name or config.hydra.job.name)
     make_sampler = SamplerFactory(settings.sampler, distributions)
@@ -188,7 +206,7 @@ def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
         n_trials,
         sum(counts_toward_total(t) for t in existing),
         direction,
-        config.get("optimized_metric", "the objective"),
+        OmegaConf.select(config, "objective.metric", default="the objective"),
         ", ".join(sorted(distributions)) or "nothing",
         sweep_dir,
     )

@@ -169,7 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 best,
             )
     if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
-        val[cfg.optimized_metric] = float(trainer.checkpoint_callback.best_model_score)
+        val[cfg.objective.metric] = float(trainer.checkpoint_callback.best_model_score)
 
     metrics = {
         "status": "completed",
@@ -186,7 +186,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "feature_cache": feature_cache.summary() if feature_cache else "off",
         "extraction": feature_cache.extraction_summary() if feature_cache else None,
         "config_hash": config_hash(cfg),
-        "optimized_metric": cfg.optimized_metric,
+        "objective": OmegaConf.to_container(cfg.objective),
         "resumed_from": ckpt_path,
     }
     if trainer.is_global_zero:
@@ -258,7 +258,7 @@ def record_failed_job(cfg: DictConfig, status: str, error: str, start: float) ->
         "status": status,
         "error": error,
         "wall_time_s": round(time.time() - start, 2),
-        "optimized_metric": cfg.get("optimized_metric"),
+        "objective": OmegaConf.to_container(cfg.objective) if "objective" in cfg else None,
     }
     atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", record)
 
@@ -324,7 +324,7 @@ def main(cfg: DictConfig) -> float:
             record_failed_job(cfg, "failed", _job_error(e), start)
             return float("nan")
     print(json.dumps({k: metrics[k] for k in ("val/acc", "val/f1", "test/acc", "test/f1") if k in metrics}))
-    value = metrics.get(cfg.optimized_metric)
+    value = metrics.get(cfg.objective.metric)
     return float("nan") if value is None else float(value)
 
 

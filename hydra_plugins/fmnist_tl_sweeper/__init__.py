@@ -29,8 +29,9 @@ class OptunaSweeperConf:
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     # An Optuna sampler as a _target_ config (hydra/sweeper/sampler=tpe|random|cmaes|gp|qmc|nsgaii|grid).
     sampler: Any = MISSING
-    # minimize or maximize (one objective).
-    direction: Any = "minimize"
+    # minimize or maximize (one objective). null: from the app's objective.mode (max -> maximize,
+    # min -> minimize; fmnist_tl's conf/train.yaml), else minimize. A direction given here must agree with it.
+    direction: Any = None
     # null: the job name (`train`).
     study_name: Any = None
     # null: SQLite in the sweep dir, <hydra.sweep.dir>/<study_name>.db. Or any SQLAlchemy URL
