@@ -15,7 +15,7 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import lightning as L
 import torch
@@ -30,6 +30,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from fmnist_tl.callbacks import RecordTestOutputs
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -37,14 +38,6 @@ log = logging.getLogger(__name__)
 
 # The report must agree with what trainer.test logged for the same logits.
 AGREEMENT_TOLERANCE = 1e-6
-
-
-class OutputsRecorder(Protocol):
-    """What recorded a test run's outputs (the RecordTestOutputs callback)."""
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (N, C) float32, labels (N,) int64) in test-loader order."""
-        ...
 
 
 def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...], top_pairs: int = 5):
@@ -213,7 +206,7 @@ def markdown_report(report: dict[str, Any], plots: bool = True) -> str:
 
 
 def write_report(
-    collector: OutputsRecorder,
+    collector: RecordTestOutputs,
     datamodule: L.LightningDataModule,
     model: TransferClassifier,
     checkpoint: str,

@@ -45,6 +45,7 @@ from fmnist_tl.runtime import (
     run_hydra_cli,
     validate_config,
 )
+from fmnist_tl.sweep_summary import write_summary
 from fmnist_tl.utils import (
     FmnistError,
     atomic_write_json,
@@ -266,8 +267,6 @@ def record_failed_job(cfg: DictConfig, status: str, error: str, start: float) ->
 def _summarize_stopped_sweep() -> None:
     """A stopped sweep never reaches Hydra's on_multirun_end: write its summary from here."""
     try:
-        from fmnist_tl.sweep_summary import write_summary
-
         write_summary(HydraConfig.get().sweep.dir, plot=False)
     except Exception:  # the jobs' results are on disk; `python -m fmnist_tl.summarize` can redo this
         log.exception("could not write the summary of the stopped sweep")
