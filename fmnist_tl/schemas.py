@@ -227,6 +227,22 @@ class PathsConfig:
 # ------------------------------------------------------------------------------ entry configs
 
 
+def validation_metric(key: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.startswith("val/"):
+        raise FmnistError(
+            f"{key}={value!r} must be a validation metric (val/acc, val/f1, val/loss): "
+            "runs are ranked on it, and test metrics are only reported"
+        )
+
+
+@dataclass
+class ObjectiveConfig:
+    """What training optimises; the checkpoint, early stopping, the sweeper and the summary read it."""
+
+    metric: str = checked(MISSING, validation_metric)
+    mode: str = checked(MISSING, one_of("max", "min"))
+
+
 @dataclass
 class TrainReportConfig:
     plots: bool = True
@@ -246,7 +262,7 @@ class TrainConfig:
     seed: int = MISSING
     ckpt_path: str | None = None
     test: bool = True
-    optimized_metric: str = MISSING
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     report: TrainReportConfig = field(default_factory=TrainReportConfig)
 
 

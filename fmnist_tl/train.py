@@ -28,9 +28,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.callbacks import AtomicCheckpointIO, ModelCheckpoint, RecordTestOutputs, ReseedEachEpoch
-from fmnist_tl.evaluate import write_report
 from fmnist_tl.features import feature_cache_for
 from fmnist_tl.model import TransferClassifier, finetune_start_epoch
+from fmnist_tl.report import write_report
 from fmnist_tl.runtime import (
     CONFIG_PATH,
     build,
@@ -45,6 +45,7 @@ from fmnist_tl.runtime import (
     run_hydra_cli,
     validate_config,
 )
+from fmnist_tl.sweep_summary import write_summary
 from fmnist_tl.utils import (
     FmnistError,
     atomic_write_json,
@@ -169,7 +170,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 best,
             )
     if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
-        val[cfg.optimized_metric] = float(trainer.checkpoint_callback.best_model_score)
+        val[cfg.objective.metric] = float(trainer.checkpoint_callback.best_model_score)
 
     metrics = {
         "status": "completed",
@@ -186,7 +187,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "feature_cache": feature_cache.summary() if feature_cache else "off",
         "extraction": feature_cache.extraction_summary() if feature_cache else None,
         "config_hash": config_hash(cfg),
-        "optimized_metric": cfg.optimized_metric,
+        "objective": OmegaConf.to_container(cfg.objective),
         "resumed_from": ckpt_path,
     }
     if trainer.is_global_zero:
@@ -258,7 +259,7 @@ def record_failed_job(cfg: DictConfig, status: str, error: str, start: float) ->
         "status": status,
         "error": error,
         "wall_time_s": round(time.time() - start, 2),
-        "optimized_metric": cfg.get("optimized_metric"),
+        "objective": OmegaConf.to_container(cfg.objective) if "objective" in cfg else None,
     }
     atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", record)
 
@@ -266,8 +267,6 @@ def record_failed_job(cfg: DictConfig, status: str, error: str, start: float) ->
 def _summarize_stopped_sweep() -> None:
     """A stopped sweep never reaches Hydra's on_multirun_end: write its summary from here."""
     try:
-        from fmnist_tl.summarize import write_summary
-
         write_summary(HydraConfig.get().sweep.dir, plot=False)
     except Exception:  # the jobs' results are on disk; `python -m fmnist_tl.summarize` can redo this
         log.exception("could not write the summary of the stopped sweep")
@@ -324,7 +323,7 @@ def main(cfg: DictConfig) -> float:
             record_failed_job(cfg, "failed", _job_error(e), start)
             return float("nan")
     print(json.dumps({k: metrics[k] for k in ("val/acc", "val/f1", "test/acc", "test/f1") if k in metrics}))
-    value = metrics.get(cfg.optimized_metric)
+    value = metrics.get(cfg.objective.metric)
     return float("nan") if value is None else float(value)
 
 

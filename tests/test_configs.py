@@ -148,6 +148,8 @@ def test_cli_missing_optional_dependency_one_line(tmp_path):
         ("+nonexistent=1", "unknown config key 'nonexistent'"),
         ("model.head.dropout=1.5", "model.head.dropout=1.5 must be in"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path=/no/such.ckpt does not exist"),
+        ("objective.mode=maximize", "objective.mode='maximize' must be one of max, min"),
+        ("objective.metric=test/acc", "objective.metric='test/acc' must be a validation metric"),
     ],
 )
 def test_bad_values_rejected_by_validation(override, message):

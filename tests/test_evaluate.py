@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fmnist_tl.evaluate import compute_report, evaluate
+from fmnist_tl.evaluate import evaluate
+from fmnist_tl.report import compute_report
 from fmnist_tl.utils import FmnistError
 from tests.helpers import make_entry_cfg, run_cli, tiny_data_overrides
 

@@ -1,5 +1,5 @@
-"""The Optuna sweeper (fmnist_tl/sweeper.py, hydra_plugins/fmnist_tl_sweeper): search spaces, trial
-outcomes, persistent studies, several workers on one study, lost trials.
+"""The Optuna sweeper (fmnist_tl/sweeper.py, search_space.py, study.py; hydra_plugins/fmnist_tl_sweeper): search
+spaces, trial outcomes, persistent studies, several workers on one study, lost trials.
 
 Fast tests drive the sweeper as Hydra builds it from conf/hparams_search/head_optuna.yaml, with a
 fake launcher. The multi-process ones run tests/sweep_app.py, a Hydra app on the same sweeper,
@@ -24,19 +24,21 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from fmnist_tl import sweeper as sweeper_module
 from fmnist_tl.runtime import build
-from fmnist_tl.sweeper import (
+from fmnist_tl.search_space import search_space
+from fmnist_tl.study import (
     FAILURE,
     HEARTBEAT,
     WORKER,
     counts_toward_total,
+    mark_lost,
     process_start,
-    search_space,
     worker_identity,
 )
+from fmnist_tl.sweep_summary import write_summary
 from fmnist_tl.utils import FmnistError
 from tests.helpers import compose_cfg, start_cli
 
@@ -207,7 +209,7 @@ def test_a_study_reused_with_another_search_space_or_direction_is_refused(tmp_pa
     assert info.value.code == 2 and changed.launcher.launched == []
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: study head_optuna in sqlite:") and "model.head.hidden_dims" in line
-    flipped = head_optuna_sweeper(tmp_path, [0.2], "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=minimize")
+    flipped = head_optuna_sweeper(tmp_path, [0.2], "hydra.sweeper.n_trials=2", "objective.mode=min")
     with pytest.raises(SystemExit):
         flipped.sweep([])
     assert "maximize, not minimize" in capsys.readouterr().err
@@ -217,6 +219,50 @@ def test_a_study_reused_with_another_search_space_or_direction_is_refused(tmp_pa
     with pytest.raises(SystemExit):
         fresh.sweep([])
     assert "holds job dirs of another study" in capsys.readouterr().err and fresh.launcher.launched == []
+
+
+def test_one_objective_override_sets_checkpoint_early_stopping_sweeper_and_summary(tmp_path):
+    losses = [0.3, 0.1, 0.2]
+    sweeper = head_optuna_sweeper(
+        tmp_path, list(losses), "objective.metric=val/loss", "objective.mode=min", "hydra.sweeper.n_trials=3"
+    )
+    cfg = sweeper.config
+    # dirpath given: its default, ${paths.output_dir}, resolves only in a Hydra run.
+    checkpoint = build(cfg.callbacks.model_checkpoint, dirpath=str(tmp_path / "run"))
+    stopping = build(cfg.callbacks.early_stopping)
+    assert (checkpoint.monitor, checkpoint.mode) == (stopping.monitor, stopping.mode) == ("val/loss", "min")
+    sweeper.sweep([])
+    study = optuna.load_study(study_name="head_optuna", storage=f"sqlite:///{tmp_path}/head_optuna.db")
+    assert study.direction == StudyDirection.MINIMIZE and study.best_trial.number == 1
+    # Each job dir as Hydra and train leave it: the summary ranks by the saved config's objective.
+    app_cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    del app_cfg["hydra"]
+    for n, loss in enumerate(losses):
+        hydra_dir = tmp_path / str(n) / ".hydra"
+        hydra_dir.mkdir(parents=True)
+        OmegaConf.save(app_cfg, hydra_dir / "config.yaml")
+        (hydra_dir / "overrides.yaml").write_text(f"- seed={n}\n")
+        (tmp_path / str(n) / "metrics.json").write_text(json.dumps({"val/loss": loss, "val/acc": 1 - loss}))
+    summary = write_summary(tmp_path, plot=False)
+    assert (summary.objective, summary.maximize) == ("val/loss", False)
+    assert [j.name for j in summary.jobs] == ["1", "2", "0"] and summary.best.name == "1"
+
+
+def test_an_explicit_direction_must_agree_with_the_objective(tmp_path, capsys):
+    agreed = head_optuna_sweeper(tmp_path / "a", [0.5], "hydra.sweeper.n_trials=1", "hydra.sweeper.direction=maximize")
+    agreed.sweep([])
+    assert len(agreed.launcher.launched) == 1
+    against = head_optuna_sweeper(tmp_path / "b", [0.5], "hydra.sweeper.direction=minimize")
+    with pytest.raises(SystemExit) as info:
+        against.sweep([])
+    assert info.value.code == 2 and against.launcher.launched == []
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: hydra.sweeper.direction=minimize contradicts objective.mode=max")
+    # An app without an objective (any other Hydra app): the direction as given, else Optuna's minimize.
+    settings = against.settings
+    assert settings.one_direction(None) == "minimize"
+    settings.direction = None
+    assert settings.one_direction(None) == "minimize" and settings.one_direction("max") == "maximize"
 
 
 def test_grid_sampler_runs_each_grid_point_once(tmp_path, caplog):
@@ -257,7 +303,7 @@ def test_only_trials_of_gone_workers_are_marked_lost(tmp_path):
     study.ask()  # no worker attr (not asked by this sweeper): left alone
     (tmp_path / "1" / ".hydra").mkdir(parents=True)  # trial 1's job dir, without metrics.json
 
-    assert sweeper_module._mark_lost(study, here, 600.0, tmp_path) == 3
+    assert mark_lost(study, here, 600.0, tmp_path) == 3
     states = [t.state for t in study.trials]
     running, fail = TrialState.RUNNING, TrialState.FAIL
     assert states == [running, fail, fail, running, fail, running]
@@ -359,6 +405,7 @@ def test_two_workers_share_one_study_and_stop_at_its_total(tmp_path, kind, reque
     study = optuna.load_study(study_name="toy", storage=url)
     assert len(study.trials) == 6 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert sorted(t.number for t in study.trials) == list(range(6))
+    assert study.direction == StudyDirection.MAXIMIZE  # from the app's objective.mode
     assert job_dirs(sweep) == [str(n) for n in range(6)]
     pids = {json.loads((sweep / str(n) / "metrics.json").read_text())["pid"] for n in range(6)}
     assert pids == {w.pid for w in workers}  # both took part

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf, read_write
 import fmnist_tl.train as train_module
 from fmnist_tl import summarize
 from fmnist_tl.evaluate import evaluate
+from fmnist_tl.sweep_summary import write_summary
 from fmnist_tl.utils import FmnistError
 from tests.helpers import make_entry_cfg, run_cli, tiny_data_overrides, tiny_overrides
 
@@ -93,7 +94,7 @@ def test_summary_aggregates_repeated_seeds_as_mean_and_std(tmp_path):
         for seed, acc in enumerate(accs):
             fake_job(sweep, str(n), [f"model.head.dropout={dropout}", f"seed={seed}"], done(acc, acc - 0.05))
             n += 1
-    summary = summarize.write_summary(sweep, plot=False)
+    summary = write_summary(sweep, plot=False)
     assert [g.overrides for g in summary.groups] == [{"model.head.dropout": "0.5"}, {"model.head.dropout": "0.2"}]
 
     rows = read_csv(sweep / "sweep_summary_by_config.csv")
@@ -106,6 +107,19 @@ def test_summary_aggregates_repeated_seeds_as_mean_and_std(tmp_path):
     md = (sweep / "sweep_summary.md").read_text()
     assert f"{statistics.fmean(vals['0.5']):.4f} ± {statistics.stdev(vals['0.5']):.4f}" in md
     assert len(read_csv(sweep / "sweep_summary.csv")) == 6  # the per-job table stays one row per job
+
+
+@pytest.mark.parametrize("mode, order", [("min", ["1", "2", "0"]), ("max", ["0", "2", "1"])])
+def test_summary_ranks_by_the_objective_each_job_saved_not_by_the_metric_name(tmp_path, mode, order):
+    sweep = tmp_path / "sweep"
+    for name, loss in (("0", 0.5), ("1", 0.1), ("2", 0.3)):
+        run = fake_job(sweep, name, [f"seed={name}"], {"status": "completed", "val/loss": loss})
+        # As Hydra saves the job's config: the objective train ranked its checkpoints by.
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"objective": {"metric": "val/loss", "mode": mode}}))
+    summary = write_summary(sweep, plot=False)
+    assert summary.objective == "val/loss" and summary.maximize == (mode == "max")
+    assert [r["job"] for r in read_csv(sweep / "sweep_summary.csv")] == order
+    assert f"Ranked by `val/loss` ({mode}imised)" in (sweep / "sweep_summary.md").read_text()
 
 
 def test_summarize_cli_rejects_a_dir_that_is_not_a_sweep(tmp_path, capsys):
@@ -151,7 +165,7 @@ def test_failed_job_in_a_multirun_is_recorded_and_returns_nan(multirun_cfg, monk
     assert math.isnan(value)
     metrics = json.loads((Path(multirun_cfg.paths.output_dir) / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["error"] == recorded
-    assert metrics["optimized_metric"] == "val/acc" and metrics["wall_time_s"] >= 0
+    assert metrics["objective"] == {"metric": "val/acc", "mode": "max"} and metrics["wall_time_s"] >= 0
 
 
 def sigterm_wrapped() -> FmnistError:

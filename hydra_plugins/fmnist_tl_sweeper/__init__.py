@@ -23,13 +23,15 @@ APP_SEED = "${oc.select:seed,null}"
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.fmnist_tl_sweeper.FmnistOptunaSweeper"
-    # The sweeper gets the sampler's config, not a sampler: it builds one per trial (fmnist_tl.sweeper.SamplerFactory).
+    # The sweeper gets the sampler's config, not a sampler: it builds one per trial
+    # (fmnist_tl.search_space.SamplerFactory).
     _recursive_: bool = False
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     # An Optuna sampler as a _target_ config (hydra/sweeper/sampler=tpe|random|cmaes|gp|qmc|nsgaii|grid).
     sampler: Any = MISSING
-    # minimize or maximize (one objective).
-    direction: Any = "minimize"
+    # minimize or maximize (one objective). null: from the app's objective.mode (max -> maximize,
+    # min -> minimize; fmnist_tl's conf/train.yaml), else minimize. A direction given here must agree with it.
+    direction: Any = None
     # null: the job name (`train`).
     study_name: Any = None
     # null: SQLite in the sweep dir, <hydra.sweep.dir>/<study_name>.db. Or any SQLAlchemy URL
