@@ -231,7 +231,7 @@ def test_init_from_wrong_architecture_is_clear(head_ckpt, tmp_path):
         (["model.finetune.start_epoch=1", "model.freeze_backbone=false"], "model.finetune needs model.freeze_backbone"),
         (["model.finetune.bn=sometimes"], "model.finetune.bn='sometimes' must be one of frozen, train"),
         (["model.finetune.start_epoch=-1"], "model.finetune.start_epoch=-1 must be an integer >= 0 or null"),
-        (["model.finetune.backbone_lr_factor=0"], "model.finetune.backbone_lr_factor=0 must be a positive"),
+        (["model.finetune.backbone_lr_factor=0"], "model.finetune.backbone_lr_factor=0.0 must be a positive"),
         (["model.finetune.init_from=/no/such.ckpt"], "model.finetune.init_from=/no/such.ckpt does not exist"),
     ],
 )
