@@ -15,8 +15,9 @@ import torch
 from PIL import Image, ImageFile
 
 from fmnist_tl.data import CLASS_NAMES
+from fmnist_tl.images import BadImage, load_image
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.predict import BadImage, classify, load_image, predict, run
+from fmnist_tl.predict import classify, predict, run
 from tests.helpers import run_cli, tiny_split
 
 
