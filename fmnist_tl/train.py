@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.callbacks import AtomicCheckpointIO, ModelCheckpoint, RecordTestOutputs, ReseedEachEpoch
 from fmnist_tl.features import feature_cache_for
-from fmnist_tl.model import TransferClassifier, finetune_start_epoch
+from fmnist_tl.model import TransferClassifier
 from fmnist_tl.report import write_report
 from fmnist_tl.runtime import (
     CONFIG_PATH,
@@ -45,6 +45,7 @@ from fmnist_tl.runtime import (
     run_hydra_cli,
     validate_config,
 )
+from fmnist_tl.schedule import finetune_options
 from fmnist_tl.sweep_summary import write_summary
 from fmnist_tl.utils import (
     FmnistError,
@@ -79,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Resuming a fine-tune run: the checkpoint holds the whole model, so neither init_from nor
     # ImageNet weights are read. (A head-only run still builds its weights: the feature cache
     # extracts in setup, before Lightning restores the checkpoint.)
-    resume_finetune = bool(ckpt_path) and finetune_start_epoch(cfg.model.get("finetune")) is not None
+    resume_finetune = bool(ckpt_path) and finetune_options(cfg.model.get("finetune")).first_epoch is not None
     # init_seed: a random init that a head-only checkpoint can rebuild (model.build_backbone).
     model: TransferClassifier = build(
         cfg.model, _recursive_=False, init_seed=cfg.seed, **({"load_weights": False} if resume_finetune else {})
