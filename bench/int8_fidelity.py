@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         device=torch.device("cpu"),
         backbone=model.backbone,
         backbone_name="resnet50",
-        preprocess=dm.preprocess,
+        preprocess=model.preprocess,
         weights_sha256=module_sha256(model.backbone),
         train_images=train_x,
     )

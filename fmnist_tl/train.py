@@ -113,9 +113,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callback_list.append(feature_cache)
     # With cached features the backbone never runs in the trainer (extraction has its own probe), and
     # the head trains in fp32; otherwise auto on a CPU measures fp32 against bf16.
-    precision = resolve_precision(
-        cfg.trainer, None if feature_cache else cpu_precision_probe(cfg, model, datamodule.preprocess)
-    )
+    precision = resolve_precision(cfg.trainer, None if feature_cache else cpu_precision_probe(cfg, model))
     trainer: L.Trainer = build(
         cfg.trainer,
         callbacks=[*callback_list, ReseedEachEpoch(cfg.seed)],
@@ -183,7 +181,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": round(time.time() - start, 2),
         "weights_id": model.weights_id,
         "backbone": cfg.model.backbone,
-        "image_size": cfg.data.image_size,
+        "image_size": cfg.model.image_size,
         "precision": precision,
         "feature_cache": feature_cache.summary() if feature_cache else "off",
         "extraction": feature_cache.extraction_summary() if feature_cache else None,
