@@ -259,17 +259,10 @@ class TransferClassifier(L.LightningModule):
         restore_backbone(checkpoint, self.backbone, lambda: self.backbone_sha256)
 
     def on_train_start(self) -> None:
-        """Take over a resumed checkpoint's LR plan (re-planned when trainer.max_epochs changed) and
-        set this epoch's LRs from it."""
-        plan, saved, self._saved_lr_plan = self.lr_plan, self._saved_lr_plan, None
-        if plan is None:
-            return
-        epoch, end = self.trainer.current_epoch, max(1, int(self.trainer.max_epochs or 1))
-        planned = plan.adopt(saved, epoch, end)
-        if self.trainer.lr_scheduler_configs:
-            plan.set_lrs(self.trainer.lr_scheduler_configs[0].scheduler, epoch)
-        if planned is not None and self.trainer.is_global_zero:
-            log.info(plan.replan_message(planned, epoch, end, self.trainer.optimizers[0].param_groups[0]["lr"]))
+        saved, self._saved_lr_plan = self._saved_lr_plan, None
+        replanned = self.lr_plan.resume(saved, self.trainer) if self.lr_plan is not None else None
+        if replanned and self.trainer.is_global_zero:
+            log.info(replanned)
 
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)

@@ -242,8 +242,17 @@ class LRPlan:
             self.state["replans"].append([last_trained, self.factor(last_trained), max_epochs])
         return planned
 
-    def replan_message(self, planned: int, epoch: int, end: int, lr: float) -> str:
-        """What a resume that changed trainer.max_epochs from `planned` to `end` does to the LRs."""
+    def resume(self, saved: Mapping[str, Any] | None, trainer: Any) -> str | None:
+        """Take over a resumed checkpoint's plan (`saved`; None for a fresh run), re-planned when
+        trainer.max_epochs changed, and set the LRs of the trainer's current epoch from it.
+        Returns the line to log when the run's end moved, else None."""
+        epoch, end = trainer.current_epoch, max(1, int(trainer.max_epochs or 1))
+        planned = self.adopt(saved, epoch, end)
+        if trainer.lr_scheduler_configs:
+            self.set_lrs(trainer.lr_scheduler_configs[0].scheduler, epoch)
+        if planned is None:
+            return None
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
         how = (
             f"the LR schedule is re-planned: from lr {lr:.3g} at epoch {epoch} down to the end of its cosine "
             f"at epoch {end}"
