@@ -36,11 +36,12 @@ from torch import nn  # noqa: E402
 
 from fmnist_tl.candidates import Candidate, cosine_figures  # noqa: E402
 from fmnist_tl.data import FashionMNISTDataModule  # noqa: E402
-from fmnist_tl.model import TransferClassifier, load_state_dict_file  # noqa: E402
+from fmnist_tl.model import TransferClassifier, build_head  # noqa: E402
 from fmnist_tl.onnx_backend import INT8_VARIANTS  # noqa: E402
 from fmnist_tl.probe import Planner  # noqa: E402
 from fmnist_tl.schemas import FeaturesConfig  # noqa: E402
 from fmnist_tl.utils import atomic_write_json, cpu_model, module_sha256, sha256_file  # noqa: E402
+from fmnist_tl.weights import load_state_dict_file  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -55,7 +56,7 @@ def cosine_detail(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
 def train_head(feats: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int, hidden: int = 256) -> nn.Module:
     """The project's default head and optimiser (conf/model/resnet50.yaml), trained on fixed features."""
     torch.manual_seed(seed)
-    head = TransferClassifier._build_head(feats.shape[1], 10, [hidden], 0.5)
+    head = build_head(feats.shape[1], 10, [hidden], 0.5)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         device=torch.device("cpu"),
         backbone=model.backbone,
         backbone_name="resnet50",
-        preprocess=dm.preprocess,
+        preprocess=model.preprocess,
         weights_sha256=module_sha256(model.backbone),
         train_images=train_x,
     )

@@ -268,7 +268,7 @@ def bench_plan(overrides: list[str], device: torch.device) -> tuple[Any, dict[st
         device=device,
         backbone=model.backbone,
         backbone_name=cfg.model.backbone,
-        preprocess=dm.preprocess,
+        preprocess=model.preprocess,
         weights_sha256=module_sha256(model.backbone),
         train_images=dm.image_splits["train"][0],
     )

@@ -83,13 +83,13 @@ def instrument(phases: Phases) -> Callable[[], Any]:
 
     import fmnist_tl.callbacks as callbacks
     import fmnist_tl.features as features
-    import fmnist_tl.model as model_module
     import fmnist_tl.train as train_module
+    import fmnist_tl.weights as weights_module
     from fmnist_tl.data import FashionMNISTDataModule
 
     phases.wrap(train_module, "validate_config", "config checks")
     # Not TransferClassifier.__init__: Lightning's save_hyperparameters reads that frame's arguments.
-    phases.wrap(model_module, "build_backbone", "backbone build")
+    phases.wrap(weights_module, "build_backbone", "backbone build")
     phases.wrap(FashionMNISTDataModule, "prepare_data", "data")
     phases.wrap(FashionMNISTDataModule, "setup", "data")
     phases.wrap(features.FeatureCache, "setup", "feature cache")

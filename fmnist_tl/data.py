@@ -1,8 +1,10 @@
 """Fashion-MNIST as a LightningDataModule.
 
-The loaders move uint8 (B, 1, 28, 28) batches; resizing to the backbone's input size, grey to
-3 channels and normalisation run batched on the accelerator in `on_after_batch_transfer`, so
-the dataset is never materialised at 224 px (60k x 3 x 224 x 224 float32 would be 36 GB).
+The loaders move uint8 (B, 1, 28, 28) batches; augmentation, then the model's preprocessing
+(`ImagePreprocess`: resizing to the backbone's input size, grey to 3 channels, normalisation) run
+batched on the accelerator in `on_after_batch_transfer`, so the dataset is never materialised at
+224 px (60k x 3 x 224 x 224 float32 would be 36 GB). The model owns the preprocessing (its
+checkpoints carry it), so this module holds no image size or normalisation of its own.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fmnist_tl.utils import FmnistError, atomic_write_bytes, remove_stale_temp_f
 log = logging.getLogger(__name__)
 
 CLASS_NAMES: tuple[str, ...] = tuple(FashionMNIST.classes)
+# Every torchvision ImageNet weight normalises with these: the model's default (conf/model/resnet50.yaml).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")
@@ -153,19 +156,15 @@ class DeviceBatches:
 class ImagePreprocess(nn.Module):
     """uint8 (B, 1, 28, 28) -> normalised float (B, 3, S, S), batched on whatever device holds it.
 
-    Kept as a module so prediction and export reuse exactly the training preprocessing.
+    The model holds one (`TransferClassifier.preprocess`): training, the feature cache, prediction
+    and export all run that one, so they preprocess exactly alike.
     """
 
     def __init__(
-        self,
-        image_size: int = 224,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        channels_last: bool = False,
+        self, image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
     ) -> None:
         super().__init__()
         self.image_size = int(image_size)
-        self.channels_last = channels_last
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -174,10 +173,7 @@ class ImagePreprocess(nn.Module):
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             # antialias only matters when shrinking; upsampling 28 -> 224 is plain bilinear.
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
 
 
 def augment_batch(images: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
@@ -216,15 +212,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
         data_dir: str = "data",
         mirror_dir: str | None = None,
         val_size: int = 5000,
-        image_size: int = 224,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool | str = "auto",
         augment: bool = False,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        channels_last: bool = False,
         train_subset: int | None = None,
         test_subset: int | None = None,
         expected_sizes: dict[str, int] | None = None,
@@ -250,7 +242,6 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.seed = int(seed)
         # auto/true/false; read by fmnist_tl.features.feature_cache_for, which decides and logs why.
         self.cache_features = cache_features
-        self.preprocess = ImagePreprocess(image_size, mean, std, channels_last)
         self.class_names = CLASS_NAMES
         self.num_classes = len(CLASS_NAMES)
         self.data_train: Dataset | None = None
@@ -433,9 +424,12 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return self.test_dataloader()
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Augment uint8 images (training only), then run the trained model's preprocessing on them."""
         images, labels = batch
         if not holds_features(images):  # cached features go to the head as they are
-            if self.augment and self.trainer is not None and self.trainer.training:
+            if self.trainer is None:
+                raise RuntimeError("image batches are preprocessed by the trainer's model: attach a Trainer first")
+            if self.augment and self.trainer.training:
                 images = augment_batch(images)
-            images = self.preprocess.to(images.device)(images)
+            images = self.trainer.lightning_module.preprocess.to(images.device)(images)
         return images, labels

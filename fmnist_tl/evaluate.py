@@ -41,11 +41,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild the model from the checkpoint, test it on the test split, write the report files."""
     ckpt = _check_config(cfg)
     model = TransferClassifier.from_checkpoint(ckpt)
-    hp = model.hparams
-    # The checkpoint's own preprocessing (image size, mean/std), whatever data.image_size says.
-    datamodule = build(cfg.data, image_size=hp.image_size, mean=hp.mean, std=hp.std, channels_last=hp.channels_last)
+    # The datamodule runs the model's own preprocessing (from the checkpoint) on its batches.
+    datamodule = build(cfg.data)
     # The backbone runs in this trainer (from images): auto precision is measured on a CPU.
-    precision = resolve_precision(cfg.trainer, cpu_precision_probe(cfg, model, datamodule.preprocess))
+    precision = resolve_precision(cfg.trainer, cpu_precision_probe(cfg, model))
     collector = RecordTestOutputs()
     # One device: a DistributedSampler would pad the test set and the numbers would drift.
     trainer: L.Trainer = build(

@@ -27,7 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from fmnist_tl import schemas
-from fmnist_tl.data import CLASS_NAMES, ImagePreprocess
+from fmnist_tl.data import CLASS_NAMES
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.onnx_backend import export_onnx
 from fmnist_tl.runtime import CONFIG_PATH, build, run_hydra_cli
@@ -52,8 +52,7 @@ class UInt8Classifier(nn.Module):
 
     def __init__(self, model: TransferClassifier) -> None:
         super().__init__()
-        hp = model.hparams
-        self.preprocess = ImagePreprocess(hp.image_size, hp.mean, hp.std)
+        self.preprocess = copy.deepcopy(model.preprocess)
         # Plain (NCHW-contiguous) copies: channels_last is a CPU/GPU speed trick, not part of the model.
         self.backbone = copy.deepcopy(model.backbone).to(memory_format=torch.contiguous_format).eval()
         self.head = copy.deepcopy(model.head).eval()

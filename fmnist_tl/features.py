@@ -95,7 +95,7 @@ class FeatureCache(L.Callback):
         key = (id(pl_module.backbone), weights_sha, str(device))
         if self.plan is not None and self._plan_key == key:
             return self.plan
-        s, pre = self.settings, dm.preprocess
+        s, pre = self.settings, pl_module.preprocess
         backend, precision = s.backend, s.precision
         n_images = sum(len(dm.split_tensors(split)[1]) for split in splits)
         work = work_at_224(n_images, pre.image_size)
@@ -148,7 +148,7 @@ class FeatureCache(L.Callback):
         backbone_name = pl_module.hparams.get("backbone", type(pl_module.backbone).__name__)
         # The model keeps it once computed (its checkpoints record it too): hashing a big backbone is not free.
         weights_sha = getattr(pl_module, "backbone_sha256", None) or module_sha256(pl_module.backbone)
-        pre = dm.preprocess
+        pre = pl_module.preprocess
         device = trainer.strategy.root_device
         plan = self._plan_for(trainer, pl_module, dm, splits, backbone_name, weights_sha, device)
         precision = plan.candidate.precision

@@ -29,16 +29,10 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from fmnist_tl import schemas, utils
 from fmnist_tl.extraction import extraction_settings
 from fmnist_tl.features import features_cache_dir
-from fmnist_tl.model import (
-    check_backbone,
-    check_finetune,
-    finetune_start_epoch,
-    legacy_lr_plan,
-    load_checkpoint_file,
-    schedule_kind,
-)
 from fmnist_tl.probe import measured_trainer_precision
+from fmnist_tl.schedule import check_finetune, finetune_options, legacy_lr_plan, schedule_kind
 from fmnist_tl.utils import USER_FULL_ERROR_ENV, FmnistError, check_logger_dependencies, full_error_wanted
+from fmnist_tl.weights import check_backbone, read_checkpoint
 
 log = logging.getLogger(__name__)
 # The frozen backbone is in eval mode on purpose (BatchNorm stats must not move).
@@ -104,6 +98,25 @@ def _known_keys(config_name: str, parent: str) -> list[str]:
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
+# Keys that moved to another group. The model owns its preprocessing (its checkpoints carry it).
+MOVED_KEYS = {
+    "data.image_size": "model.image_size",
+    "data.mean": "model.mean",
+    "data.std": "model.std",
+    "data.channels_last": "model.channels_last",
+}
+
+
+def moved_key_line(key: str, config_name: str, value: str | None = None) -> str | None:
+    """The error line for an override of `key` (to `value`) when that key moved, else None."""
+    new = MOVED_KEYS.get(key)
+    if new is None:
+        return None
+    if config_name != "train":
+        return f"{key} moved to {new}; {config_name} takes it from the checkpoint (ckpt_path): drop that override"
+    return f"{key} moved to {new}; use {new}={value}" if value is not None else f"{key} moved to {new}"
+
+
 def hydra_error_line(e: BaseException, config_name: str) -> str:
     """One line for an error Hydra or OmegaConf raised while composing conf/<config_name>.yaml."""
     message, cause = str(e), e.__cause__
@@ -121,6 +134,9 @@ def hydra_error_line(e: BaseException, config_name: str) -> str:
         return f"{first}{f' ({detail})' if detail else ''}; see https://hydra.cc/docs/advanced/override_grammar/basic/"
     override = re.search(r"(?:Could not override|Error merging override) '?([^'\s]+)'?", message)
     key = override.group(1).split("=", 1)[0].lstrip("+~") if override else ""
+    if key in MOVED_KEYS:  # Hydra's message names the key in one line and the whole override in another
+        given = re.search(rf"{re.escape(key)}=(\S+)", message)
+        return moved_key_line(key, config_name, given.group(1) if given else None)
     if key.split(".")[0] == "model" and config_name != "train":
         return (
             f"{key}: {config_name} takes the model from the checkpoint (ckpt_path), so it has no model.* "
@@ -166,6 +182,10 @@ def validate_config(cfg: DictConfig) -> None:
     Keys and types were checked by Hydra while composing (fmnist_tl/schemas.py); here the ranges
     declared next to each field, then what depends on more than one key or on files.
     """
+    for key in MOVED_KEYS:  # added past Hydra's struct check (`+data.channels_last=false`)
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            raise FmnistError(moved_key_line(key, "train", str(value).lower() if isinstance(value, bool) else value))
     schemas.check(cfg)
     check_logger_dependencies(cfg.get("logger"))
     m = cfg.model
@@ -174,7 +194,8 @@ def validate_config(cfg: DictConfig) -> None:
     epochs = None if cfg.trainer.get("fast_dev_run") else cfg.trainer.get("max_epochs")
     ckpt = cfg.get("ckpt_path")
     # A resumed run takes every weight from its checkpoint, so init_from may be gone by then.
-    check_finetune(m.get("finetune"), m.get("freeze_backbone", True), epochs, check_files=ckpt is None)
+    ft = finetune_options(m.get("finetune"))
+    check_finetune(ft, m.get("freeze_backbone", True), epochs, check_files=ckpt is None)
     if m.weights_path is not None and not Path(m.weights_path).is_file():
         raise FmnistError(f"model.weights_path={m.weights_path} does not exist")
     if ckpt not in (None, "last") and not Path(ckpt).is_file():
@@ -183,23 +204,20 @@ def validate_config(cfg: DictConfig) -> None:
 
 def check_checkpoint_file(path: str) -> dict[str, Any]:
     """Refuse a checkpoint Lightning could not load safely, before any training starts."""
-    ckpt = load_checkpoint_file(path, f"ckpt_path={path}", "pick another checkpoint", map_location="cpu", mmap=True)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise FmnistError(f"ckpt_path={path} is not an fmnist_tl checkpoint (no state_dict/hyper_parameters)")
-    return ckpt
+    return read_checkpoint(path, f"ckpt_path={path}", "pick another checkpoint", mmap=True)
 
 
 def check_resume_schedule(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) -> None:
     """Refuse a resume whose LR schedule cannot go on from the checkpoint's, before anything is built.
 
     A resumed run restores the checkpoint's scheduler state, so it must be the same kind of
-    schedule. An extended cosine or fine-tune schedule is re-planned (model.LRPlan); a one-cycle
+    schedule. An extended cosine or fine-tune schedule is re-planned (schedule.LRPlan); a one-cycle
     schedule has a warm-up and an end fixed in steps, so it is only resumed as planned.
     """
     saved = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
     if not saved:
         return
-    kind = schedule_kind(cfg.model.get("scheduler"), cfg.model.get("finetune"))
+    kind = schedule_kind(cfg.model.get("scheduler"), finetune_options(cfg.model.get("finetune")))
     if saved.get("scheduler") != kind:
         raise FmnistError(
             f"ckpt_path={path} was trained with LR schedule {saved.get('scheduler') or 'constant'}, this config has "
@@ -233,13 +251,17 @@ def resolve_precision(trainer_cfg: DictConfig, measure: Callable[[], str] | None
     return measure() if measure is not None else "32-true"
 
 
-def cpu_precision_probe(cfg: DictConfig, model: Any, preprocess: Any) -> Callable[[], str]:
+def cpu_precision_probe(cfg: DictConfig, model: Any) -> Callable[[], str]:
     """trainer.precision=auto on a CPU for a run whose backbone runs in the trainer: measured, cached."""
 
     def measure() -> str:
         settings = extraction_settings(cfg.get("features") or {})
         chosen, rates = measured_trainer_precision(
-            features_cache_dir(cfg), settings, model.backbone, model.hparams.get("backbone", "backbone"), preprocess
+            features_cache_dir(cfg),
+            settings,
+            model.backbone,
+            model.hparams.get("backbone", "backbone"),
+            model.preprocess,
         )
         log.info(
             "trainer.precision=auto: %s (measured here: torch fp32 %.1f img/s, bf16 %.1f img/s)",
@@ -289,7 +311,7 @@ def finetune_trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
     parameters) but get no gradient until model.finetune.start_epoch; DDP accepts that only with
     find_unused_parameters=True. Such parameters keep grad None, so the optimizer leaves them alone.
     """
-    start = finetune_start_epoch(cfg.model.get("finetune"))
+    start = finetune_options(cfg.model.get("finetune")).first_epoch
     strategy = cfg.trainer.get("strategy")
     if not start or not isinstance(strategy, str) or not strategy.startswith("ddp") or "find_unused" in strategy:
         return {}

@@ -118,15 +118,11 @@ class DataConfig:
     mirror_dir: str | None = None
     download: bool = True
     val_size: int = checked(MISSING, at_least(1))
-    image_size: int = checked(MISSING, at_least(32, " (ResNets downsample 32x)"))
     batch_size: int = checked(MISSING, at_least(1))
     eval_batch_size: int | None = checked(None, at_least(1, optional=True))
     num_workers: int = checked(0, at_least(0))
     pin_memory: Any = checked("auto", one_of("auto", True, False))
     augment: bool = False
-    mean: list[float] = MISSING
-    std: list[float] = MISSING
-    channels_last: bool = MISSING
     train_subset: int | None = checked(None, at_least(1, optional=True))
     test_subset: int | None = checked(None, at_least(1, optional=True))
     # null: do not check that split's size (a mirror holding a subset)
@@ -171,7 +167,8 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     optimizer: Any = checked(MISSING, optimizer_rules)
     scheduler: Any = None
-    image_size: int = MISSING
+    # The preprocessing the weights expect: the model owns it (and its checkpoints carry it).
+    image_size: int = checked(MISSING, at_least(32, " (ResNets downsample 32x)"))
     mean: list[float] = MISSING
     std: list[float] = MISSING
     channels_last: bool = True

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.callbacks import AtomicCheckpointIO, ModelCheckpoint, RecordTestOutputs, ReseedEachEpoch
 from fmnist_tl.features import feature_cache_for
-from fmnist_tl.model import TransferClassifier, finetune_start_epoch
+from fmnist_tl.model import TransferClassifier
 from fmnist_tl.report import write_report
 from fmnist_tl.runtime import (
     CONFIG_PATH,
@@ -45,6 +45,7 @@ from fmnist_tl.runtime import (
     run_hydra_cli,
     validate_config,
 )
+from fmnist_tl.schedule import finetune_options
 from fmnist_tl.sweep_summary import write_summary
 from fmnist_tl.utils import (
     FmnistError,
@@ -79,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Resuming a fine-tune run: the checkpoint holds the whole model, so neither init_from nor
     # ImageNet weights are read. (A head-only run still builds its weights: the feature cache
     # extracts in setup, before Lightning restores the checkpoint.)
-    resume_finetune = bool(ckpt_path) and finetune_start_epoch(cfg.model.get("finetune")) is not None
+    resume_finetune = bool(ckpt_path) and finetune_options(cfg.model.get("finetune")).first_epoch is not None
     # init_seed: a random init that a head-only checkpoint can rebuild (model.build_backbone).
     model: TransferClassifier = build(
         cfg.model, _recursive_=False, init_seed=cfg.seed, **({"load_weights": False} if resume_finetune else {})
@@ -112,9 +113,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callback_list.append(feature_cache)
     # With cached features the backbone never runs in the trainer (extraction has its own probe), and
     # the head trains in fp32; otherwise auto on a CPU measures fp32 against bf16.
-    precision = resolve_precision(
-        cfg.trainer, None if feature_cache else cpu_precision_probe(cfg, model, datamodule.preprocess)
-    )
+    precision = resolve_precision(cfg.trainer, None if feature_cache else cpu_precision_probe(cfg, model))
     trainer: L.Trainer = build(
         cfg.trainer,
         callbacks=[*callback_list, ReseedEachEpoch(cfg.seed)],
@@ -182,7 +181,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": round(time.time() - start, 2),
         "weights_id": model.weights_id,
         "backbone": cfg.model.backbone,
-        "image_size": cfg.data.image_size,
+        "image_size": cfg.model.image_size,
         "precision": precision,
         "feature_cache": feature_cache.summary() if feature_cache else "off",
         "extraction": feature_cache.extraction_summary() if feature_cache else None,

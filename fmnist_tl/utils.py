@@ -22,6 +22,15 @@ class FmnistError(Exception):
     """An error caused by user input; the CLI prints its message as one line and exits non-zero."""
 
 
+def to_container(x: Any) -> Any:
+    """Hydra hands DictConfigs; checkpoints must hold plain containers to load with weights_only=True."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(x, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(x, resolve=True)
+    return x
+
+
 def require_modules(what: str, extra: str, *modules: str) -> None:
     """Refuse `what` before anything is built when an optional dependency is missing, naming the fix."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]

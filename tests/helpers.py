@@ -75,7 +75,7 @@ def tiny_overrides(mirror: Path, tmp: Path) -> list[str]:
     """Overrides for a seconds-long offline run on the tiny mirror."""
     return [
         *tiny_data_overrides(mirror, tmp),
-        "data.image_size=32",
+        "model.image_size=32",
         "data.batch_size=32",
         "model.backbone=resnet18",
         "model.weights=null",

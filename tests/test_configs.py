@@ -144,7 +144,7 @@ def test_cli_missing_optional_dependency_one_line(tmp_path):
         ("model.backbone=vgg99", "model.backbone=vgg99 is not supported"),
         ("model.weights=IMAGENET1K_V9", "model.weights=IMAGENET1K_V9 is not a torchvision weights name"),
         ("data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),
-        ("data.image_size=16", "data.image_size=16 must be an integer >= 32"),
+        ("model.image_size=16", "model.image_size=16 must be an integer >= 32"),
         ("+nonexistent=1", "unknown config key 'nonexistent'"),
         ("model.head.dropout=1.5", "model.head.dropout=1.5 must be in"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path=/no/such.ckpt does not exist"),
@@ -156,6 +156,40 @@ def test_bad_values_rejected_by_validation(override, message):
     cfg = compose_cfg("train", [override])
     with pytest.raises(FmnistError, match=re.escape(message)):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.image_size=64", "data.image_size moved to model.image_size; use model.image_size=64"),
+        ("+data.channels_last=false", "data.channels_last moved to model.channels_last; use model.channels_last=false"),
+        ("data.mean=[0.5,0.5,0.5]", "data.mean moved to model.mean; use model.mean=[0.5,0.5,0.5]"),
+    ],
+)
+def test_a_moved_key_names_its_new_place(override, message):
+    """The model owns its preprocessing: data.image_size/mean/std/channels_last are model.* keys now."""
+    with pytest.raises(FmnistError) as err:
+        validate_config(compose_cfg("train", [override]))
+    assert str(err.value) == message
+    assert compose_cfg("train", ["model.image_size=64"]).model.image_size == 64
+
+
+@pytest.mark.parametrize(
+    "module, override, line",
+    [
+        ("fmnist_tl.train", "data.image_size=64", "data.image_size moved to model.image_size; use model.image_size=64"),
+        (
+            "fmnist_tl.evaluate",
+            "data.std=[0.5,0.5,0.5]",
+            "data.std moved to model.std; evaluate takes it from the checkpoint (ckpt_path): drop that override",
+        ),
+    ],
+)
+def test_cli_moved_key_one_line_exit_2(module, override, line, tmp_path):
+    proc = run_cli(override, f"paths.root_dir={tmp_path}", module=module)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {line}"]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

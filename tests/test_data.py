@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import gzip
 
+import lightning as L
 import pytest
 import torch
 
 from fmnist_tl.data import IDX_FILES, FashionMNISTDataModule, ImagePreprocess, augment_batch, parse_idx
+from fmnist_tl.model import TransferClassifier
 from fmnist_tl.utils import FmnistError
 from tests.helpers import DEBIAN_MIRROR, TINY_SIZES, idx_bytes, needs_real_data, tiny_split
 
@@ -16,7 +18,6 @@ def tiny_dm(mirror, tmp_path, **kw) -> FashionMNISTDataModule:
         mirror_dir=str(mirror),
         expected_sizes=TINY_SIZES,
         val_size=100,
-        image_size=32,
         batch_size=16,
     )
     return FashionMNISTDataModule(**{**args, **kw})
@@ -38,12 +39,24 @@ def test_mirror_import_and_split(tiny_mirror, tmp_path):
     assert not torch.equal(dm.data_val.tensors[1], other.data_val.tensors[1])
 
 
-def test_batch_after_transfer_is_normalised_3_channel(tiny_mirror, tmp_path):
+def attached(dm: FashionMNISTDataModule, model: L.LightningModule) -> L.Trainer:
+    """A trainer holding `model`, as fit/test make one, so the datamodule's hooks see the model."""
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    dm.trainer = trainer
+    return trainer
+
+
+def test_batch_after_transfer_runs_the_models_preprocessing(tiny_mirror, tmp_path):
+    """The datamodule moves uint8 28x28 batches; the image size and normalisation are the model's."""
     dm = tiny_dm(tiny_mirror, tmp_path)
     dm.prepare_data()
     dm.setup("fit")
     images, labels = next(iter(dm.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (16, 1, 28, 28)
+    with pytest.raises(RuntimeError, match="attach a Trainer"):
+        dm.on_after_batch_transfer((images, labels), 0)
+    attached(dm, TransferClassifier(backbone="resnet18", weights=None, image_size=32))
     x, y = dm.on_after_batch_transfer((images, labels), 0)
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
     assert y.shape == (16,) and y.dtype == torch.int64
@@ -52,6 +65,10 @@ def test_batch_after_transfer_is_normalised_3_channel(tiny_mirror, tmp_path):
     # Undo the normalisation: pixel values come back into [0, 1].
     raw = x[:, 0] * 0.229 + 0.485
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+    # Another model, another preprocessing, from the same datamodule.
+    attached(dm, TransferClassifier(backbone="resnet18", weights=None, image_size=64, mean=[0.5] * 3, std=[0.5] * 3))
+    x, _ = dm.on_after_batch_transfer((images, labels), 0)
+    assert x.shape == (16, 3, 64, 64) and x.min() >= -1 - 1e-5 and x.max() <= 1 + 1e-5 and x.min() < -0.9
 
 
 def test_preprocess_resizes_to_configured_size():
@@ -149,7 +166,7 @@ def test_invalid_mirror_file_fails_without_writing(tiny_mirror, tmp_path):
 @needs_real_data
 def test_real_data_from_debian_mirror(tmp_path):
     # download=False: the files can only have come from Debian's mirror, found without being named.
-    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "data"), mirror_dir=None, image_size=32, download=False)
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "data"), mirror_dir=None, download=False)
     dm.prepare_data()
     dm.setup("fit")
     assert (len(dm.data_train), len(dm.data_val), len(dm.data_test)) == (55000, 5000, 10000)

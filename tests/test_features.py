@@ -18,10 +18,11 @@ from fmnist_tl.data import IDX_FILES, IMAGENET_MEAN, IMAGENET_STD, ImagePreproce
 from fmnist_tl.extraction import FeatureExtractor, extraction_settings
 from fmnist_tl.feature_store import CacheResult, FeatureStore, cached_features
 from fmnist_tl.features import FeatureCache, feature_cache_for
-from fmnist_tl.model import TransferClassifier, build_backbone
+from fmnist_tl.model import TransferClassifier
 from fmnist_tl.runtime import build, validate_config
 from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError, module_sha256
+from fmnist_tl.weights import build_backbone
 from tests.helpers import REPO, idx_bytes, make_cfg, tiny_overrides, tiny_split
 
 N = 48
@@ -152,7 +153,7 @@ from pathlib import Path
 import torch
 from fmnist_tl.data import ImagePreprocess
 from fmnist_tl.feature_store import cached_features
-from fmnist_tl.model import build_backbone
+from fmnist_tl.weights import build_backbone
 
 cache, me, other = sys.argv[1:4]
 torch.manual_seed(0)

@@ -13,16 +13,12 @@ import pytest
 import torch
 import torchvision
 
-from fmnist_tl.model import (
-    RESNET_STAGES,
-    TransferClassifier,
-    finetune_options,
-    finetune_phase_factor,
-    head_phase_factors,
-)
+from fmnist_tl.model import TransferClassifier
 from fmnist_tl.runtime import validate_config
+from fmnist_tl.schedule import finetune_options, finetune_phase_factor, head_phase_factors
 from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError
+from fmnist_tl.weights import RESNET_STAGES
 from tests.helpers import DDP_SIM, make_cfg, run_cli, tiny_overrides
 
 # A couple of batches per epoch: enough for every trainable tensor to move, fast on 2 cores.
@@ -242,9 +238,9 @@ def test_bad_finetune_values_rejected_before_training(tiny_cfg, overrides, messa
 
 def test_unfreeze_all_and_requires_grad_fixed_for_the_whole_run():
     m = TransferClassifier(backbone="resnet18", weights=None, finetune={"start_epoch": 2, "unfreeze": "all"})
-    assert m.finetune["unfreeze"] == list(RESNET_STAGES)
+    assert m.finetune.unfreeze == list(RESNET_STAGES)
     assert all(p.requires_grad for p in m.backbone.parameters())
-    assert finetune_options({"unfreeze": ["layer4", "layer3", "layer4"]})["unfreeze"] == ["layer3", "layer4"]
+    assert finetune_options({"unfreeze": ["layer4", "layer3", "layer4"]}).unfreeze == ["layer3", "layer4"]
     m = TransferClassifier(backbone="resnet18", weights=None, finetune={"start_epoch": 2})
     trainable = {n.split(".")[0] for n, p in m.backbone.named_parameters() if p.requires_grad}
     assert trainable == {"layer4"}

@@ -35,7 +35,7 @@ def cli_overrides(mirror, tmp) -> list[str]:
     """tiny_overrides, but with the default callbacks (progress bar, model summary) left on."""
     return [
         *tiny_data_overrides(mirror, tmp),
-        "data.image_size=32",
+        "model.image_size=32",
         "data.batch_size=32",
         "model.backbone=resnet18",
         "model.weights=null",

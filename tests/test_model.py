@@ -7,8 +7,9 @@ import pytest
 import torch
 import torchvision
 
-from fmnist_tl.model import TransferClassifier, build_backbone
+from fmnist_tl.model import TransferClassifier
 from fmnist_tl.utils import FmnistError
+from fmnist_tl.weights import build_backbone
 from tests.helpers import RunsCode
 
 

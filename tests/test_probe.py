@@ -17,12 +17,12 @@ from fmnist_tl import onnx_backend, probe
 from fmnist_tl.candidates import Candidate, candidates, split_samples, time_runner
 from fmnist_tl.data import ImagePreprocess
 from fmnist_tl.extraction import FeatureExtractor, extraction_settings, split_entry
-from fmnist_tl.model import build_backbone
 from fmnist_tl.probe import Planner
 from fmnist_tl.runtime import build, resolve_precision
 from fmnist_tl.schemas import FeaturesConfig
 from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError, module_sha256
+from fmnist_tl.weights import build_backbone
 from tests.helpers import make_cfg, run_cli, tiny_overrides, tiny_split
 
 RATES = {

@@ -415,7 +415,7 @@ def test_enospc_on_feature_cache_keeps_existing_entries(tiny_cfg, tmp_path, monk
     monkeypatch.setattr(os, "fsync", _enospc)
     # Another image size is another cache key: its write hits the full disk.
     with pytest.raises(FmnistError, match=r"\.(safetensors|json): no space left on device"):
-        train(tiny_cfg("data.image_size=64", output="b"))
+        train(tiny_cfg("model.image_size=64", output="b"))
     monkeypatch.undo()
     assert {p: p.read_bytes() for p in entries} == entries
     assert not list((tmp_path / "cache" / "features").glob(".*.tmp"))

@@ -51,7 +51,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def test_summary_ranks_by_val_marks_best_and_lists_failed_and_incomplete_jobs(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    common = "data.image_size=32"
+    common = "model.image_size=32"
     fake_job(sweep, "0", [common, "model.optimizer.lr=0.001", "model.head.dropout=0.2"], done(0.80, 0.95))
     fake_job(sweep, "1", [common, "model.optimizer.lr=0.01", "model.head.dropout=0.2"], done(0.90, 0.70))
     fake_job(sweep, "2", [common, "model.optimizer.lr=1e6", "model.head.dropout=0.5"],
@@ -70,14 +70,14 @@ def test_summary_ranks_by_val_marks_best_and_lists_failed_and_incomplete_jobs(tm
     assert rows[3]["error"] == "training diverged: loss is nan" and rows[3]["val/acc"] == ""
     # Swept keys get their own columns; the shared override is not one of them.
     assert rows[0]["model.optimizer.lr"] == "0.01" and rows[0]["model.head.dropout"] == "0.2"
-    assert "data.image_size" not in rows[0]
+    assert "model.image_size" not in rows[0]
     assert rows[0]["overrides"] == "model.head.dropout=0.2 model.optimizer.lr=0.01"
     assert float(rows[0]["val/acc"]) == 0.90 and rows[0]["epochs"] == "3" and float(rows[0]["wall_time_s"]) == 12.5
 
     md = (sweep / "sweep_summary.md").read_text()
     assert md == capsys.readouterr().out
     assert "5 jobs: 3 completed, 1 failed, 1 incomplete" in md
-    assert "Common overrides: `data.image_size=32`" in md
+    assert "Common overrides: `model.image_size=32`" in md
     table = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert table[0].startswith("| 1 | **best** | 1 | completed |")
     assert "| 5 |  | 3 | incomplete |" in table[4]

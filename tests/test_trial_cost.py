@@ -13,7 +13,7 @@ import os
 import torch
 
 import fmnist_tl.manifest_store as manifest_store
-import fmnist_tl.model as model_module
+import fmnist_tl.weights as weights_module
 from fmnist_tl.feature_store import FeatureStore
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.utils import module_sha256
@@ -23,8 +23,8 @@ def test_a_backbone_built_before_is_copied_not_rebuilt(monkeypatch):
     first = TransferClassifier(backbone="resnet18", weights=None, image_size=32, init_seed=11)
     first_sha = first.backbone_sha256
     inits, hashes = [], []
-    monkeypatch.setattr(model_module, "_build_backbone", lambda *a: inits.append(a))  # would fail if called
-    monkeypatch.setattr(model_module, "module_sha256", lambda m: hashes.append(m))
+    monkeypatch.setattr(weights_module, "_build_backbone", lambda *a: inits.append(a))  # would fail if called
+    monkeypatch.setattr(weights_module, "module_sha256", lambda m: hashes.append(m))
     second = TransferClassifier(backbone="resnet18", weights=None, image_size=32, init_seed=11)
     assert inits == [] and second.backbone_sha256 == first_sha and hashes == []
     for (name, a), b in zip(first.backbone.state_dict().items(), second.backbone.state_dict().values(), strict=True):
