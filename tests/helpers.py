@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -85,6 +86,14 @@ def tiny_overrides(mirror: Path, tmp: Path) -> list[str]:
         "callbacks.rich_progress_bar=null",
         "callbacks.model_summary=null",
     ]
+
+
+def attached(dm: L.LightningDataModule, model: L.LightningModule) -> L.Trainer:
+    """A trainer holding `model`, as fit/test make one, so the datamodule's hooks see the model."""
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    dm.trainer = trainer
+    return trainer
 
 
 def compose_cfg(config_name: str = "train", overrides: Sequence[str] = (), hydra: bool = False) -> DictConfig:

@@ -2,14 +2,13 @@ from __future__ import annotations
 
 import gzip
 
-import lightning as L
 import pytest
 import torch
 
 from fmnist_tl.data import IDX_FILES, FashionMNISTDataModule, ImagePreprocess, augment_batch, parse_idx
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.utils import FmnistError
-from tests.helpers import DEBIAN_MIRROR, TINY_SIZES, idx_bytes, needs_real_data, tiny_split
+from tests.helpers import DEBIAN_MIRROR, TINY_SIZES, attached, idx_bytes, needs_real_data, tiny_split
 
 
 def tiny_dm(mirror, tmp_path, **kw) -> FashionMNISTDataModule:
@@ -37,14 +36,6 @@ def test_mirror_import_and_split(tiny_mirror, tmp_path):
     other = tiny_dm(tiny_mirror, tmp_path, seed=7)
     other.setup("fit")
     assert not torch.equal(dm.data_val.tensors[1], other.data_val.tensors[1])
-
-
-def attached(dm: FashionMNISTDataModule, model: L.LightningModule) -> L.Trainer:
-    """A trainer holding `model`, as fit/test make one, so the datamodule's hooks see the model."""
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(model)
-    dm.trainer = trainer
-    return trainer
 
 
 def test_batch_after_transfer_runs_the_models_preprocessing(tiny_mirror, tmp_path):

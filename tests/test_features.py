@@ -23,7 +23,7 @@ from fmnist_tl.runtime import build, validate_config
 from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError, module_sha256
 from fmnist_tl.weights import build_backbone
-from tests.helpers import REPO, idx_bytes, make_cfg, tiny_overrides, tiny_split
+from tests.helpers import REPO, attached, idx_bytes, make_cfg, tiny_overrides, tiny_split
 
 N = 48
 
@@ -212,9 +212,11 @@ def test_cached_logits_equal_image_logits(tmp_path, data):
 
 
 def test_the_datamodule_serves_a_split_of_cached_features_as_it_is(tiny_cfg):
-    dm = build(tiny_cfg().data)
+    cfg = tiny_cfg()
+    dm = build(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
+    attached(dm, build(cfg.model, _recursive_=False))  # the images are preprocessed by the trainer's model
     images, labels = dm.split_tensors("val")
     preprocessed, _ = dm.on_after_batch_transfer((images[:4], labels[:4]), 0)
     assert not holds_features(images) and not holds_features(preprocessed) and preprocessed.shape[1] == 3
