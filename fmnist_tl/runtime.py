@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -87,9 +86,7 @@ def _known_keys(config_name: str, parent: str) -> list[str]:
     node: Any = schemas.ENTRIES.get(config_name)
     for part in [p for p in parent.split(".") if p]:
         if part == "trainer":
-            import lightning as L
-
-            return sorted(set(inspect.signature(L.Trainer.__init__).parameters) - {"self"})
+            return schemas.trainer_parameters()
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:
             return []

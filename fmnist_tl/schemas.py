@@ -77,14 +77,18 @@ def each(rule: Rule) -> Rule:
     return check_items
 
 
-def trainer_keys(key: str, node: Any) -> None:
+def trainer_parameters() -> list[str]:
     """The trainer group is Lightning's Trainer: its signature is the schema."""
     import lightning as L
 
-    allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    return sorted(set(inspect.signature(L.Trainer.__init__).parameters) - {"self"})
+
+
+def trainer_keys(key: str, node: Any) -> None:
+    allowed = trainer_parameters()
     unknown = sorted(k for k in node if not str(k).startswith("_") and k not in allowed)
     if unknown:
-        raise FmnistError(unknown_key_message(f"{key}.{unknown[0]}", sorted(allowed), can_add=False))
+        raise FmnistError(unknown_key_message(f"{key}.{unknown[0]}", allowed, can_add=False))
     epochs = node.get("max_epochs")
     if epochs is not None and epochs != -1:
         at_least(1)(f"{key}.max_epochs", epochs)
