@@ -20,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from fmnist_tl.data import IDX_FILES, IDX_MAGIC
+from fmnist_tl.raw_files import IDX_FILES, IDX_MAGIC
 from fmnist_tl.runtime import compose_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,8 +5,9 @@ import gzip
 import pytest
 import torch
 
-from fmnist_tl.data import IDX_FILES, FashionMNISTDataModule, ImagePreprocess, augment_batch, parse_idx
+from fmnist_tl.data import FashionMNISTDataModule, ImagePreprocess, augment_batch
 from fmnist_tl.model import TransferClassifier
+from fmnist_tl.raw_files import IDX_FILES, parse_idx
 from fmnist_tl.utils import FmnistError
 from tests.helpers import DEBIAN_MIRROR, TINY_SIZES, attached, idx_bytes, needs_real_data, tiny_split
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from fmnist_tl.data import IDX_FILES, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, holds_features
+from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, holds_features
 from fmnist_tl.extraction import FeatureExtractor, extraction_settings
 from fmnist_tl.feature_store import CacheResult, FeatureStore, cached_features
 from fmnist_tl.features import FeatureCache, feature_cache_for
 from fmnist_tl.model import TransferClassifier
+from fmnist_tl.raw_files import IDX_FILES
 from fmnist_tl.runtime import build, validate_config
 from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError, module_sha256
