@@ -24,8 +24,7 @@ from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, holds_f
 from fmnist_tl.schedule import (
     LRPlan,
     check_finetune,
-    configure_finetune_optimization,
-    configure_optimization,
+    configure_model_optimization,
     finetune_options,
     legacy_lr_plan,
 )
@@ -35,7 +34,7 @@ from fmnist_tl.weights import (
     backbone_key,
     backbone_sha256,
     build_backbone_of,
-    check_backbone_sha256,
+    fill_rebuilt_backbone,
     init_from_state,
     read_checkpoint,
     rebuildable,
@@ -211,8 +210,7 @@ class TransferClassifier(L.LightningModule):
                 raise
             raise FmnistError(f"checkpoint {path} holds the head only; its backbone cannot be rebuilt: {e}") from e
         if head_only:
-            check_backbone_sha256(model.backbone, ckpt["backbone_identity"], f"checkpoint {path}")
-            ckpt["state_dict"].update({f"backbone.{k}": v for k, v in model.backbone.state_dict().items()})
+            fill_rebuilt_backbone(ckpt, model.backbone, f"checkpoint {path}")
         model.load_state_dict(ckpt["state_dict"])
         model.weights_id = ckpt.get("weights_id", model.weights_id)
         return model.eval()
@@ -351,16 +349,10 @@ class TransferClassifier(L.LightningModule):
         return self.logits(x).float().softmax(-1)
 
     def configure_optimizers(self) -> Any:
-        hp, max_epochs = self.hparams, self.trainer.max_epochs
-        if self.finetune_start is not None:
-            backbone = [p for stage in self.finetune_stages for p in stage.parameters()]
-            config, self.lr_plan = configure_finetune_optimization(
-                self.head.parameters(), backbone, hp.optimizer, hp.scheduler, self.finetune, max_epochs
-            )
-        else:
-            params = [p for p in self.parameters() if p.requires_grad]
-            steps = lambda: self.trainer.estimated_stepping_batches  # noqa: E731
-            config, self.lr_plan = configure_optimization(
-                params, hp.optimizer, hp.scheduler, max(1, int(max_epochs or 1)), steps
-            )
+        head, stages = self.head.parameters(), [p for stage in self.finetune_stages for p in stage.parameters()]
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        steps = lambda: self.trainer.estimated_stepping_batches  # noqa: E731
+        config, self.lr_plan = configure_model_optimization(
+            head, stages, trainable, self.hparams, self.finetune, self.trainer.max_epochs, steps
+        )
         return config

@@ -372,3 +372,22 @@ def configure_finetune_optimization(
         return 0.0 if epoch < start else plan.factor(epoch)
 
     return _with_scheduler(built, torch.optim.lr_scheduler.LambdaLR(built, [head_lambda, backbone_lambda])), plan
+
+
+def configure_model_optimization(
+    head: Iterable[nn.Parameter],
+    finetune_params: list[nn.Parameter],
+    trainable: list[nn.Parameter],
+    hparams: Mapping[str, Any],
+    ft: FinetuneOptions,
+    max_epochs: int | None,
+    total_steps: Callable[[], int],
+) -> tuple[Any, LRPlan]:
+    """configure_optimizers for TransferClassifier: two groups (head, stages to fine-tune) when the run
+    has a fine-tune phase, else one group of whatever is trainable."""
+    if ft.first_epoch is not None:
+        return configure_finetune_optimization(
+            head, finetune_params, hparams["optimizer"], hparams["scheduler"], ft, max_epochs
+        )
+    epochs = max(1, int(max_epochs or 1))
+    return configure_optimization(trainable, hparams["optimizer"], hparams["scheduler"], epochs, total_steps)

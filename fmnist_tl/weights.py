@@ -270,6 +270,12 @@ def check_backbone_sha256(net: nn.Module, meta: Mapping[str, Any], what: str, sh
         )
 
 
+def fill_rebuilt_backbone(checkpoint: dict[str, Any], net: nn.Module, what: str) -> None:
+    """Complete a head-only checkpoint with `net`, the backbone its identity rebuilt, once its sha256 checks."""
+    check_backbone_sha256(net, checkpoint["backbone_identity"], what)
+    checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in net.state_dict().items()})
+
+
 def strip_backbone(checkpoint: dict[str, Any], weights_id: str, sha256: str) -> None:
     """Make `checkpoint` head-only: a frozen backbone is most of a checkpoint's size and never
     changes, so keep its identity instead (what rebuilds it, and the sha256 that proves the rebuild)."""
