@@ -95,25 +95,6 @@ def _known_keys(config_name: str, parent: str) -> list[str]:
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
-# Keys that moved to another group. The model owns its preprocessing (its checkpoints carry it).
-MOVED_KEYS = {
-    "data.image_size": "model.image_size",
-    "data.mean": "model.mean",
-    "data.std": "model.std",
-    "data.channels_last": "model.channels_last",
-}
-
-
-def moved_key_line(key: str, config_name: str, value: str | None = None) -> str | None:
-    """The error line for an override of `key` (to `value`) when that key moved, else None."""
-    new = MOVED_KEYS.get(key)
-    if new is None:
-        return None
-    if config_name != "train":
-        return f"{key} moved to {new}; {config_name} takes it from the checkpoint (ckpt_path): drop that override"
-    return f"{key} moved to {new}; use {new}={value}" if value is not None else f"{key} moved to {new}"
-
-
 def hydra_error_line(e: BaseException, config_name: str) -> str:
     """One line for an error Hydra or OmegaConf raised while composing conf/<config_name>.yaml."""
     message, cause = str(e), e.__cause__
@@ -131,9 +112,9 @@ def hydra_error_line(e: BaseException, config_name: str) -> str:
         return f"{first}{f' ({detail})' if detail else ''}; see https://hydra.cc/docs/advanced/override_grammar/basic/"
     override = re.search(r"(?:Could not override|Error merging override) '?([^'\s]+)'?", message)
     key = override.group(1).split("=", 1)[0].lstrip("+~") if override else ""
-    if key in MOVED_KEYS:  # Hydra's message names the key in one line and the whole override in another
+    if key in schemas.MOVED_KEYS:  # Hydra's message names the key in one line and the whole override in another
         given = re.search(rf"{re.escape(key)}=(\S+)", message)
-        return moved_key_line(key, config_name, given.group(1) if given else None)
+        return schemas.unknown_key_message(key, [], value=given.group(1) if given else None, entry=config_name)
     if key.split(".")[0] == "model" and config_name != "train":
         return (
             f"{key}: {config_name} takes the model from the checkpoint (ckpt_path), so it has no model.* "
@@ -179,10 +160,6 @@ def validate_config(cfg: DictConfig) -> None:
     Keys and types were checked by Hydra while composing (fmnist_tl/schemas.py); here the ranges
     declared next to each field, then what depends on more than one key or on files.
     """
-    for key in MOVED_KEYS:  # added past Hydra's struct check (`+data.channels_last=false`)
-        value = OmegaConf.select(cfg, key)
-        if value is not None:
-            raise FmnistError(moved_key_line(key, "train", str(value).lower() if isinstance(value, bool) else value))
     schemas.check(cfg)
     check_logger_dependencies(cfg.get("logger"))
     m = cfg.model

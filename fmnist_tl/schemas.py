@@ -94,10 +94,28 @@ def trainer_keys(key: str, node: Any) -> None:
         at_least(1)(f"{key}.max_epochs", epochs)
 
 
-def unknown_key_message(full_key: str, known: list[str], can_add: bool = False) -> str:
-    """`unknown config key 'x'` with the close matches among `known`."""
+# Keys that moved to another group. The model owns its preprocessing (its checkpoints carry it).
+MOVED_KEYS = {
+    "data.image_size": "model.image_size",
+    "data.mean": "model.mean",
+    "data.std": "model.std",
+    "data.channels_last": "model.channels_last",
+}
+
+
+def unknown_key_message(
+    full_key: str, known: list[str], can_add: bool = False, value: Any = None, entry: str = "train"
+) -> str:
+    """`unknown config key 'x'` with the close matches among `known`; for a key that moved (set
+    to `value` in conf/<entry>.yaml's command), where it went instead."""
     import difflib
 
+    new = MOVED_KEYS.get(full_key)
+    if new is not None:
+        if entry != "train":
+            return f"{full_key} moved to {new}; {entry} takes it from the checkpoint (ckpt_path): drop that override"
+        value = str(value).lower() if isinstance(value, bool) else value
+        return f"{full_key} moved to {new}" + (f"; use {new}={value}" if value is not None else "")
     *parent, name = full_key.split(".")
     close = difflib.get_close_matches(name, known, n=2)
     hint = f"; did you mean {' or '.join('.'.join([*parent, c]) for c in close)}?" if close else ""
@@ -324,21 +342,23 @@ register()
 # ----------------------------------------------------------------------------------- checks
 
 
-def check(cfg: DictConfig, schema: type | None = None, prefix: str = "") -> None:
+def check(cfg: DictConfig, schema: type | None = None, prefix: str = "", entry: str | None = None) -> None:
     """Refuse keys the schema lacks (a `+key=` override adds them past Hydra), then run every
     field's rules, and those of nested schemas, over a composed config."""
     schema = schema or OmegaConf.get_type(cfg)
     if schema is None or not dataclasses.is_dataclass(schema):
         return
+    entry = entry or next((name for name, node in ENTRIES.items() if node is schema), "train")
     fields = {f.name: f for f in dataclasses.fields(schema)}
     unknown = sorted(k for k in cfg if k not in fields and k != "hydra")
     if unknown:
-        raise FmnistError(unknown_key_message(f"{prefix}{unknown[0]}", sorted(fields)))
+        value = OmegaConf.select(cfg, unknown[0], throw_on_missing=False)
+        raise FmnistError(unknown_key_message(f"{prefix}{unknown[0]}", sorted(fields), value=value, entry=entry))
     for name, f in fields.items():
         node = cfg._get_node(name)
         nested = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
         if nested is not None and dataclasses.is_dataclass(nested):
-            check(node, nested, f"{prefix}{name}.")
+            check(node, nested, f"{prefix}{name}.", entry)
         rules = f.metadata.get("rules", ())
         if rules:  # only these leaves are read: the others may interpolate what exists only in a run
             value = OmegaConf.select(cfg, name, throw_on_missing=False)

@@ -174,6 +174,18 @@ def test_a_moved_key_names_its_new_place(override, message):
     assert compose_cfg("train", ["model.image_size=64"]).model.image_size == 64
 
 
+@pytest.mark.parametrize("entry", ["evaluate", "export"])
+def test_a_moved_key_added_with_plus_is_refused_by_the_schema_check(entry):
+    """`+key=` slips past Hydra's struct check; the schema check gives the moved key's line, worded for the entry."""
+    cfg = compose_cfg(entry, ["+data.channels_last=false"])
+    with pytest.raises(FmnistError) as err:
+        schemas.check(cfg)
+    assert str(err.value) == (
+        f"data.channels_last moved to model.channels_last; {entry} takes it from the checkpoint (ckpt_path): "
+        "drop that override"
+    )
+
+
 @pytest.mark.parametrize(
     "module, override, line",
     [
