@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -200,8 +201,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def refuse_overrides(paths: Sequence[str]) -> None:
+    """A `key=value` carried over from a train or evaluate command is not an image: say so, once."""
+    for arg in paths:
+        found = re.fullmatch(r"[+~]*([A-Za-z_]\w*)(?:\.\w+)*=.*", arg)
+        if found and not os.path.exists(arg):
+            if found.group(1) == "model":
+                raise FmnistError(
+                    f"{arg}: predict takes the model from the checkpoint (--checkpoint), so it has no model.* "
+                    "settings; drop that argument"
+                )
+            raise FmnistError(f"{arg}: predict takes no config overrides, only flags (see --help); drop that argument")
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    refuse_overrides(args.paths)
     model = load_model(args.checkpoint, resolve_device(args.device))
     succeeded, failed = [], 0
     for pred in iter_predictions(args.paths, model, args.top_k, args.invert, args.batch_size):

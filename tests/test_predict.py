@@ -284,6 +284,31 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    "arg, says",
+    [
+        (
+            "model.weights=null",
+            "predict takes the model from the checkpoint (--checkpoint), so it has no model.* settings",
+        ),
+        ("+trainer.max_epochs=3", "predict takes no config overrides, only flags (see --help)"),
+    ],
+)
+def test_an_override_carried_over_from_train_is_one_line_before_the_checkpoint_is_read(tmp_path, capsys, arg, says):
+    from fmnist_tl.predict import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "missing.ckpt"), arg])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {arg}: {says}; drop that argument"]
+
+
+def test_an_image_file_named_like_an_override_is_still_an_image(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(to_u8(shape_image(1.0, 0.0))).save(tmp_path / "a=1.png")
+    assert run(["--checkpoint", str(checkpoint), "--format", "json", "a=1.png"]) == 0
+
+
 @pytest.mark.slow
 def test_cli_bad_inputs_reported_others_predicted_exit_1(tmp_path, checkpoint):
     good = []
