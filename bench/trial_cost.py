@@ -159,6 +159,7 @@ def run_phases(n_trials: int, overrides: list[str], root: Path) -> dict[str, Any
                 "fixed_s": wall - took.get("epochs", 0.0),
                 "phases": took,
                 "disk_bytes": du_bytes(out),
+                "global_step": metrics.get("global_step"),
                 "val_acc": metrics.get("val/acc"),
             }
         )
@@ -184,6 +185,7 @@ def run_sweep(n_trials: int, overrides: list[str], root: Path) -> dict[str, Any]
         "trials": len(jobs),
         "completed": sum(j.get("status") == "completed" for j in jobs),
         "trial_wall_s": sorted(j.get("wall_time_s", 0.0) for j in jobs),
+        "head_epochs": sum(j.get("epochs") or 0 for j in jobs),
         "disk_bytes": disk,
         "disk_mb_per_trial": disk / max(1, len(jobs)) / 1e6,
     }
@@ -242,12 +244,86 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": cores, "load_average_start": os.getloadavg()}
 
 
+def flat(report: dict[str, Any], label: str) -> list[dict[str, Any]]:
+    """The report as rows of one level (a docs renderer shows any bench/results/*.json as a table)."""
+    rows: list[dict[str, Any]] = []
+    trials = report.get("phases", {}).get("trials", [])
+    for i, t in enumerate(trials):
+        steps = t.get("global_step") or 0
+        rows.append(
+            {
+                "code": label,
+                "quantity": f"trial {i + 1}" + (" (first: imports, caches)" if i == 0 else ""),
+                "wall_s": round(t["wall_s"], 2),
+                "fixed_s": round(t["fixed_s"], 2),
+                "head_epochs": t["epochs"],
+                "head_epochs_s": round(t["epochs_s"], 2),
+                "s_per_head_epoch": round(t["epochs_s"] / t["epochs"], 2) if t["epochs"] else None,
+                # Train steps only in the count; the time includes each epoch's validation.
+                "ms_per_train_step": round(1000 * t["epochs_s"] / steps, 2) if steps else None,
+                "disk_mb": round(t["disk_bytes"] / 1e6, 2),
+                "val_acc": t.get("val_acc"),
+            }
+        )
+    later = trials[1:] or trials
+    for name in sorted({n for t in later for n in t["phases"]} - {"epochs"}):
+        rows.append(
+            {
+                "code": label,
+                "quantity": f"phase: {name}",
+                "first_trial_s": round(trials[0]["phases"].get(name, 0.0), 3),
+                "median_later_s": round(statistics.median(t["phases"].get(name, 0.0) for t in later), 3),
+            }
+        )
+    sweep = report.get("sweep")
+    if sweep:
+        rows.append(
+            {
+                "code": label,
+                "quantity": f"sweep of {sweep['trials']} trials",
+                "wall_s": round(sweep["wall_s"], 1),
+                "completed": sweep["completed"],
+                "head_epochs": sweep.get("head_epochs"),
+                "disk_mb": round(sweep["disk_bytes"] / 1e6, 2),
+                "disk_mb_per_trial": round(sweep["disk_mb_per_trial"], 2),
+                "returncode": sweep["returncode"],
+            }
+        )
+    return rows
+
+
+def write_results(path: Path, report: dict[str, Any], label: str, argv: list[str]) -> None:
+    """Write (or, for a file of the same shape, extend) a flat results file; rows carry `label`."""
+    import torch
+
+    doc: dict[str, Any] = {}
+    if path.is_file():
+        doc = json.loads(path.read_text())
+    m = report["machine"]
+    doc.setdefault("date", time.strftime("%Y-%m-%d"))
+    doc.setdefault("command", "python -m bench.trial_cost " + " ".join(argv))
+    doc.setdefault("machine", {"cpu": m["cpu"], "cores": m["cores"], "torch": torch.__version__})
+    doc.setdefault("load_average", [])
+    doc["load_average"] += [[label, "start", *m["load_average_start"]], [label, "end", *report["load_average_end"]]]
+    doc.setdefault("rows", [])
+    doc["rows"] += flat(report, label)
+    doc.setdefault("notes", "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=4, help="phase trials in one process (0: skip)")
     parser.add_argument("--sweep", type=int, default=0, help="also run an N-trial head_optuna sweep")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--keep", action="store_true", help="keep the run dirs (printed)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="write flat rows here (bench/results/DATE-trial-cost.json); an existing file is extended",
+    )
+    parser.add_argument("--label", default="", help="the code measured, on every row of --results (e.g. a commit)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every trial (after --)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="trial_cost-"))
@@ -267,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if args.results:
+        write_results(args.results, report, args.label, sys.argv[1:] if argv is None else argv)
     return 0 if report.get("sweep", {}).get("returncode", 0) == 0 else 1
 
 

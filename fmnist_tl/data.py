@@ -49,11 +49,12 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class DeviceBatches:
-    """(features, labels) batches served from tensors already on the GPU, instead of a DataLoader.
+    """(features, labels) batches served from tensors already on the device, instead of a DataLoader.
 
-    For cached features on CUDA: the whole split lives on the device (55k x 2048 bf16 is 225 MB), and
-    each batch is an index into it, from a permutation drawn on the device and fixed by (seed, epoch)
-    like `EpochShuffleSampler`'s: no per-step host work, copy or sync.
+    For cached features: the whole split lives on the device (55k x 2048 bf16 is 225 MB), and each
+    batch is an index into it, from a permutation fixed by (seed, epoch): no per-step host work, copy
+    or sync on a GPU, no per-item fetch and collate on a CPU. On a CPU the order and batches are
+    `EpochShuffleSampler`'s with a DataLoader (same generator, same draw).
     """
 
     def __init__(
@@ -126,7 +127,7 @@ def holds_features(x: torch.Tensor) -> bool:
     float (B, 3, H, W) once preprocessed on the device. Pooled backbone features are 2-D (N, D).
     The feature cache (fmnist_tl.features.FeatureCache) swaps a split's images for its features
     with `FashionMNISTDataModule.use_cached_features`; from then on this test is what makes the
-    datamodule skip preprocessing (and serve the split from the device on CUDA), and what makes
+    datamodule skip preprocessing (and serve the split as whole-tensor batches), and what makes
     `TransferClassifier.logits` send the batch straight to the head.
     """
     return x.ndim == 2
@@ -173,7 +174,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
         self.data_test: Dataset | None = None
-        # id(dataset) -> (dataset, features, labels) on the GPU, for DeviceBatches (cached features on CUDA).
+        # id(dataset) -> (dataset, features, labels) on the device, for DeviceBatches (cached features).
         self._device_tensors: dict[int, tuple] = {}
 
     @property
@@ -238,7 +239,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         distributed = self.trainer is not None and self.trainer.world_size > 1
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         cached = isinstance(dataset, TensorDataset) and holds_features(dataset.tensors[0])
-        if cached and device is not None and device.type == "cuda" and not distributed:
+        if cached and device is not None and not distributed:
             return self.device_batches(dataset, shuffle, batch_size, device)
         if shuffle and not distributed:
             sampler = EpochShuffleSampler(len(dataset), self.seed)

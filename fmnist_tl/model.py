@@ -77,8 +77,9 @@ class StageMetrics(nn.Module):
     """Accuracy and macro-F1 of each stage (train/val/test), the train loss's epoch mean, and the
     divergence check of the train loss.
 
-    On CUDA, per-step work that needs a host round trip waits for the epoch's end: the
-    non-finite-loss count, and metric updates (torchmetrics' bincount reads the max back).
+    Metric updates wait for the epoch's end: a step keeps its predicted classes, and the epoch
+    makes one update (torchmetrics' per-step update costs more than a head step on cached features,
+    and on CUDA its bincount reads the max back). On CUDA the non-finite-loss count waits too.
     Metrics are computed once per epoch rather than passed to log_dict on every step: Lightning's
     per-step handling of Metric objects is a large part of a head step on cached features.
     """
@@ -107,17 +108,15 @@ class StageMetrics(nn.Module):
             self._nonfinite_steps = bad if self._nonfinite_steps is None else self._nonfinite_steps + bad
         elif stage == "train" and not torch.isfinite(loss):
             raise FmnistError(f"training diverged: loss is {loss.item()} at {where}; lower model.optimizer.lr")
-        if on_cuda:
-            self._deferred.setdefault(stage, []).append((logits.detach().argmax(1), labels))
-        else:
-            getattr(self, f"{stage}_metrics").update(logits.detach().float(), labels)
+        # The class indices give the same counts as the logits would (torchmetrics takes their argmax).
+        self._deferred.setdefault(stage, []).append((logits.detach().argmax(1), labels))
         if stage == "train":
             self.train_loss.update(loss.detach())
 
     def compute(self, stage: str) -> dict[str, torch.Tensor]:
         """The stage's metrics over the epoch (synced across DDP ranks by compute()), then reset."""
         metrics, deferred = getattr(self, f"{stage}_metrics"), self._deferred.pop(stage, None)
-        if deferred:  # CUDA: one update with the epoch's predictions (class indices) instead of one per step
+        if deferred:  # one update with the epoch's predictions instead of one per step
             metrics.update(torch.cat([p for p, _ in deferred]), torch.cat([t for _, t in deferred]))
         values = metrics.compute()
         metrics.reset()

@@ -1,12 +1,11 @@
-"""Cached features served from the device on CUDA (DeviceBatches); on a CPU the DataLoader path is unchanged."""
+"""Cached features served as whole-tensor batches (DeviceBatches) on any device, not through a DataLoader."""
 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
-from fmnist_tl.data import DeviceBatches, EpochShuffleSampler
-from fmnist_tl.runtime import build
+from fmnist_tl.data import DeviceBatches, EpochShuffleSampler, FashionMNISTDataModule
 from fmnist_tl.train import train
 
 
@@ -27,13 +26,44 @@ def test_device_batches_cover_the_split_once_in_a_seeded_per_epoch_order():
     assert unshuffled.tolist() == list(range(150))
 
 
-def test_cpu_runs_keep_the_dataloader_and_sampler(tiny_cfg):
-    cfg = tiny_cfg("trainer.max_epochs=1", "test=false")
-    metrics = train(cfg)
-    assert metrics["status"] == "completed" and metrics["feature_cache"]["train"]["status"] == "extracted"
-    dm = build(cfg.data)
-    dm.prepare_data()
-    dm.setup("fit")
-    dm.use_cached_features("train", torch.zeros(len(dm.data_train), 8))
-    loader = dm.train_dataloader()  # no trainer (CPU): the DataLoader with the epoch-seeded sampler, as before
-    assert isinstance(loader, DataLoader) and isinstance(loader.sampler, EpochShuffleSampler)
+def test_on_a_cpu_the_batches_are_the_dataloaders_with_the_epoch_sampler():
+    feats = torch.randn(150, 4).half()
+    loader = DataLoader(TensorDataset(feats, torch.arange(150)), batch_size=64, sampler=EpochShuffleSampler(150, 42))
+    for epoch in (0, 3):
+        loader.sampler.set_epoch(epoch)
+        ours = list(DeviceBatches(feats, torch.arange(150), 64, True, seed=42, epoch=lambda e=epoch: e))
+        theirs = list(loader)
+        assert len(ours) == len(theirs) == 3
+        for (x, y), (x2, y2) in zip(ours, theirs, strict=True):
+            assert torch.equal(y, y2) and torch.equal(x, x2) and x.dtype == x2.dtype
+
+
+def _dataloader_as_before(self, dataset, shuffle, batch_size, device):
+    """The CPU path before whole-tensor batching: a DataLoader with the epoch-seeded sampler."""
+    sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+def test_cpu_runs_serve_cached_features_whole_tensor_and_train_exactly_as_with_the_dataloader(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    served = []
+    original = FashionMNISTDataModule._loader
+
+    def record(self, *args):
+        served.append(original(self, *args))
+        return served[-1]
+
+    monkeypatch.setattr(FashionMNISTDataModule, "_loader", record)
+    run = ("trainer.max_epochs=2", "model.head.dropout=0.3")
+    ours = train(tiny_cfg(*run, output="ours"))
+    assert ours["feature_cache"]["train"]["status"] == "extracted"
+    assert served and all(isinstance(s, DeviceBatches) for s in served)  # train, val and test
+    monkeypatch.setattr(FashionMNISTDataModule, "device_batches", _dataloader_as_before)
+    before = train(tiny_cfg(*run, output="before"))
+    for key in ("val/acc", "val/f1", "val/loss", "test/acc", "test/loss", "global_step"):
+        assert ours[key] == before[key], key
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=True) for r in ("ours", "before"))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert torch.equal(a["optimizer_states"][0]["state"][0]["exp_avg"], b["optimizer_states"][0]["state"][0]["exp_avg"])

@@ -128,3 +128,22 @@ def test_predict_step_returns_probabilities():
     # Cached 2-D features go straight to the head.
     feats = torch.randn(3, 512)
     assert torch.allclose(m.logits(feats), m.head(feats))
+
+
+def test_stage_metrics_from_each_steps_classes_equal_per_step_updates_on_logits():
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+    from fmnist_tl.model import StageMetrics
+
+    g = torch.Generator().manual_seed(0)
+    steps = [(torch.randn(37, 10, generator=g), torch.randint(0, 10, (37,), generator=g)) for _ in range(5)]
+    metrics = StageMetrics(10)
+    for logits, labels in steps:
+        metrics.update("val", logits, labels, torch.tensor(0.5), "step")
+    got = metrics.compute("val")
+    logits, labels = torch.cat([s[0] for s in steps]), torch.cat([s[1] for s in steps])
+    assert got["val/acc"] == multiclass_accuracy(logits, labels, 10, average="micro")
+    assert got["val/f1"] == multiclass_f1_score(logits, labels, 10, average="macro")
+    # The next epoch starts afresh: nothing of this one is carried into it.
+    metrics.update("val", logits[:10], labels[:10], torch.tensor(0.5), "step")
+    assert metrics.compute("val")["val/acc"] == multiclass_accuracy(logits[:10], labels[:10], 10, average="micro")
