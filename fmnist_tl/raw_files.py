@@ -73,22 +73,33 @@ def read_gz(path: Path) -> bytes:
         raise FmnistError(f"{path}: not a valid gzip file ({e or type(e).__name__}); replace it") from e
 
 
+# The splits read in this process, by their files' stat: a sweep's trials run one after another in
+# one process (Hydra's basic launcher) and would each read and check the same files again.
+_READ: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def load_split(raw_dir: Path, split: str, expected_count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read and validate one split's images and labels from torchvision's raw/ folder."""
-    tensors = {}
-    for stem, kind, file_split in IDX_FILES:
-        if file_split == split:
-            path = raw_dir / stem
-            if not path.is_file():
-                raise FmnistError(f"{path} is missing; call prepare_data() first (train does) or check data.data_dir")
-            tensors[kind] = parse_idx(path.read_bytes(), str(path), kind, expected_count)
-    images, labels = tensors["images"], tensors["labels"]
-    if len(images) != len(labels):
-        raise FmnistError(
-            f"{raw_dir}: {split} split has {len(images)} images but {len(labels)} labels; "
-            "delete the raw folder so it is fetched again"
-        )
-    return images, labels.long()
+    """Read and validate one split's images and labels from torchvision's raw/ folder (copies of
+    the ones this process read before when the files are unchanged)."""
+    paths = {kind: raw_dir / stem for stem, kind, file_split in IDX_FILES if file_split == split}
+    stats = []
+    for path in paths.values():
+        if not path.is_file():
+            raise FmnistError(f"{path} is missing; call prepare_data() first (train does) or check data.data_dir")
+        st = path.stat()
+        stats.append((str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino))
+    key = (split, expected_count, *stats)
+    if key not in _READ:
+        images, labels = (parse_idx(p.read_bytes(), str(p), kind, expected_count) for kind, p in paths.items())
+        if len(images) != len(labels):
+            raise FmnistError(
+                f"{raw_dir}: {split} split has {len(images)} images but {len(labels)} labels; "
+                "delete the raw folder so it is fetched again"
+            )
+        _READ.pop(next((k for k in _READ if k[0] == split), None), None)  # one entry per split
+        _READ[key] = images, labels.long()
+    images, labels = _READ[key]
+    return images.clone(), labels.clone()
 
 
 def prepare_raw(raw_dir: Path, mirror_dir: str | None, download: bool, expected_sizes: dict[str, int | None]) -> None:

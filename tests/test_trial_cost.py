@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 import fmnist_tl.manifest_store as manifest_store
+import fmnist_tl.raw_files as raw_files
 import fmnist_tl.weights as weights_module
 from fmnist_tl.feature_store import FeatureStore
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.utils import module_sha256
+from fmnist_tl.utils import FmnistError, module_sha256
+from tests.helpers import TINY_SIZES, write_tiny_mirror
 
 
 def test_a_backbone_built_before_is_copied_not_rebuilt(monkeypatch):
@@ -71,3 +74,22 @@ def test_a_cache_file_checked_once_is_not_hashed_again_until_it_changes(tmp_path
     data.write_bytes(bytes(raw))
     os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 1))
     assert store.load("entry", fp) == (None, "checksum mismatch") and len(hashed) == 2
+
+
+def test_a_split_read_once_is_not_read_again_until_its_files_change(tmp_path, monkeypatch):
+    mirror = write_tiny_mirror(tmp_path / "mirror")
+    raw = tmp_path / "raw"
+    raw_files.prepare_raw(raw, str(mirror), download=False, expected_sizes=TINY_SIZES)
+    first = raw_files.load_split(raw, "train", 400)
+    parsed = []
+    monkeypatch.setattr(raw_files, "parse_idx", lambda *a: parsed.append(a[1]))  # would fail if called
+    again = raw_files.load_split(raw, "train", 400)
+    assert parsed == [] and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    again[0].zero_()  # a copy of its own: what one trial does to it, the next never sees
+    assert torch.equal(raw_files.load_split(raw, "train", 400)[0], first[0])
+    monkeypatch.undo()
+    # A file replaced (another inode, size or mtime) is read and checked again.
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-784])
+    with pytest.raises(FmnistError, match="payload"):
+        raw_files.load_split(raw, "train", 400)
