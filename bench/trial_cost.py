@@ -14,7 +14,9 @@
    sharing the feature cache (`paths.cache_dir`): its wall time and the disk its study dir holds.
 
 Run it with a warm feature cache for the figures to mean "a trial on a warm cache" (the first
-phase trial warms it otherwise). Prints a markdown table and writes JSON to --out when given.
+phase trial warms it otherwise). Prints a markdown table and writes JSON to --out when given;
+--results FILE writes (or extends) a flat results file, one row per trial, phase and sweep, each
+labelled with --label (the code measured), with the machine and load average (docs/trial-cost.md).
 Targets (issue 12, 224 px ResNet50, full data, 2 CPU cores): fixed cost <= 3 s per trial,
 20-trial sweep <= 3 min, <= 10 MB of disk per trial.
 """

@@ -122,3 +122,37 @@ def test_alternating_rounds_report_the_median_and_every_ratio():
     r = report()
     r["targets"] = judge(r)
     assert "the median of 3 alternating rounds (ratios per round: 9.8x, 10.0x, 10.2x)" in markdown(r)
+
+
+def test_trial_cost_results_are_flat_rows_and_a_second_run_extends_the_file(tmp_path):
+    import json
+
+    from bench.trial_cost import write_results
+
+    trial = {"wall_s": 20.0, "epochs": 2, "epochs_s": 17.0, "fixed_s": 3.0, "global_step": 1720, "disk_bytes": 4e6}
+    run = {
+        "machine": {"cpu": "test", "cores": 2, "load_average_start": (0.5, 0.4, 0.3)},
+        "load_average_end": (0.6, 0.5, 0.4),
+        "phases": {"trials": [{**trial, "phases": {"data": 1.0}}, {**trial, "phases": {"data": 0.2}}]},
+        "sweep": {
+            "trials": 2,
+            "completed": 2,
+            "wall_s": 50.0,
+            "disk_bytes": 8e6,
+            "disk_mb_per_trial": 4.0,
+            "returncode": 0,
+            "head_epochs": 4,
+        },
+    }
+    path = tmp_path / "results.json"
+    write_results(path, run, "before", ["--trials", "2"])
+    write_results(path, run, "after", ["--trials", "2"])
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"date", "command", "machine", "load_average", "rows", "notes"}
+    assert doc["command"] == "python -m bench.trial_cost --trials 2" and doc["machine"]["cores"] == 2
+    assert all(not isinstance(v, (dict, list)) for row in doc["rows"] for v in row.values())  # one level
+    assert [r["code"] for r in doc["rows"]] == ["before"] * 4 + ["after"] * 4  # 2 trials, 1 phase, 1 sweep each
+    second = doc["rows"][1]
+    assert second["ms_per_train_step"] == round(17000 / 1720, 2) and second["s_per_head_epoch"] == 8.5
+    assert doc["rows"][2] == {"code": "before", "quantity": "phase: data", "first_trial_s": 1.0, "median_later_s": 0.2}
+    assert doc["rows"][3]["disk_mb_per_trial"] == 4.0 and len(doc["load_average"]) == 4
