@@ -47,21 +47,28 @@ TARGETS = {"fixed_s": 3.0, "sweep20_s": 180.0, "disk_mb_per_trial": 10.0}
 
 
 class Phases:
-    """Exclusive wall time per named phase: a phase's time excludes the phases nested in it."""
+    """Exclusive wall time per named phase: a phase's time excludes the phases nested in it.
+
+    `cpu` holds the same for this process's CPU time, which a busy machine inflates far less than
+    wall time (the head trains on one thread), so before/after figures from a shared machine compare.
+    """
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
         self.stack: list[list[Any]] = []
 
     def push(self, name: str) -> None:
-        self.stack.append([name, time.perf_counter(), 0.0])
+        self.stack.append([name, time.perf_counter(), 0.0, time.process_time(), 0.0])
 
     def pop(self) -> None:
-        name, start, nested = self.stack.pop()
-        took = time.perf_counter() - start
+        name, start, nested, cpu_start, cpu_nested = self.stack.pop()
+        took, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         self.totals[name] += took - nested
+        self.cpu[name] += cpu - cpu_nested
         if self.stack:
             self.stack[-1][2] += took
+            self.stack[-1][4] += cpu
 
     def wrap(self, owner: Any, attr: str, name: str) -> None:
         original = getattr(owner, attr)
@@ -77,9 +84,10 @@ class Phases:
 
         setattr(owner, attr, timed)
 
-    def take(self) -> dict[str, float]:
-        out, self.totals = dict(self.totals), defaultdict(float)
-        return out
+    def take(self) -> tuple[dict[str, float], dict[str, float]]:
+        out, cpu = dict(self.totals), dict(self.cpu)
+        self.totals, self.cpu = defaultdict(float), defaultdict(float)
+        return out, cpu
 
 
 def instrument(phases: Phases) -> Callable[[], Any]:
@@ -142,7 +150,7 @@ def run_phases(n_trials: int, overrides: list[str], root: Path) -> dict[str, Any
     trials = []
     for i in range(n_trials):
         out = root / "phases" / str(i)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         phases.push("config (Hydra compose)")
         cfg = compose_config("train", overrides, return_hydra_config=True)
         HydraConfig().set_config(cfg)
@@ -151,14 +159,18 @@ def run_phases(n_trials: int, overrides: list[str], root: Path) -> dict[str, Any
             del cfg.hydra
         phases.pop()
         metrics = train(cfg)
-        wall = time.perf_counter() - start
-        took = phases.take()
+        wall, cpu_total = time.perf_counter() - start, time.process_time() - cpu_start
+        took, cpu = phases.take()
         trials.append(
             {
                 "wall_s": wall,
                 "epochs": metrics.get("epochs"),
                 "epochs_s": took.get("epochs", 0.0),
                 "fixed_s": wall - took.get("epochs", 0.0),
+                "cpu_s": cpu_total,
+                "epochs_cpu_s": cpu.get("epochs", 0.0),
+                "fixed_cpu_s": cpu_total - cpu.get("epochs", 0.0),
+                "phases_cpu": cpu,
                 "phases": took,
                 "disk_bytes": du_bytes(out),
                 "global_step": metrics.get("global_step"),
@@ -207,18 +219,24 @@ def markdown(report: dict[str, Any]) -> str:
             f"(target <= {TARGETS['fixed_s']} s); "
             f"disk {statistics.median(t['disk_bytes'] for t in later) / 1e6:.1f} MB",
             "",
-            "| phase | trial 1 s | median later s |",
-            "| --- | ---: | ---: |",
+            "| phase | trial 1 s | median later s | median later CPU s |",
+            "| --- | ---: | ---: | ---: |",
         ]
         rows = []
         for name in names:
             rows.append((statistics.median(t["phases"].get(name, 0.0) for t in later), name))
         accounted = sum(v for v, _ in rows)
+        cpu = {k: statistics.median(t[k] for t in later) for k in ("fixed_cpu_s", "epochs_cpu_s")}
         for value, name in sorted(rows, reverse=True):
-            lines.append(f"| {name} | {trials[0]['phases'].get(name, 0.0):.2f} | {value:.2f} |")
-        lines.append(f"| other (train() glue, logging, GC) |  | {med['fixed_s'] - accounted:.2f} |")
-        lines.append(f"| **fixed total** | {trials[0]['fixed_s']:.2f} | **{med['fixed_s']:.2f}** |")
-        lines.append(f"| head epochs | {trials[0]['epochs_s']:.2f} | {med['epochs_s']:.2f} |")
+            cpu_s = statistics.median(t["phases_cpu"].get(name, 0.0) for t in later)
+            lines.append(f"| {name} | {trials[0]['phases'].get(name, 0.0):.2f} | {value:.2f} | {cpu_s:.2f} |")
+        lines.append(f"| other (train() glue, logging, GC) |  | {med['fixed_s'] - accounted:.2f} | |")
+        lines.append(
+            f"| **fixed total** | {trials[0]['fixed_s']:.2f} | **{med['fixed_s']:.2f}** | {cpu['fixed_cpu_s']:.2f} |"
+        )
+        lines.append(
+            f"| head epochs | {trials[0]['epochs_s']:.2f} | {med['epochs_s']:.2f} | {cpu['epochs_cpu_s']:.2f} |"
+        )
     sweep = report.get("sweep")
     if sweep:
         lines += [
@@ -258,11 +276,14 @@ def flat(report: dict[str, Any], label: str) -> list[dict[str, Any]]:
                 "quantity": f"trial {i + 1}" + (" (first: imports, caches)" if i == 0 else ""),
                 "wall_s": round(t["wall_s"], 2),
                 "fixed_s": round(t["fixed_s"], 2),
+                "fixed_cpu_s": round(t["fixed_cpu_s"], 2),
                 "head_epochs": t["epochs"],
                 "head_epochs_s": round(t["epochs_s"], 2),
                 "s_per_head_epoch": round(t["epochs_s"] / t["epochs"], 2) if t["epochs"] else None,
+                "cpu_s_per_head_epoch": round(t["epochs_cpu_s"] / t["epochs"], 2) if t["epochs"] else None,
                 # Train steps only in the count; the time includes each epoch's validation.
                 "ms_per_train_step": round(1000 * t["epochs_s"] / steps, 2) if steps else None,
+                "cpu_ms_per_train_step": round(1000 * t["epochs_cpu_s"] / steps, 2) if steps else None,
                 "disk_mb": round(t["disk_bytes"] / 1e6, 2),
                 "val_acc": t.get("val_acc"),
             }
@@ -275,6 +296,7 @@ def flat(report: dict[str, Any], label: str) -> list[dict[str, Any]]:
                 "quantity": f"phase: {name}",
                 "first_trial_s": round(trials[0]["phases"].get(name, 0.0), 3),
                 "median_later_s": round(statistics.median(t["phases"].get(name, 0.0) for t in later), 3),
+                "median_later_cpu_s": round(statistics.median(t["phases_cpu"].get(name, 0.0) for t in later), 3),
             }
         )
     sweep = report.get("sweep")

@@ -130,6 +130,7 @@ def test_trial_cost_results_are_flat_rows_and_a_second_run_extends_the_file(tmp_
     from bench.trial_cost import write_results
 
     trial = {"wall_s": 20.0, "epochs": 2, "epochs_s": 17.0, "fixed_s": 3.0, "global_step": 1720, "disk_bytes": 4e6}
+    trial |= {"cpu_s": 18.0, "epochs_cpu_s": 16.0, "fixed_cpu_s": 2.0, "phases_cpu": {"data": 0.1}}
     run = {
         "machine": {"cpu": "test", "cores": 2, "load_average_start": (0.5, 0.4, 0.3)},
         "load_average_end": (0.6, 0.5, 0.4),
@@ -154,5 +155,12 @@ def test_trial_cost_results_are_flat_rows_and_a_second_run_extends_the_file(tmp_
     assert [r["code"] for r in doc["rows"]] == ["before"] * 4 + ["after"] * 4  # 2 trials, 1 phase, 1 sweep each
     second = doc["rows"][1]
     assert second["ms_per_train_step"] == round(17000 / 1720, 2) and second["s_per_head_epoch"] == 8.5
-    assert doc["rows"][2] == {"code": "before", "quantity": "phase: data", "first_trial_s": 1.0, "median_later_s": 0.2}
+    assert doc["rows"][2] == {
+        "code": "before",
+        "quantity": "phase: data",
+        "first_trial_s": 1.0,
+        "median_later_s": 0.2,
+        "median_later_cpu_s": 0.1,
+    }
+    assert second["cpu_ms_per_train_step"] == round(16000 / 1720, 2)
     assert doc["rows"][3]["disk_mb_per_trial"] == 4.0 and len(doc["load_average"]) == 4
