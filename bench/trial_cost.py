@@ -14,9 +14,11 @@
    sharing the feature cache (`paths.cache_dir`): its wall time and the disk its study dir holds.
 
 Run it with a warm feature cache for the figures to mean "a trial on a warm cache" (the first
-phase trial warms it otherwise). Prints a markdown table and writes JSON to --out when given;
---results FILE writes (or extends) a flat results file, one row per trial, phase and sweep, each
-labelled with --label (the code measured), with the machine and load average (docs/trial-cost.md).
+phase trial warms it otherwise), or with --synthetic-features: seeded random features stand in
+for the cache, for the head's per-step cost without extraction. Prints a markdown table and
+writes JSON to --out when given; --results FILE writes (or extends) a flat results file, one row
+per trial, phase and sweep, each labelled with --label (the code measured), with the machine and
+load average (docs/trial-cost.md).
 Targets (issue 12, 224 px ResNet50, full data, 2 CPU cores): fixed cost <= 3 s per trial,
 20-trial sweep <= 3 min, <= 10 MB of disk per trial.
 """
@@ -138,7 +140,32 @@ def du_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_phases(n_trials: int, overrides: list[str], root: Path) -> dict[str, Any]:
+def synthetic_features(width: int = 2048) -> None:
+    """Serve seeded random features (float16, as the store holds fp32 extractions) in place of the
+    feature cache: a head step costs the same whatever the values, so per-step figures need no warm
+    cache (hours of extraction at 224 px on a CPU). Made once per split size and reused by later
+    trials, as a warm cache would be; the "feature cache" phase is then not the real one."""
+    import torch
+
+    import fmnist_tl.features as features
+
+    made: dict[int, torch.Tensor] = {}
+
+    def setup(self: Any, trainer: Any, pl_module: Any, stage: str) -> None:
+        dm = trainer.datamodule
+        for split in features.STAGE_SPLITS.get(stage, ()):
+            images, labels = dm.split_tensors(split)
+            if not features.holds_features(images):
+                if len(labels) not in made:
+                    g = torch.Generator().manual_seed(len(labels))
+                    made[len(labels)] = torch.randn(len(labels), width, generator=g).half()
+                dm.use_cached_features(split, made[len(labels)])
+        self._use_head_threads()
+
+    features.FeatureCache.setup = setup
+
+
+def run_phases(n_trials: int, overrides: list[str], root: Path, synthetic: bool = False) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
@@ -146,6 +173,8 @@ def run_phases(n_trials: int, overrides: list[str], root: Path) -> dict[str, Any
     from fmnist_tl.train import train
 
     phases = Phases()
+    if synthetic:
+        synthetic_features()
     instrument(phases)
     trials = []
     for i in range(n_trials):
@@ -274,6 +303,7 @@ def flat(report: dict[str, Any], label: str) -> list[dict[str, Any]]:
             {
                 "code": label,
                 "quantity": f"trial {i + 1}" + (" (first: imports, caches)" if i == 0 else ""),
+                "features": "synthetic" if report.get("synthetic_features") else "cache",
                 "wall_s": round(t["wall_s"], 2),
                 "fixed_s": round(t["fixed_s"], 2),
                 "fixed_cpu_s": round(t["fixed_cpu_s"], 2),
@@ -347,14 +377,20 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="write flat rows here (bench/results/DATE-trial-cost.json); an existing file is extended",
     )
+    parser.add_argument(
+        "--synthetic-features",
+        action="store_true",
+        help="phase trials on seeded random 2048-d features instead of the feature cache (no warm cache needed)",
+    )
     parser.add_argument("--label", default="", help="the code measured, on every row of --results (e.g. a commit)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every trial (after --)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="trial_cost-"))
     report: dict[str, Any] = {"machine": machine(), "overrides": " ".join(args.overrides), "targets": TARGETS}
+    report["synthetic_features"] = args.synthetic_features
     try:
         if args.trials:
-            report["phases"] = run_phases(args.trials, list(args.overrides), root)
+            report["phases"] = run_phases(args.trials, list(args.overrides), root, args.synthetic_features)
         if args.sweep:
             report["sweep"] = run_sweep(args.sweep, list(args.overrides), root)
     finally:
