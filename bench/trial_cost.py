@@ -212,7 +212,9 @@ def run_phases(n_trials: int, overrides: list[str], root: Path, synthetic: bool 
 
 def run_sweep(n_trials: int, overrides: list[str], root: Path) -> dict[str, Any]:
     # The feature cache stays where the overrides (or the default paths) put it; logs go to a fresh dir.
-    cmd = [sys.executable, "-m", "fmnist_tl.train", "-m", "hparams_search=head_optuna",
+    # The phase trials may name hparams_search=head_optuna already (for a sweep trial's settings).
+    search = [] if "hparams_search=head_optuna" in overrides else ["hparams_search=head_optuna"]
+    cmd = [sys.executable, "-m", "fmnist_tl.train", "-m", *search,
            f"hydra.sweeper.n_trials={n_trials}", f"paths.log_dir={root / 'logs'}", *overrides]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
