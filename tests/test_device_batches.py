@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -44,6 +45,7 @@ def _dataloader_as_before(self, dataset, shuffle, batch_size, device):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
 
+@pytest.mark.slow
 def test_cpu_runs_serve_cached_features_whole_tensor_and_train_exactly_as_with_the_dataloader(
     tiny_cfg, tmp_path, monkeypatch
 ):
