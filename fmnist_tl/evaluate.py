@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from fmnist_tl import schemas
 from fmnist_tl.callbacks import RecordTestOutputs
+from fmnist_tl.curves import finetune_start_of, run_dir_of_checkpoint, saved_config
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.progress import EpochProgressBar
 from fmnist_tl.report import write_report
@@ -59,6 +60,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         enable_model_summary=False,
     )
     (logged,) = trainer.test(model, datamodule=datamodule, verbose=False, weights_only=True)
+    # curves.png comes from the CSV log of the run that wrote the checkpoint, and its saved config.
+    run_dir = run_dir_of_checkpoint(ckpt)
+    if run_dir is None:
+        log.info("no curves.png: %s is not in a run's checkpoints/ folder, so its CSV log is unknown", ckpt)
     return write_report(
         collector,
         datamodule,
@@ -69,6 +74,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         precision,
         top_pairs=cfg.report.top_pairs,
         num_mistakes=cfg.report.mistakes,
+        run_dir=run_dir,
+        finetune_start=finetune_start_of(saved_config(run_dir)) if run_dir else None,
     )
 
 

@@ -3,7 +3,8 @@
 From the logits and labels `trainer.test` produced (recorded by a callback on the model's head):
 - report.json / report.md: test accuracy, macro-F1, per-class precision/recall/F1/support and
   the most confused class pairs;
-- confusion_matrix.png (rows normalised) and mistakes.png (the most confident wrong predictions).
+- confusion_matrix.png (rows normalised) and mistakes.png (the most confident wrong predictions);
+- curves.png: train/val loss and accuracy per epoch from the training run's CSV log (curves.py).
 
 The numbers come from the same logits and torchmetrics classes Lightning logged test/acc and
 test/f1 with, so they agree; `evaluate` (any checkpoint) and `train` (its best one) both write it.
@@ -11,7 +12,6 @@ test/f1 with, so they agree; `evaluate` (any checkpoint) and `train` (its best o
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from pathlib import Path
@@ -19,7 +19,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -31,6 +30,7 @@ from torchmetrics.classification import (
 )
 
 from fmnist_tl.callbacks import RecordTestOutputs
+from fmnist_tl.curves import png_bytes, write_curves
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -91,13 +91,6 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: tupl
     }
 
 
-def _png_bytes(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)  # explicit Agg canvas: no GUI backend, no pyplot global state
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def plot_confusion_matrix(confusion: torch.Tensor, class_names: tuple[str, ...], title: str) -> bytes:
     counts = confusion.double()
     normalised = counts / counts.sum(1, keepdim=True).clamp(min=1)
@@ -124,7 +117,7 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: tuple[str, ...],
                     fontsize=8,
                     color="white" if value > 0.5 else "black",
                 )
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
 def plot_mistakes(
@@ -149,7 +142,7 @@ def plot_mistakes(
         ax.imshow(images[i].squeeze(0).numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true: {true[i]}\npred: {predicted[i]} {confidence[i]:.1%}", fontsize=7.5)
         ax.axis("off")
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
 def images_of_test_split(datamodule: L.LightningDataModule, labels: torch.Tensor) -> torch.Tensor:
@@ -196,6 +189,8 @@ def markdown_report(report: dict[str, Any], plots: bool = True) -> str:
         lines.append("No wrong predictions.")
     if plots:
         lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![most confident mistakes](mistakes.png)"]
+        if report.get("curves"):
+            lines += ["", "## Training curves", "", f"![training curves]({report['curves']})"]
     else:
         lines += [
             "",
@@ -216,8 +211,14 @@ def write_report(
     top_pairs: int = 5,
     num_mistakes: int = 24,
     plots: bool = True,
+    run_dir: str | Path | None = None,
+    finetune_start: int | None = None,
 ) -> dict[str, Any]:
-    """Turn what `trainer.test` just ran into report.json, report.md and (with `plots`) the two PNGs in output_dir."""
+    """Turn what `trainer.test` just ran into report.json, report.md and (with `plots`) the PNGs in output_dir.
+
+    `run_dir`: the training run the checkpoint came from; its CSV log gives curves.png, with the
+    fine-tune phase marked from `finetune_start` (0-based epoch, None: no fine-tune phase).
+    """
     logits, labels = collector.result()
     class_names = tuple(datamodule.class_names)
     report = {
@@ -261,6 +262,8 @@ def write_report(
                 f"Most confident wrong predictions ({len(worst)} of {len(wrong)} mistakes)",
             ),
         )
+        curves = write_curves(run_dir, output_dir, finetune_start) if run_dir is not None else None
+        report["curves"] = curves.name if curves else None
     report["mistakes_shown"] = [
         {
             "index": int(i),

@@ -161,7 +161,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         tested = best if use_best else "the final weights of this run (no checkpoint saved)"
         if trainer.world_size == 1 and not trainer.fast_dev_run:
             plots = bool(OmegaConf.select(cfg, "report.plots", default=True))
-            write_report(recorder, datamodule, model, tested, output_dir, test, precision, plots=plots)
+            write_report(
+                recorder,
+                datamodule,
+                model,
+                tested,
+                output_dir,
+                test,
+                precision,
+                plots=plots,
+                run_dir=output_dir,
+                finetune_start=finetune_options(cfg.model.get("finetune")).first_epoch,
+            )
         elif use_best and trainer.is_global_zero:
             log.info(
                 "no automatic report under %d processes; run: python -m fmnist_tl.evaluate ckpt_path=%s",
