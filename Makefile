@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: train test lint bench clean
+.PHONY: train test lint bench reproduce docs docs-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+
+# The notebook, fine-tune and default runs, then docs/results.md from what they wrote (needs the ImageNet weights).
+reproduce: $(VENV)/.installed
+	$(PY) -m fmnist_tl.reproduce $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m bench $(ARGS)
