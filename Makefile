@@ -21,6 +21,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $@
+
 train: $(VENV)/.installed
 	$(PY) -m fmnist_tl.train $(ARGS)
 
@@ -35,8 +39,15 @@ lint: $(VENV)/.installed-dev
 reproduce: $(VENV)/.installed
 	$(PY) -m fmnist_tl.reproduce $(ARGS)
 
+# The docs site (mkdocs.yml): --strict, as CI builds it, so a broken link or reference fails.
+docs: $(VENV)/.installed-docs
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(VENV)/.installed-docs
+	$(VENV)/bin/mkdocs serve
+
 bench: $(VENV)/.installed
 	$(PY) -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) logs cache .pytest_cache
+	rm -rf $(VENV) logs cache site .pytest_cache

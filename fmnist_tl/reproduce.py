@@ -8,7 +8,8 @@ here imports it; each job gets Hydra's usual run dir, log and config):
 - default: what `make train` runs, no overrides.
 
 Then it writes docs/results.md (atomically) from their metrics.json and report.json: test accuracy,
-macro-F1, per-class F1, epochs, wall time, machine, weights identity and the exact commands.
+macro-F1, per-class F1, epochs, wall time, machine, weights identity and the exact commands; and
+the README's results table (between its `<!-- results:start -->` / `<!-- results:end -->` markers).
 OVERRIDES go to every job (e.g. `trainer=gpu`, or tiny settings in the tests).
 
 Every config is composed and checked, and the ImageNet weights fetched, before the first job
@@ -52,6 +53,8 @@ EXPERIMENTS = (
     Experiment("default", (), "`make train`: the default config"),
 )
 DEFAULT_OUTPUT = Path("docs/results.md")
+DEFAULT_README = Path("README.md")
+README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 
 
 def _composed(experiment: Experiment, overrides: Sequence[str]) -> DictConfig:
@@ -157,16 +160,49 @@ def results_markdown(runs: dict[str, dict[str, Any]], reproduce_command: str, wh
     return "\n".join([*lines, ""])
 
 
+def readme_table(runs: dict[str, dict[str, Any]], when: str, page: Path) -> str:
+    """The README's short results table: one row per run, the full page linked."""
+    lines = [
+        f"Measured by `make reproduce` on {when} ([full results]({page.as_posix()})):",
+        "",
+        "| run | what | test accuracy | macro-F1 | epochs | weights |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for name, run in runs.items():
+        m = run["metrics"]
+        f1 = "-" if m.get("test/f1") is None else format(float(m["test/f1"]), ".4f")
+        lines.append(
+            f"| {name} | {run['what']} | {_percent(m.get('test/acc'))} | {f1} | {m.get('epochs', '-')} | "
+            f"`{m.get('weights_id', '-')}` |"
+        )
+    return "\n".join(lines)
+
+
+def fill_readme(readme: Path, table: str) -> bool:
+    """Replace what lies between the README's results markers; False (and one line) if it has none."""
+    start, end = README_MARKERS
+    text = readme.read_text() if readme.is_file() else ""
+    if start not in text or end not in text.split(start, 1)[1]:
+        print(f"reproduce: {readme} has no {start} ... {end} markers; its table is left alone", file=sys.stderr)
+        return False
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    atomic_write_text(readme, f"{before}{start}\n{table}\n{end}{after}")
+    return True
+
+
 def reproduce(
     overrides: Sequence[str] = (),
     output: Path = DEFAULT_OUTPUT,
     only: Sequence[str] | None = None,
     runs_dir: Path | None = None,
     command: str = "make reproduce",
+    readme: Path | None = DEFAULT_README,
 ) -> dict[str, dict[str, Any]]:
     """Run the experiments (all, or `only` these names) and write `output`; returns what each run wrote.
 
-    `command`: how this was started, for the page's first line.
+    `command`: how this was started, for the page's first line. `readme`: the README whose results
+    table is refreshed too (None: leave it).
     """
     experiments = [e for e in EXPERIMENTS if not only or e.name in only]
     unknown = sorted(set(only or ()) - {e.name for e in EXPERIMENTS})
@@ -189,9 +225,11 @@ def reproduce(
             "command": command,
             "run_dir": str(run_dir),
         }
-    text = results_markdown(runs, command, now.strftime("%Y-%m-%d %H:%M UTC"), machine())
-    atomic_write_text(output, text)
+    when = now.strftime("%Y-%m-%d %H:%M UTC")
+    atomic_write_text(output, results_markdown(runs, command, when, machine()))
     print(f"reproduce: wrote {output}", file=sys.stderr)
+    if readme is not None and fill_readme(readme, readme_table(runs, when, output)):
+        print(f"reproduce: updated the results table in {readme}", file=sys.stderr)
     return runs
 
 
@@ -203,12 +241,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer=gpu")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the results page (docs/results.md)")
     parser.add_argument("--only", help="comma-separated runs: " + ",".join(e.name for e in EXPERIMENTS))
+    parser.add_argument("--readme", type=Path, default=DEFAULT_README, help="README whose results table to fill")
+    parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
     parser.add_argument("--runs-dir", type=Path, help="where the run dirs go (default: logs/reproduce/<time>)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "fmnist_tl.reproduce", *argv])
     with exit_on_user_error():
-        reproduce(args.overrides, args.output, args.only.split(",") if args.only else None, args.runs_dir, command)
+        reproduce(
+            args.overrides,
+            args.output,
+            args.only.split(",") if args.only else None,
+            args.runs_dir,
+            command,
+            None if args.no_readme else args.readme,
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ def _row(page: str, name: str) -> list[str]:
 @pytest.mark.slow
 def test_reproduce_writes_results_from_the_runs_it_made(tiny_mirror, tmp_path):
     output = tmp_path / "results.md"
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n<!-- results:start -->\nnot measured yet\n<!-- results:end -->\n\n## Next\n")
     # Offline whatever this machine's network: random init, and a hub nobody can reach.
     # 4 epochs: experiment=finetune trains the head 3 epochs, then layer4 in the 4th.
     overrides = [*tiny_overrides(tiny_mirror, tmp_path), "trainer.max_epochs=4", "report.plots=false"]
@@ -27,6 +29,8 @@ def test_reproduce_writes_results_from_the_runs_it_made(tiny_mirror, tmp_path):
         str(output),
         "--runs-dir",
         str(tmp_path / "runs"),
+        "--readme",
+        str(readme),
         *overrides,
         module="fmnist_tl.reproduce",
         env=unreachable_network_env(tmp_path),
@@ -40,6 +44,9 @@ def test_reproduce_writes_results_from_the_runs_it_made(tiny_mirror, tmp_path):
         run_dir = tmp_path / "runs" / experiment.name
         metrics = json.loads((run_dir / "metrics.json").read_text())
         report = json.loads((run_dir / "report.json").read_text())
+        # The README's table holds the same figures, between its markers.
+        readme_row = _row(readme.read_text(), experiment.name)
+        assert readme_row[2] == f"{100 * metrics['test/acc']:.2f}%" and readme_row[3] == f"{metrics['test/f1']:.4f}"
         row = _row(page, experiment.name)
         assert row[2] == f"{100 * metrics['test/acc']:.2f}%"
         assert row[3] == f"{metrics['test/f1']:.4f}"
@@ -50,9 +57,11 @@ def test_reproduce_writes_results_from_the_runs_it_made(tiny_mirror, tmp_path):
         column = list(EXPERIMENTS).index(experiment) + 1
         for cls in report["per_class"]:
             assert _row(per_class, cls["class"])[column] == f"{cls['f1']:.4f}"
-    finetune = json.loads((tmp_path / "runs" / "finetune" / "config.yaml").parent.joinpath("metrics.json").read_text())
+    finetune = json.loads((tmp_path / "runs" / "finetune" / "metrics.json").read_text())
     assert finetune["feature_cache"] == "off"  # the fine-tune run trained its backbone
     assert re.search(r"Machine: CPU .+; GPU ", page)
+    text = readme.read_text()
+    assert "not measured yet" not in text and text.startswith("# Title\n") and text.endswith("\n## Next\n")
 
 
 def test_reproduce_offline_with_imagenet_weights_stops_at_once(tmp_path):
@@ -60,6 +69,8 @@ def test_reproduce_offline_with_imagenet_weights_stops_at_once(tmp_path):
     proc = run_cli(
         "--output",
         str(output),
+        "--readme",
+        str(tmp_path / "README.md"),
         f"paths.root_dir={tmp_path}",
         module="fmnist_tl.reproduce",
         env=unreachable_network_env(tmp_path),
@@ -68,13 +79,17 @@ def test_reproduce_offline_with_imagenet_weights_stops_at_once(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot get resnet50 IMAGENET1K_V1 weights") and "model.weights=null" in last
-    # Before any run: no run dir, no page.
-    assert not output.exists() and not (tmp_path / "logs").exists()
+    # Before any run: no run dir, no page, no README.
+    assert not output.exists() and not (tmp_path / "logs").exists() and not (tmp_path / "README.md").exists()
 
 
 def test_reproduce_rejects_a_bad_override_before_any_run(tmp_path):
     proc = run_cli(
-        f"paths.root_dir={tmp_path}", "model.optimizer.lr=-1", "model.weights=null", module="fmnist_tl.reproduce"
+        "--no-readme",
+        f"paths.root_dir={tmp_path}",
+        "model.optimizer.lr=-1",
+        "model.weights=null",
+        module="fmnist_tl.reproduce",
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: model.optimizer.lr=-1 must be a positive finite number"
