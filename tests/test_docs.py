@@ -1,0 +1,65 @@
+"""The docs: the benchmarks page is rendered from bench/results/*.json, and the README's links resolve."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from bench import docs_hook
+from bench.render import RESULTS_DIR, cell, flatten, render
+from tests.helpers import REPO
+
+
+def test_a_new_flat_results_file_renders_without_new_code(tmp_path):
+    (tmp_path / "2031-01-02-trial-cost.json").write_text(
+        json.dumps(
+            {
+                "date": "2031-01-02",
+                "command": "python -m bench.trial_cost --trials 3",
+                "machine": {"cpu": "Some CPU 9000", "cores": 2},
+                "rows": [{"phase": "build", "seconds": 1.25}, {"phase": "fit", "seconds": 7.5, "epochs": 3}],
+                "notes": "measured on a quiet machine",
+            }
+        )
+    )
+    page = render(tmp_path)
+    assert "## 2031-01-02-trial-cost" in page
+    assert "Command: `python -m bench.trial_cost --trials 3`" in page
+    assert "Machine: cpu Some CPU 9000; cores 2" in page
+    assert "| phase | seconds | epochs |" in page
+    assert "| build | 1.25 | - |" in page and "| fit | 7.5 | 3 |" in page
+    assert "measured on a quiet machine" in page
+
+
+def test_every_figure_of_every_results_file_is_on_the_page():
+    page = render()
+    files = sorted(RESULTS_DIR.glob("*.json"))
+    assert files
+    for path in files:
+        assert f"## {path.stem}" in page
+        data = json.loads(path.read_text())
+        for key, value in flatten(data).items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and key != "table":
+                assert cell(value) in page, (path.name, key)
+
+
+def test_the_hook_fills_only_the_marked_page():
+    assert docs_hook.on_page_markdown("no marker", page=None) == "no marker"
+    filled = docs_hook.on_page_markdown(f"# Benchmarks\n\n{docs_hook.MARKER}\n", page=None)
+    assert docs_hook.MARKER not in filled and "bench/results/" in filled
+    assert docs_hook.MARKER in (REPO / "docs" / "benchmarks.md").read_text()
+
+
+def test_readme_is_short_and_its_links_resolve():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    targets = re.findall(r"\]\(((?!https?://)[^)#]+)(?:#[^)]*)?\)", text)
+    assert targets
+    for target in targets:
+        assert (REPO / target).exists(), target
+
+
+def test_every_docs_page_is_in_the_site_nav():
+    nav = (REPO / "mkdocs.yml").read_text()
+    for page in (REPO / "docs").glob("*.md"):
+        assert f": {page.name}" in nav, page.name
