@@ -137,13 +137,13 @@ def test_onnx_without_the_export_extra_is_one_line_before_anything_is_built(miss
     assert not (tmp_path / "out").exists()
 
 
-def readme_onnx_snippet() -> str:
-    """The README's "Using the ONNX file without PyTorch" code block, as written."""
-    section = (REPO / "README.md").read_text().split("Using the ONNX file without PyTorch", 1)[1]
+def docs_onnx_snippet() -> str:
+    """The docs' "Using the ONNX file without PyTorch" code block (docs/evaluation.md), as written."""
+    section = (REPO / "docs" / "evaluation.md").read_text().split("Using the ONNX file without PyTorch", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_readme_onnx_snippet_runs_as_written_without_torch(tiny_mirror, tmp_path, checkpoint):
+def test_docs_onnx_snippet_runs_as_written_without_torch(tiny_mirror, tmp_path, checkpoint):
     export(export_cfg(tiny_mirror, tmp_path, f"ckpt_path={checkpoint}", "format=onnx", "verify.num_images=16"))
     work = tmp_path / "user"
     work.mkdir()
@@ -152,7 +152,7 @@ def test_readme_onnx_snippet_runs_as_written_without_torch(tiny_mirror, tmp_path
     shutil.copy(REPO / "docs" / "examples" / "tshirt_photo.jpg", work / "my_photo.jpg")
     shutil.copy(REPO / "docs" / "examples" / "sneaker_cutout.png", work / "my_other_photo.png")
     # torch cannot be imported in the process that runs the snippet.
-    code = "import sys\nsys.modules['torch'] = None\n" + readme_onnx_snippet() + "\nnp.save('batch.npy', batch_uint8)\n"
+    code = "import sys\nsys.modules['torch'] = None\n" + docs_onnx_snippet() + "\nnp.save('batch.npy', batch_uint8)\n"
     proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     predicted = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
