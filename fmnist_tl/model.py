@@ -20,7 +20,8 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, holds_features
+from fmnist_tl.backbones import feature_dim, preprocessing, set_frozen_modes
+from fmnist_tl.data import ImagePreprocess, holds_features
 from fmnist_tl.schedule import (
     LRPlan,
     check_finetune,
@@ -30,7 +31,6 @@ from fmnist_tl.schedule import (
 )
 from fmnist_tl.utils import FmnistError, to_container
 from fmnist_tl.weights import (
-    BACKBONES,
     backbone_key,
     backbone_sha256,
     build_backbone_of,
@@ -145,9 +145,9 @@ class TransferClassifier(L.LightningModule):
         freeze_backbone: bool = True,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
-        image_size: int = 224,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        image_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         channels_last: bool = True,
         finetune: dict | None = None,
         load_weights: bool = True,
@@ -155,13 +155,15 @@ class TransferClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         head = to_container(head) or {}
-        self.finetune = finetune_options(finetune)
+        self.finetune = finetune_options(finetune, backbone)
         # First epoch that trains the backbone stages in finetune.unfreeze; None: the backbone never trains.
         self.finetune_start = self.finetune.first_epoch
         # No file check: a model rebuilt from its checkpoint (load_weights=False) never reads init_from.
         check_finetune(self.finetune, freeze_backbone, max_epochs=None, check_files=False)
         optimizer, scheduler = to_container(optimizer) or DEFAULT_OPTIMIZER, to_container(scheduler)
-        mean, std, finetune = list(to_container(mean)), list(to_container(std)), self.finetune.as_dict()
+        # None: what the weights were trained with (backbones.preprocessing); checkpoints hold the values.
+        image_size, mean, std = preprocessing(backbone, weights, image_size, to_container(mean), to_container(std))
+        finetune = self.finetune.as_dict()
         # The arguments as they are now: plain containers, so that checkpoints load with weights_only=True.
         self.save_hyperparameters(ignore=["load_weights"])
         init_from = self.finetune.init_from if load_weights else None
@@ -171,7 +173,7 @@ class TransferClassifier(L.LightningModule):
         self.backbone, self.weights_id = build_backbone_of(self.hparams, load)
         self._backbone_key = backbone_key(backbone, weights, weights_path, load, init_seed)
         hidden_dims, dropout = head.get("hidden_dims", [256]), head.get("dropout", 0.5)
-        self.head = build_head(BACKBONES[backbone], num_classes, hidden_dims, dropout)
+        self.head = build_head(feature_dim(backbone, weights, image_size), num_classes, hidden_dims, dropout)
         # What the backbone's weights expect; every path from uint8 images to the backbone runs it.
         self.preprocess = ImagePreprocess(image_size, mean, std)
         self.freeze_backbone = freeze_backbone
@@ -219,7 +221,7 @@ class TransferClassifier(L.LightningModule):
         """The backbone stages a fine-tune phase trains (empty for a head-only run)."""
         if self.finetune_start is None:
             return []
-        return [self.backbone.get_submodule(name) for name in self.finetune.unfreeze]
+        return [self.backbone.get_submodule("" if name == "all" else name) for name in self.finetune.unfreeze]
 
     @property
     def finetune_active(self) -> bool:
@@ -264,12 +266,10 @@ class TransferClassifier(L.LightningModule):
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
         if self.freeze_backbone:
-            # requires_grad=False alone still lets BatchNorm update its running stats in train mode.
-            self.backbone.eval()
-            if mode and self.finetune.bn == "train" and self.finetune_active:
-                # Only the unfrozen stages' BatchNorm updates its stats; everything below stays as loaded.
-                for stage in self.finetune_stages:
-                    stage.train()
+            # requires_grad=False alone still lets BatchNorm update its running stats in train mode,
+            # and dropout and stochastic depth drop features: the frozen part runs in eval mode.
+            stages = self.finetune_stages if mode and self.finetune_active else []
+            set_frozen_modes(self.backbone, stages, train_norm=self.finetune.bn == "train")
         return self
 
     def on_train_epoch_start(self) -> None:
@@ -283,7 +283,7 @@ class TransferClassifier(L.LightningModule):
                 log.info(self.finetune.phase_message(self.current_epoch, lrs))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features, (B, 2048) for resnet50, from preprocessed images."""
+        """Pooled backbone features, (B, width) (2048 for resnet50), from preprocessed images."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.training and self.finetune_start is not None and not self.finetune_active and torch.is_grad_enabled():

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from fmnist_tl import schemas, utils
+from fmnist_tl.backbones import preprocessing
 from fmnist_tl.extraction import extraction_settings
 from fmnist_tl.features import features_cache_dir
 from fmnist_tl.probe import measured_trainer_precision
@@ -164,11 +165,14 @@ def validate_config(cfg: DictConfig) -> None:
     check_logger_dependencies(cfg.get("logger"))
     m = cfg.model
     check_backbone(m.backbone, m.weights)
+    # The preprocessing the weights expect, where the config leaves it null: the run's config.yaml,
+    # its metrics and its checkpoints then record the values used.
+    m.image_size, m.mean, m.std = preprocessing(m.backbone, m.weights, m.image_size, m.mean, m.std)
     # fast_dev_run runs one batch whatever the epochs, so a fine-tune config is still worth a smoke test.
     epochs = None if cfg.trainer.get("fast_dev_run") else cfg.trainer.get("max_epochs")
     ckpt = cfg.get("ckpt_path")
     # A resumed run takes every weight from its checkpoint, so init_from may be gone by then.
-    ft = finetune_options(m.get("finetune"))
+    ft = finetune_options(m.get("finetune"), m.backbone)
     check_finetune(ft, m.get("freeze_backbone", True), epochs, check_files=ckpt is None)
     if m.weights_path is not None and not Path(m.weights_path).is_file():
         raise FmnistError(f"model.weights_path={m.weights_path} does not exist")
@@ -191,7 +195,7 @@ def check_resume_schedule(cfg: DictConfig, path: str, checkpoint: dict[str, Any]
     saved = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
     if not saved:
         return
-    kind = schedule_kind(cfg.model.get("scheduler"), finetune_options(cfg.model.get("finetune")))
+    kind = schedule_kind(cfg.model.get("scheduler"), finetune_options(cfg.model.get("finetune"), cfg.model.backbone))
     if saved.get("scheduler") != kind:
         raise FmnistError(
             f"ckpt_path={path} was trained with LR schedule {saved.get('scheduler') or 'constant'}, this config has "
@@ -285,7 +289,7 @@ def finetune_trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
     parameters) but get no gradient until model.finetune.start_epoch; DDP accepts that only with
     find_unused_parameters=True. Such parameters keep grad None, so the optimizer leaves them alone.
     """
-    start = finetune_options(cfg.model.get("finetune")).first_epoch
+    start = finetune_options(cfg.model.get("finetune"), cfg.model.backbone).first_epoch
     strategy = cfg.trainer.get("strategy")
     if not start or not isinstance(strategy, str) or not strategy.startswith("ddp") or "find_unused" in strategy:
         return {}

@@ -14,8 +14,8 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from fmnist_tl.backbones import resolve_stages
 from fmnist_tl.utils import FmnistError, to_container
-from fmnist_tl.weights import RESNET_STAGES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +24,9 @@ class FinetuneOptions:
 
     start_epoch: int | None = None
     init_from: str | None = None
-    # Stage names, input-to-output order, no duplicates: the same list on every rank and in every checkpoint.
-    unfreeze: list[str] = dataclasses.field(default_factory=lambda: ["layer4"])
+    # Stage names (backbones.stage_names), input-to-output order, no duplicates, or ["all"]: the same
+    # list on every rank and in every checkpoint. `last_K` is spelled out when parsed.
+    unfreeze: list[str] = dataclasses.field(default_factory=lambda: ["last_1"])
     backbone_lr_factor: float = 0.1
     bn: str = "frozen"
     lr: float | None = None
@@ -68,8 +69,8 @@ def _is_positive(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def finetune_options(finetune: Mapping[str, Any] | FinetuneOptions | None) -> FinetuneOptions:
-    """model.finetune parsed and checked once; `unfreeze` spelled out as stage names."""
+def finetune_options(finetune: Mapping[str, Any] | FinetuneOptions | None, backbone: str) -> FinetuneOptions:
+    """model.finetune parsed and checked once; `unfreeze` spelled out as `backbone`'s stage names."""
     if isinstance(finetune, FinetuneOptions):
         return finetune
     given = to_container(finetune) or {}
@@ -90,14 +91,8 @@ def finetune_options(finetune: Mapping[str, Any] | FinetuneOptions | None) -> Fi
     unfreeze = ft["unfreeze"]
     names = [unfreeze] if isinstance(unfreeze, str) else unfreeze
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise bad("unfreeze", f"must be a list of stage names ({', '.join(RESNET_STAGES)}) or all")
-    wrong = [n for n in names if n != "all" and n not in RESNET_STAGES]
-    if wrong:
-        raise FmnistError(
-            f"model.finetune.unfreeze: {wrong[0]} is not a ResNet stage; use names from "
-            f"{', '.join(RESNET_STAGES)}, or all"
-        )
-    ft["unfreeze"] = [s for s in RESNET_STAGES if "all" in names or s in names]
+        raise bad("unfreeze", f"must be a list of {backbone}'s stage names, last_K (its K top stages) or all")
+    ft["unfreeze"] = resolve_stages(backbone, names)
     if not _is_positive(ft["backbone_lr_factor"]):
         raise bad("backbone_lr_factor", "must be a positive number (backbone LR = head LR x factor), e.g. 0.1")
     if ft["bn"] not in ("frozen", "train"):

@@ -189,10 +189,11 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     optimizer: Any = checked(MISSING, optimizer_rules)
     scheduler: Any = None
-    # The preprocessing the weights expect: the model owns it (and its checkpoints carry it).
-    image_size: int = checked(MISSING, at_least(32, " (ResNets downsample 32x)"))
-    mean: list[float] = MISSING
-    std: list[float] = MISSING
+    # The preprocessing the weights expect: the model owns it (and its checkpoints carry it); null
+    # takes it from the weights' own transforms (fmnist_tl/backbones.py).
+    image_size: int | None = checked(None, at_least(32, " (CNNs downsample 32x)", optional=True))
+    mean: list[float] | None = None
+    std: list[float] | None = None
     channels_last: bool = True
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 

@@ -80,7 +80,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Resuming a fine-tune run: the checkpoint holds the whole model, so neither init_from nor
     # ImageNet weights are read. (A head-only run still builds its weights: the feature cache
     # extracts in setup, before Lightning restores the checkpoint.)
-    resume_finetune = bool(ckpt_path) and finetune_options(cfg.model.get("finetune")).first_epoch is not None
+    finetune = finetune_options(cfg.model.get("finetune"), cfg.model.backbone)
+    resume_finetune = bool(ckpt_path) and finetune.first_epoch is not None
     # init_seed: a random init that a head-only checkpoint can rebuild (model.build_backbone).
     model: TransferClassifier = build(
         cfg.model, _recursive_=False, init_seed=cfg.seed, **({"load_weights": False} if resume_finetune else {})

@@ -15,12 +15,16 @@ import torch
 import torchvision
 from torch import nn
 
+from fmnist_tl.backbones import (
+    check_name,
+    check_weights,
+    is_weights_file,
+    new_classifier,
+    strip_classifier,
+    weight_names,
+)
 from fmnist_tl.utils import FmnistError, module_sha256, sha256_file
 
-# Pooled feature width of each supported backbone; one code path builds all of them.
-BACKBONES: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
-# Top-level children of a torchvision ResNet that hold parameters, input to output.
-RESNET_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 # What `safe_load` expects of a file, by kind: its description, and the fix when the file is not one.
 FILE_KINDS = {
     "checkpoint": ("an fmnist_tl checkpoint", "pass a .ckpt file from a training run"),
@@ -28,18 +32,22 @@ FILE_KINDS = {
 }
 
 
-def weight_names(backbone: str) -> list[str]:
-    return [w.name for w in torchvision.models.get_model_weights(backbone)]
-
-
 def check_backbone(backbone: str, weights: str | None) -> None:
-    if backbone not in BACKBONES:
-        raise FmnistError(f"model.backbone={backbone} is not supported; choose one of {', '.join(BACKBONES)}")
-    if weights is not None and weights not in weight_names(backbone):
+    """Any torchvision classifier; weights a name of its weights enum, a state_dict file, or None."""
+    check_name(backbone)
+    check_weights(backbone, weights)
+    if weights is not None and is_weights_file(weights) and not Path(weights).is_file():
         raise FmnistError(
-            f"model.weights={weights} is not a torchvision weights name for {backbone}; "
-            f"choose one of {', '.join(weight_names(backbone))} or null for random init"
+            f"model.weights={weights} does not exist (a path, not a weights name of {backbone}); "
+            f"pass an existing state_dict file or one of {', '.join(weight_names(backbone))}"
         )
+
+
+def weights_source(weights: str | None, weights_path: str | None) -> tuple[str | None, str | None]:
+    """(torchvision weights name, file): model.weights may name a file, as model.weights_path does."""
+    if weights is not None and is_weights_file(weights):
+        return None, weights_path or weights
+    return weights, weights_path
 
 
 def safe_load(path: str | os.PathLike, name: str, kind: str, fix: str, **load_kwargs: Any) -> Any:
@@ -159,6 +167,7 @@ def backbone_key(
     backbone: str, weights: str | None, weights_path: str | None, load: bool, init_seed: int | None
 ) -> tuple | None:
     """What determines a built backbone's weights, files by their stat; None when nothing does (unseeded init)."""
+    weights, weights_path = weights_source(weights, weights_path)
     if load and weights_path:
         try:
             st = os.stat(weights_path)
@@ -178,7 +187,8 @@ def backbone_key(
 def build_backbone(
     backbone: str, weights: str | None, weights_path: str | None, load: bool = True, init_seed: int | None = None
 ) -> tuple[nn.Module, str]:
-    """Return the backbone with its classifier replaced by Identity, and an identity string for its weights.
+    """Return the backbone with its classifier replaced by Identity (backbones.strip_classifier), and an
+    identity string for its weights; `weights` may name a state_dict file.
 
     With `init_seed`, the random init (kept for random-init runs, overwritten by loaded weights) draws
     from its own generator seeded with it, so a head-only checkpoint can rebuild the same backbone,
@@ -186,12 +196,11 @@ def build_backbone(
     before in this process from the same key is copied, not built again.
     """
     check_backbone(backbone, weights)
+    weights, weights_path = weights_source(weights, weights_path)
     key = backbone_key(backbone, weights, weights_path, load, init_seed)
     if key is not None and key in _BUILT:
         state, identity = _BUILT[key]
-        with torch.device("meta"):  # the module's structure only: no init
-            net = torchvision.models.get_model(backbone, weights=None)
-        net.fc = nn.Identity()
+        net = strip_classifier(new_classifier(backbone, weights, "meta"))  # the structure only: no init
         net.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
         return net, identity
     net, identity = _build_backbone(backbone, weights, weights_path, load, init_seed)
@@ -205,11 +214,11 @@ def _build_backbone(
     backbone: str, weights: str | None, weights_path: str | None, load: bool, init_seed: int | None
 ) -> tuple[nn.Module, str]:
     if init_seed is None:
-        net = torchvision.models.get_model(backbone, weights=None)
+        net = new_classifier(backbone, weights)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            net = torchvision.models.get_model(backbone, weights=None)
+            net = new_classifier(backbone, weights)
     identity = "random-init"
     if load and weights_path:
         state = load_state_dict_file(weights_path, "model.weights_path")
@@ -218,8 +227,7 @@ def _build_backbone(
     elif load and weights:
         state, identity = fetch_torchvision_weights(backbone, weights)
         load_backbone_state(net, state, identity, backbone)
-    net.fc = nn.Identity()
-    return net, identity
+    return strip_classifier(net), identity
 
 
 def backbone_sha256(net: nn.Module, key: tuple | None) -> str:

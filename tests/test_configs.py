@@ -141,10 +141,14 @@ def test_cli_missing_optional_dependency_one_line(tmp_path):
         ("data.pin_memory=maybe", "data.pin_memory='maybe' must be one of auto, true, false"),
         ("model.finetune.bn=eval", "model.finetune.bn='eval' must be one of frozen, train"),
         ("+data.colour=1", "unknown config key 'data.colour'"),
-        ("model.backbone=vgg99", "model.backbone=vgg99 is not supported"),
+        ("model.backbone=vgg99", "model.backbone=vgg99 is not a torchvision classifier; did you mean vgg19"),
+        ("model.weights=/no/such.pth", "model.weights=/no/such.pth does not exist"),
         ("model.weights=IMAGENET1K_V9", "model.weights=IMAGENET1K_V9 is not a torchvision weights name"),
         ("data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),
         ("model.image_size=16", "model.image_size=16 must be an integer >= 32"),
+        ("model=vit_b_16 model.image_size=64", "model.image_size=64 does not fit vit_b_16 (Wrong image height"),
+        ("model=convnext_tiny model.finetune.unfreeze=[layer4]", "layer4 is not a stage of convnext_tiny"),
+        ("model=swin_t model.finetune.unfreeze=last_10", "swin_t has 8 stages (features.0 ... features.7)"),
         ("+nonexistent=1", "unknown config key 'nonexistent'"),
         ("model.head.dropout=1.5", "model.head.dropout=1.5 must be in"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path=/no/such.ckpt does not exist"),
@@ -153,7 +157,7 @@ def test_cli_missing_optional_dependency_one_line(tmp_path):
     ],
 )
 def test_bad_values_rejected_by_validation(override, message):
-    cfg = compose_cfg("train", [override])
+    cfg = compose_cfg("train", override.split())
     with pytest.raises(FmnistError, match=re.escape(message)):
         validate_config(cfg)
 

@@ -18,7 +18,6 @@ from fmnist_tl.runtime import validate_config
 from fmnist_tl.schedule import finetune_options, finetune_phase_factor, head_phase_factors
 from fmnist_tl.train import train
 from fmnist_tl.utils import FmnistError
-from fmnist_tl.weights import RESNET_STAGES
 from tests.helpers import DDP_SIM, make_cfg, run_cli, tiny_overrides
 
 # A couple of batches per epoch: enough for every trainable tensor to move, fast on 2 cores.
@@ -222,7 +221,7 @@ def test_init_from_wrong_architecture_is_clear(head_ckpt, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.finetune.unfreeze=[layer5]"], "model.finetune.unfreeze: layer5 is not a ResNet stage"),
+        (["model.finetune.unfreeze=[layer5]"], "model.finetune.unfreeze: layer5 is not a stage of resnet18; did you mean layer4"),
         (["model.finetune.start_epoch=3", "trainer.max_epochs=3"], "start_epoch=3 leaves no fine-tune epoch"),
         (["model.finetune.start_epoch=1", "model.freeze_backbone=false"], "model.finetune needs model.freeze_backbone"),
         (["model.finetune.bn=sometimes"], "model.finetune.bn='sometimes' must be one of frozen, train"),
@@ -238,9 +237,10 @@ def test_bad_finetune_values_rejected_before_training(tiny_cfg, overrides, messa
 
 def test_unfreeze_all_and_requires_grad_fixed_for_the_whole_run():
     m = TransferClassifier(backbone="resnet18", weights=None, finetune={"start_epoch": 2, "unfreeze": "all"})
-    assert m.finetune.unfreeze == list(RESNET_STAGES)
+    assert m.finetune.unfreeze == ["all"] and m.finetune_stages == [m.backbone]
     assert all(p.requires_grad for p in m.backbone.parameters())
-    assert finetune_options({"unfreeze": ["layer4", "layer3", "layer4"]}).unfreeze == ["layer3", "layer4"]
+    assert finetune_options({"unfreeze": ["layer4", "layer3", "layer4"]}, "resnet18").unfreeze == ["layer3", "layer4"]
+    assert finetune_options({"unfreeze": "last_2"}, "resnet18").unfreeze == ["layer3", "layer4"]
     m = TransferClassifier(backbone="resnet18", weights=None, finetune={"start_epoch": 2})
     trainable = {n.split(".")[0] for n, p in m.backbone.named_parameters() if p.requires_grad}
     assert trainable == {"layer4"}

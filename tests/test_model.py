@@ -114,8 +114,10 @@ def test_imagenet_weights_from_hub_cache(resnet50_state, tmp_path, monkeypatch):
 
 
 def test_unknown_backbone_and_weights_names():
-    with pytest.raises(FmnistError, match="model.backbone=vgg99 is not supported"):
+    with pytest.raises(FmnistError, match=r"model.backbone=vgg99 is not a torchvision classifier; did you mean vgg19"):
         build_backbone("vgg99", None, None)
+    with pytest.raises(FmnistError, match=r"model.backbone=convnext_tiyn .*did you mean convnext_tiny\b"):
+        build_backbone("convnext_tiyn", None, None)
     with pytest.raises(FmnistError, match="model.weights=IMAGENET9K is not a torchvision weights name"):
         build_backbone("resnet50", "IMAGENET9K", None)
 
