@@ -658,7 +658,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="data, cache and run logs (default: a temp dir, removed)")
     parser.add_argument("--no-runs", action="store_true", help="skip the cold/warm python -m fmnist_tl.train runs")
     parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--backbones", help="only the per-backbone table (bench/backbones.py): comma-separated model.backbone names"
+    )
     args = parser.parse_args(argv)
+    if args.backbones:
+        from bench.backbones import run as run_backbones
+
+        names = [n for n in args.backbones.split(",") if n]
+        run_backbones(names, args.images or 64, args.results_dir, argv if argv is not None else sys.argv[1:])
+        return 0
 
     quick = args.quick
     if args.device == "auto":

@@ -37,6 +37,14 @@ class Job:
         v = self.metrics.get(key)
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
+    def extraction_images_per_s(self) -> float | None:
+        """Images per second of the backbone's feature extraction in this job (every split it
+        extracted, rather than found cached); None when it extracted nothing."""
+        cache = self.metrics.get("feature_cache")
+        done = [r for r in cache.values() if r.get("status") != "hit"] if isinstance(cache, dict) else []
+        seconds = sum(float(r.get("seconds") or 0.0) for r in done)
+        return sum(int(r.get("count") or 0) for r in done) / seconds if seconds > 0 else None
+
 
 @dataclass
 class Group:

@@ -6,7 +6,8 @@ one still running or interrupted. From the jobs as fmnist_tl/sweep_results.py re
 them, it writes into the sweep dir:
 
 - `sweep_summary.csv`: one row per job: rank, best, job, status, each swept parameter, the
-  overrides, val/test metrics, epochs, wall time, error, run dir; sorted by the objective;
+  overrides, val/test metrics, epochs, feature extraction img/s, wall time (per trial), error,
+  run dir; sorted by the objective;
 - `sweep_summary.md`: the same as a table, plus mean +- std over seeds for configurations that
   were run with several seeds (also in `sweep_summary_by_config.csv`);
 - `sweep_summary.png`: the objective against each swept parameter.
@@ -85,6 +86,7 @@ def job_rows(summary: SweepSummary) -> list[dict[str, Any]]:
         if summary.objective not in METRICS:
             row[summary.objective] = job.value(summary.objective)
         row["epochs"] = job.metrics.get("epochs")
+        row["extraction_img_per_s"] = job.extraction_images_per_s()
         row["wall_time_s"] = job.value("wall_time_s")
         row["error"] = job.metrics.get("error", "")
         row["run_dir"] = str(job.run_dir)
@@ -145,7 +147,10 @@ def markdown(summary: SweepSummary, plot: Path | None) -> str:
     if summary.common:
         out += [f"Common overrides: `{_overrides_text(summary.common, list(summary.common))}`", ""]
     metric_cols = list(METRICS) + ([summary.objective] if summary.objective not in METRICS else [])
-    header = ["rank", "best", "job", "status", "overrides", *metric_cols, "epochs", "wall s", "error"]
+    # A backbone sweep compares extraction speed too (the feature cache's img/s, when a job extracted).
+    extraction = any(job.extraction_images_per_s() is not None for job in summary.jobs)
+    header = ["rank", "best", "job", "status", "overrides", *metric_cols, "epochs"]
+    header += ["extract img/s"] * extraction + ["wall s", "error"]
     rows = []
     for rank, job in enumerate(summary.jobs, start=1):
         rows.append(
@@ -157,6 +162,7 @@ def markdown(summary: SweepSummary, plot: Path | None) -> str:
                 f"`{_overrides_text(job.overrides, summary.swept, short=True)}`" if summary.swept else "",
                 *[_fmt(job.value(m)) for m in metric_cols],
                 _fmt(job.metrics.get("epochs")),
+                *[_fmt(job.extraction_images_per_s(), 1)] * extraction,
                 _fmt(job.value("wall_time_s"), 1),
                 str(job.metrics.get("error", "")),
             ]

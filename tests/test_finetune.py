@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchvision
 
+from fmnist_tl import backbones
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.runtime import validate_config
 from fmnist_tl.schedule import finetune_options, finetune_phase_factor, head_phase_factors
@@ -122,6 +123,36 @@ def test_two_phases_backbone_identical_then_only_chosen_stages_change(tiny_cfg, 
     assert len(announced) == 1 and f"training backbone {'+'.join(stages)} at lr 0.0001" in announced[0]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backbone, size",
+    [
+        ("convnext_tiny", 32),
+        ("efficientnet_b0", 32),
+        ("mobilenet_v3_small", 32),
+        ("regnet_y_400mf", 32),
+        ("swin_t", 32),
+        ("vit_b_32", 224),  # a ViT takes exactly its own size
+    ],
+)
+def test_two_phases_in_every_family_train_only_the_top_stage(tiny_cfg, recorder, backbone, size):
+    """Random init at the family's smallest size: the backbone, BatchNorm statistics included, is
+    bit-identical after the head epoch; then only `last_1`'s parameters move, through the optimizer's
+    backbone group."""
+    small = ("data.batch_size=8", "data.eval_batch_size=8", "model.finetune.unfreeze=last_1")
+    train(tiny_cfg(*TWO_PHASES, *small, f"model.backbone={backbone}", f"model.image_size={size}"))
+    start, after_head, after_finetune = recorder.states
+    assert changed(start, after_head) == set()
+    assert recorder.stateful_params[0] == set()
+    top = tuple(f"{stage}." for stage in backbones.last_stages(backbone, 1))
+    net = backbones.strip_classifier(backbones.new_classifier(backbone, None, "meta"))
+    chosen = {n for n, _ in net.named_parameters() if n.startswith(top)}
+    assert chosen and recorder.stateful_params[1] == chosen
+    moved = changed(after_head, after_finetune)
+    assert moved and moved <= chosen  # BatchNorm frozen: no statistics moved either
+    assert recorder.bn_training[1] == set()
+
+
 def test_resume_across_the_unfreeze_keeps_groups_lrs_and_optimizer_state(tiny_cfg, recorder, tmp_path):
     # Every epoch's checkpoint, no last.ckpt copies (they only cost disk time here).
     every_epoch = ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.save_last=false")
@@ -221,7 +252,7 @@ def test_init_from_wrong_architecture_is_clear(head_ckpt, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.finetune.unfreeze=[layer5]"], "model.finetune.unfreeze: layer5 is not a stage of resnet18; did you mean layer4"),
+        (["model.finetune.unfreeze=[layer5]"], "unfreeze: layer5 is not a stage of resnet18; did you mean layer4"),
         (["model.finetune.start_epoch=3", "trainer.max_epochs=3"], "start_epoch=3 leaves no fine-tune epoch"),
         (["model.finetune.start_epoch=1", "model.freeze_backbone=false"], "model.finetune needs model.freeze_backbone"),
         (["model.finetune.bn=sometimes"], "model.finetune.bn='sometimes' must be one of frozen, train"),

@@ -86,6 +86,25 @@ def test_summary_ranks_by_val_marks_best_and_lists_failed_and_incomplete_jobs(tm
     assert not list(sweep.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
+def test_backbone_sweep_shows_each_jobs_extraction_speed(tmp_path):
+    sweep = tmp_path / "sweep"
+
+    def cache(train_s: float, status: str = "extracted") -> dict:
+        return {"train": {"status": status, "count": 400, "seconds": train_s, "entry": "e"},
+                "test": {"status": "hit", "count": 100, "seconds": 0.01, "entry": "t"}}  # fmt: skip
+
+    fake_job(sweep, "0", ["model=resnet50"], done(0.80, 0.8, feature_cache=cache(4.0)))
+    fake_job(sweep, "1", ["model=convnext_tiny"], done(0.90, 0.9, feature_cache=cache(8.0)))
+    fake_job(sweep, "2", ["model=efficientnet_b0"], done(0.85, 0.85, feature_cache=cache(1.0, "hit")))
+    write_summary(sweep, plot=False)
+    rows = read_csv(sweep / "sweep_summary.csv")
+    assert [r["model"] for r in rows] == ["convnext_tiny", "efficientnet_b0", "resnet50"]
+    # Cache hits took no extraction: only the splits a job extracted count.
+    assert [r["extraction_img_per_s"] for r in rows] == ["50.0", "", "100.0"]
+    md = (sweep / "sweep_summary.md").read_text()
+    assert "| epochs | extract img/s | wall s |" in md and "| 3 | 50.0 | 12.5 |" in md
+
+
 def test_summary_aggregates_repeated_seeds_as_mean_and_std(tmp_path):
     sweep = tmp_path / "sweep"
     vals = {"0.2": [0.70, 0.74, 0.72], "0.5": [0.80, 0.86, 0.83]}
