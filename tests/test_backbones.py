@@ -185,3 +185,14 @@ def test_unknown_backbone_is_one_line_with_close_matches():
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: model.backbone=convnext_tiyn is not a torchvision classifier; did you mean convnext_tiny"
     )
+
+
+def test_model_weights_may_name_a_state_dict_file(tmp_path):
+    path = tmp_path / "convnext.pth"
+    torch.manual_seed(3)
+    reference = backbones.new_classifier("convnext_tiny")
+    torch.save(reference.state_dict(), path)
+    model = TransferClassifier(backbone="convnext_tiny", weights=str(path), image_size=32)
+    assert model.weights_id.startswith("file:convnext.pth:sha256=")
+    assert torch.equal(model.backbone.features[0][0].weight, reference.features[0][0].weight)
+    assert model.hparams.image_size == 32 and model.hparams.mean == pytest.approx([0.485, 0.456, 0.406])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 from bench.run import TARGETS, judge, markdown, median_round, passed_precisions
 
@@ -164,3 +165,19 @@ def test_trial_cost_results_are_flat_rows_and_a_second_run_extends_the_file(tmp_
     }
     assert second["cpu_ms_per_train_step"] == round(16000 / 1720, 2)
     assert doc["rows"][3]["disk_mb_per_trial"] == 4.0 and len(doc["load_average"]) == 4
+
+
+def test_backbones_table_is_measured_per_backbone_and_written_flat(tmp_path, capsys):
+    from bench.backbones import run as run_backbones
+
+    report = run_backbones(["mobilenet_v3_small", "no_such_net"], 16, tmp_path, ["--backbones", "x"])
+    written = json.loads((tmp_path / f"{report['date']}-backbones.json").read_text())
+    assert set(written) == {"date", "command", "machine", "rows", "notes"}
+    assert {"cpu", "cores", "torch"} <= set(written["machine"])
+    good, bad = written["rows"]
+    assert good["backbone"] == "mobilenet_v3_small" and good["image_size"] == 224 and good["feature_dim"] == 1024
+    # torchvision's own count for MobileNet-V3-Small at 224 px is 0.057 GFLOPs (multiply-adds): x2 here.
+    assert 0.08 < good["gflop_per_image"] < 0.15
+    assert good["img_per_s"] > 0 and 0 < good["peak_rss_gb"] < 8
+    assert bad["backbone"] == "no_such_net" and "not a torchvision classifier" in bad["error"]
+    assert "| mobilenet_v3_small | 224 | 1024 |" in capsys.readouterr().out
