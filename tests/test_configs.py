@@ -215,7 +215,9 @@ def test_cli_moved_key_one_line_exit_2(module, override, line, tmp_path):
         ("train", "model.head.dropot=0.1", "unknown config key 'model.head.dropot'; did you mean model.head.dropout?"),
         ("train", "trainer.max_epoch=3", "unknown config key 'trainer.max_epoch'; did you mean trainer.max_epochs"),
         ("train", "data.batch_size=abc", "data.batch_size=abc: Value 'abc' of type 'str' could not be converted to"),
-        ("train", "model=resnet99", "model=resnet99: no such option in model; choose one of resnet18, resnet50"),
+        ("train", "model=resnet99", "model=resnet99: no such option in model; choose one of convnext_tiny, "
+         "efficientnet_b0, efficientnet_v2_s, mobilenet_v3_large, regnet_y_1_6gf, resnet18, resnet50, swin_t, "
+         "vit_b_16"),
         ("train", "+data.batch_size=3", "+data.batch_size: the key exists already; drop the +"),
         ("train", "data.batch_size==3", "Error parsing override 'data.batch_size==3'"),
         ("evaluate", "model.weights=null", "model.weights: evaluate takes the model from the checkpoint (ckpt_path)"),
