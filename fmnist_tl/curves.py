@@ -73,10 +73,12 @@ def finetune_start_of(config: Mapping[str, Any] | None) -> int | None:
     """First epoch (0-based) that trains the backbone in a run with this config, or None."""
     if not config:
         return None
-    finetune = OmegaConf.select(OmegaConf.create(dict(config)), "model.finetune", default=None)
+    config = OmegaConf.create(dict(config))
+    finetune = OmegaConf.select(config, "model.finetune", default=None)
     if finetune is None:
         return None
-    return finetune_options(OmegaConf.to_container(finetune, resolve=True)).first_epoch
+    backbone = OmegaConf.select(config, "model.backbone", default="resnet50")
+    return finetune_options(OmegaConf.to_container(finetune, resolve=True), backbone).first_epoch
 
 
 def saved_config(run_dir: str | Path) -> dict[str, Any] | None:

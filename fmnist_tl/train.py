@@ -172,7 +172,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 precision,
                 plots=plots,
                 run_dir=output_dir,
-                finetune_start=finetune_options(cfg.model.get("finetune")).first_epoch,
+                finetune_start=finetune.first_epoch,
             )
         elif use_best and trainer.is_global_zero:
             log.info(
