@@ -245,7 +245,8 @@ def note_experiment_overrides(cfg: DictConfig) -> None:
         path = key(choice).replace("/", ".")
         mine = _leaves(OmegaConf.to_container(OmegaConf.select(without, path) or {}), path)
         final = _leaves(OmegaConf.to_container(OmegaConf.select(cfg, path) or {}), path)
-        replaced += [(choice, k, mine.get(k), v) for k, v in final.items() if mine.get(k) != v]
+        # A null the group leaves (image_size, mean, std: from the weights) is filled in later, not replaced.
+        replaced += [(choice, k, mine[k], v) for k, v in final.items() if mine.get(k) is not None and mine[k] != v]
     if replaced:
         log.warning(
             "experiment=%s replaces values your %s set: %s; to keep one, pass it as a value (e.g. %s=%s)",
