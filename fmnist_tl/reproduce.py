@@ -109,6 +109,13 @@ def _percent(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.2f}%"
 
 
+def _headline_cells(name: str, run: dict[str, Any]) -> list[Any]:
+    """run, what, test accuracy, macro-F1, epochs: the cells the results page and the README table share."""
+    m = run["metrics"]
+    f1 = "-" if m.get("test/f1") is None else format(float(m["test/f1"]), ".4f")
+    return [name, run["what"], _percent(m.get("test/acc")), f1, m.get("epochs", "-")]
+
+
 def _wall(seconds: Any) -> str:
     if seconds is None:
         return "-"
@@ -141,11 +148,8 @@ def results_markdown(runs: dict[str, dict[str, Any]], reproduce_command: str, wh
     ]
     for name, run in runs.items():
         m = run["metrics"]
-        lines.append(
-            f"| {name} | {run['what']} | {_percent(m.get('test/acc'))} | "
-            f"{'-' if m.get('test/f1') is None else format(float(m['test/f1']), '.4f')} | {m.get('epochs', '-')} | "
-            f"{_wall(m.get('wall_time_s'))} | {m.get('precision', '-')} | `{m.get('weights_id', '-')}` |"
-        )
+        cells = [*_headline_cells(name, run), _wall(m.get("wall_time_s")), m.get("precision", "-")]
+        lines.append("| " + " | ".join(map(str, [*cells, f"`{m.get('weights_id', '-')}`"])) + " |")
     reports = {name: run["report"] for name, run in runs.items() if run["report"]}
     if reports:
         classes = next(iter(reports.values()))["class_names"]
@@ -169,12 +173,8 @@ def readme_table(runs: dict[str, dict[str, Any]], when: str, page: Path) -> str:
         "| --- | --- | ---: | ---: | ---: | --- |",
     ]
     for name, run in runs.items():
-        m = run["metrics"]
-        f1 = "-" if m.get("test/f1") is None else format(float(m["test/f1"]), ".4f")
-        lines.append(
-            f"| {name} | {run['what']} | {_percent(m.get('test/acc'))} | {f1} | {m.get('epochs', '-')} | "
-            f"`{m.get('weights_id', '-')}` |"
-        )
+        cells = [*_headline_cells(name, run), f"`{run['metrics'].get('weights_id', '-')}`"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
