@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 10 (README "On a GPU"), one prepared run on a lent CUDA machine:
+# The GPU check of issue 10 (a follow-up of bench/results/2026-11-28-h200.json), one prepared run on a lent CUDA machine:
 #   bash bench/gpu_check.sh            # from the repo root; results under $OUT (default /tmp/gpu_check_out)
 # The device image has torch, lightning and onnxruntime but not hydra-core/omegaconf/antlr4; carry:
 #   .whl/      hydra_core-1.3.8, omegaconf-2.3.1 and antlr4_python3_runtime-4.9.3 wheels

@@ -1,7 +1,7 @@
 """int8 fidelity on a trained network: `python -m bench.int8_fidelity --weights FILE [--full FILE]`.
 
 Random-init activations say little about quantisation error, so this takes a ResNet50 backbone
-state_dict trained by the project (README "int8 extraction": the proxy) and, at 224 px on real
+state_dict trained by the project (docs/feature-cache.md, "Why those gate thresholds") and, at 224 px on real
 Fashion-MNIST images, measures for every int8 variant of fmnist_tl's ONNX Runtime path:
 
 1. cosine similarity of int8 features to fp32 features (mean, worst, 1st percentile), on the

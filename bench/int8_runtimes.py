@@ -1,4 +1,4 @@
-"""Other int8 runtimes against ONNX Runtime's, side by side (README "int8 runtimes compared").
+"""Other int8 runtimes against ONNX Runtime's, side by side (docs/feature-cache.md, last paragraph).
 
     pip install torchao==0.18.0                  # for --pt2e (not a dependency of fmnist_tl)
     pip install openvino==2026.4.1 nncf==3.4.0   # for --openvino (not dependencies either)

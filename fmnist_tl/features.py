@@ -1,7 +1,7 @@
 """Training the head on cached backbone features: the Lightning callback and when it is on.
 
 With a frozen backbone and no train-time augmentation, the backbone's output for an image never
-changes, so running it in every epoch is wasted work (README, "Feature cache and speed"). Instead
+changes, so running it in every epoch is wasted work (docs/feature-cache.md). Instead
 the backbone runs once per split (fmnist_tl.extraction, on the path fmnist_tl.probe measured
 fastest here), its pooled features are kept on disk (fmnist_tl.feature_store), and the head
 trains on them:
@@ -9,7 +9,7 @@ trains on them:
 - `FeatureCache` is a Lightning callback: in `setup` (in every process, after DDP is up) it
   swaps the datamodule's image datasets for (features, labels) datasets. The model stays one
   model: a 2-D batch goes straight to the head (fmnist_tl.data.holds_features), and checkpoints
-  still hold backbone + head and predict from images.
+  still predict from images (head-only ones rebuild the backbone from the identity they record).
 - `feature_cache_for(cfg, model, datamodule)` decides whether a run uses the cache
   (`data.cache_features`: auto/true/false) and says why in one log line when it does not.
 """

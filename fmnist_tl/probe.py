@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 PROBE_FORMAT = 1
 # A compiled torch candidate is timed only if its eager rate times this could beat the best
 # candidate: compiling is a large fixed cost, and inductor's gain over eager has been measured
-# well below this bound (README, "Benchmark": the compiled and eager bf16 rows).
+# well below this bound (docs/benchmarks.md: the compiled and eager bf16 rows of bench/results/2026-11-28*.json).
 COMPILE_BOUND = 2.0
 
 

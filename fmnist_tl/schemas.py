@@ -221,7 +221,7 @@ class FeaturesConfig:
     # CPU threads while training/evaluating the head on cached features; null leaves torch's
     # default. A head step is a few small matmuls: a second thread saves little, and on a busy
     # or oversubscribed CPU (parallel sweep jobs, shared machines) OpenMP barriers cost far more
-    # (README, "Feature cache and speed").
+    # (docs/feature-cache.md, "Head steps").
     head_threads: int | None = checked(1, at_least(1, optional=True))
     # Below this much work (images at 224 px) auto settings are not probed: torch, fp32.
     probe_min_images: int = checked(4000, at_least(0))

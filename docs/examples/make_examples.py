@@ -1,4 +1,4 @@
-"""Write the example images used in README's predict section, from Fashion-MNIST test images.
+"""Write the example images used in docs/evaluation.md's predict section, from Fashion-MNIST test images.
 
     python docs/examples/make_examples.py [/usr/share/datasets/fashion-mnist]
 
