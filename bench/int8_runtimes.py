@@ -62,7 +62,7 @@ def pt2e(model: nn.Module, calib: torch.Tensor) -> Any:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     # strict=True: the default non-strict graph fails in X86InductorQuantizer.annotate with
-    # "Input partition has more than one output node" (README).
+    # "Input partition has more than one output node".
     graph = torch.export.export(model, (calib[:BATCH],), strict=True).module()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
