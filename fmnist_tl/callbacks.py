@@ -38,7 +38,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ModelCheckpoint(callbacks.ModelCheckpoint):
-    """Lightning's, with last.ckpt written after every epoch and a moved or copied run folder continued.
+    """Lightning's, with last.ckpt written after every epoch, a moved or copied run folder continued,
+    and the best checkpoint's validation metrics kept (`best_metrics`).
+
+    Lightning keeps the best checkpoint's monitored score only; metrics.json reports that
+    checkpoint's val/f1 and val/loss beside it, not the last epoch's. `best_metrics` travels in the
+    callback's state, so a resumed run still knows the figures of a best epoch it did not run.
 
     Since Lightning 2.6, save_last writes last.ckpt only in an epoch that also wrote a top-k
     checkpoint, so once val/acc stops improving last.ckpt falls behind and a resume redoes the
@@ -54,6 +59,22 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
     """
 
     rebase_resumed_paths = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.best_metrics: dict[str, float] = {}
+        self._noted: tuple[str, float | None] = ("", None)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Lightning names a new best before it saves it: note its metrics first, so the file has them.
+        self._note_best_metrics(trainer)
+        super()._save_checkpoint(trainer, filepath)
+
+    def _note_best_metrics(self, trainer: L.Trainer) -> None:
+        best = (self.best_model_path, None if self.best_model_score is None else float(self.best_model_score))
+        if best[0] and best != self._noted:
+            self._noted = best
+            self.best_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     def _save_last_if_missed(self, trainer: L.Trainer, at_train_epoch_end: bool) -> None:
         if (
@@ -71,7 +92,11 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         self._save_last_if_missed(trainer, at_train_epoch_end=False)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_metrics": self.best_metrics}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_metrics = dict(state_dict.get("best_metrics") or {})
         old = state_dict.get("dirpath")
         if self.rebase_resumed_paths and old and self.dirpath and Path(old) != Path(self.dirpath):
 
@@ -89,6 +114,8 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
                 "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
             }
         super().load_state_dict(state_dict)
+        # best_metrics are the restored best checkpoint's already.
+        self._noted = (self.best_model_path, None if self.best_model_score is None else float(self.best_model_score))
 
 
 class OnExceptionCheckpoint(callbacks.Checkpoint):

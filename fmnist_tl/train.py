@@ -181,6 +181,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 best,
             )
     if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
+        # The best checkpoint's validation figures, not the last epoch's.
+        val.update({k: v for k, v in getattr(trainer.checkpoint_callback, "best_metrics", {}).items() if k in val})
         val[cfg.objective.metric] = float(trainer.checkpoint_callback.best_model_score)
 
     metrics = {

@@ -172,3 +172,58 @@ def test_epoch_metrics_are_logged_once_per_epoch(trained_run):
             assert math.isfinite(float(r["train/loss_epoch"]))
             assert 0.0 <= float(r["train/acc"]) <= 1.0 and 0.0 <= float(r["train/f1"]) <= 1.0
     assert any(r.get("train/loss_step") for r in rows)  # step 0 at least: logged every log_every_n_steps
+
+
+def test_metrics_json_reports_the_best_checkpoints_validation_figures(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    best = torch.load(metrics["best_model_path"], map_location="cpu", weights_only=True)
+    with open(trained_run / "csv" / "metrics.csv", newline="") as f:
+        (row,) = [r for r in csv.DictReader(f) if r.get("val/acc") and int(r["epoch"]) == best["epoch"]]
+    for key in ("val/acc", "val/f1", "val/loss"):
+        assert metrics[key] == pytest.approx(float(row[key]), abs=1e-6), key
+
+
+class ScriptedValidation(L.LightningModule):
+    """Validation figures set per epoch: epoch 1 is the best, the epochs after it are worse."""
+
+    ACC, F1 = [0.5, 0.7, 0.6, 0.55], [0.4, 0.65, 0.3, 0.2]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w * batch[0]).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc", self.ACC[self.current_epoch])
+        self.log("val/f1", self.F1[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2, 1)), batch_size=2)
+
+    val_dataloader = train_dataloader
+
+
+def test_the_checkpoint_callback_keeps_the_best_epochs_metrics_across_a_resume(tmp_path):
+    from fmnist_tl.callbacks import ModelCheckpoint
+
+    def fit(max_epochs: int, ckpt_path: str | None = None) -> ModelCheckpoint:
+        cb = ModelCheckpoint(dirpath=tmp_path, filename="epoch_{epoch:03d}", monitor="val/acc", mode="max",
+                             save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
+        trainer = L.Trainer(max_epochs=max_epochs, callbacks=[cb], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+        trainer.fit(ScriptedValidation(), ckpt_path=ckpt_path, weights_only=True)
+        return cb
+
+    cb = fit(3)  # the last epoch (0.6) is not the best (0.7)
+    assert cb.best_metrics == pytest.approx({"val/acc": 0.7, "val/f1": 0.65})
+    saved = torch.load(cb.best_model_path, map_location="cpu", weights_only=True)
+    assert saved["callbacks"][cb.state_key]["best_metrics"] == pytest.approx({"val/acc": 0.7, "val/f1": 0.65})
+    # Resumed for one more, worse epoch: the best is still epoch 1, which this process never ran.
+    resumed = fit(4, str(tmp_path / "last.ckpt"))
+    assert resumed.best_model_path == cb.best_model_path
+    assert resumed.best_metrics == pytest.approx({"val/acc": 0.7, "val/f1": 0.65})
