@@ -4,7 +4,7 @@
 candidate (torch fp32/bf16/16, ONNX Runtime fp32 and int8 variants) on training images, timed on
 this machine. The fastest candidate that passes the fidelity gate is used:
 
-- **Probe cache.** The timings are kept per machine (CPU model or GPU name, threads), torch and
+- **Probe cache.** The timings are kept per machine (CPU model and flags, or GPU name; threads), torch and
   onnxruntime versions, backbone, image size and batch size in `probe-<key>.json` under the feature
   cache: they do not depend on the weights. Deleting the file re-probes.
 - **Fidelity gate.** Before a reduced-precision candidate is used, its features on a seeded sample

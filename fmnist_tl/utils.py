@@ -140,7 +140,8 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> list[str]:
-    """The CPU's feature flags (for the record only: speed choices are measured, never read from flags)."""
+    """The CPU's feature flags (for the record and the probe's key: speed choices are measured, never read
+    from flags)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -151,11 +152,15 @@ def cpu_flags() -> list[str]:
 
 
 def machine_name(device: torch.device | str) -> str:
-    """What a speed measurement on `device` depends on: the GPU's name, or the CPU model."""
+    """What a speed measurement on `device` depends on: the GPU's name, or the CPU model and flags."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{cpu_model()}"
+    # Virtual machines report a bare "AMD EPYC" or "Intel Xeon Processor" for generations of
+    # very different speed (AVX2 only, or AVX512-BF16): timings taken on one must not be reused
+    # on the other through a shared cache. The flags tell them apart; nothing is chosen from them.
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:10]
+    return f"cpu:{cpu_model()} flags:{flags}"
 
 
 def remove_untouched_run_dir() -> None:

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from fmnist_tl import onnx_backend, probe
+from fmnist_tl import onnx_backend, probe, utils
 from fmnist_tl.candidates import Candidate, candidates, split_samples, time_runner
 from fmnist_tl.data import ImagePreprocess
 from fmnist_tl.extraction import FeatureExtractor, extraction_settings, split_entry
@@ -133,6 +133,14 @@ def test_probe_is_cached_and_a_version_change_or_deleting_the_file_reprobes(tmp_
     plan, calls = choose(tmp_path, net, train_images, swapped)
     assert sorted(calls) == sorted(RATES) and plan.candidate.id == "onnxruntime:int8-r7"
     assert len(list((tmp_path / "features").glob("probe-*.json"))) == 2
+    monkeypatch.undo()
+
+    # The same model name on another CPU generation (VMs often report a bare "AMD EPYC"):
+    # other flags, other timings.
+    monkeypatch.setattr(utils, "cpu_flags", lambda: ["fpu", "avx2"])
+    _, calls = choose(tmp_path, net, train_images, RATES)
+    assert sorted(calls) == sorted(RATES)
+    assert len(list((tmp_path / "features").glob("probe-*.json"))) == 3
     monkeypatch.undo()
 
     probe_file.unlink()
