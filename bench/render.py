@@ -128,6 +128,77 @@ def render_file(path: Path) -> list[str]:
     return lines
 
 
+# The widest vector/matrix extension first: what tells the CPU classes this project runs on apart.
+CPU_CLASSES = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
+README_START, README_END = "<!-- bench machines:start -->", "<!-- bench machines:end -->"
+
+
+def machine_label(machine: Mapping[str, Any]) -> str:
+    """'AMD EPYC (AVX2)' or 'NVIDIA H200 (Intel(R) Xeon(R) Processor)': the class a row stands for."""
+    flags = machine.get("cpu_flags_of_note")
+    if flags is not None:
+        kind = next((name for flag, name in CPU_CLASSES if flag in flags), "no AVX2")
+    else:  # files from before the flags were recorded: only whether bf16 was advertised
+        kind = "bf16 advertised" if machine.get("bf16") else "no bf16"
+    cpu = f"{machine.get('cpu', '?')} ({kind})"
+    return f"{machine['gpu']} (host {machine.get('cpu', '?')})" if machine.get("gpu") else cpu
+
+
+def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False) -> str:
+    """One row per full `python -m bench` results file: the figures its targets are judged on.
+    Each row links to its file's section of the benchmarks page, or (`link_files`) to the file."""
+
+    def get(data: Any, dotted: str) -> Any:
+        for key in dotted.split("."):
+            if isinstance(data, list) and key.isdigit():
+                data = data[int(key)] if int(key) < len(data) else None
+            else:
+                data = data.get(key) if isinstance(data, dict) else None
+        return data
+
+    rows = []
+    for path in sorted(results_dir.glob("*.json"), key=lambda p: (_date_of(p), p.name)):
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "targets" not in data or not isinstance(data.get("machine"), dict):
+            continue
+        targets = {k: v for k, v in data["targets"].items() if v is not None}
+        missed = [k for k, v in targets.items() if not v]
+        extraction = get(data, "runs.cold.extraction.candidate") or get(data, "runs.cold.precision")
+        rows.append([
+            f"[`{path.stem}`]({f'bench/results/{path.name}' if link_files else f'#{path.stem.lower()}'})",
+            machine_label(data["machine"]),
+            data.get("mode"),
+            round(get(data, "machine.load_average_start.0") or math.nan, 1),
+            extraction,
+            get(data, "throughput.tutorial.img_per_s"),
+            get(data, "throughput.ours.img_per_s"),
+            data.get("ratio"),
+            get(data, "end_to_end.ratio"),
+            get(data, "ceiling.fraction"),
+            get(data, "runs.cold.wall_s"),
+            get(data, "runs.warm.wall_s"),
+            get(data, "head_epoch.seconds"),
+            f"{len(targets) - len(missed)} of {len(targets)}" + (f"; not: {', '.join(missed)}" if missed else ""),
+        ])
+    header = ["results file", "machine", "mode", "load", "extraction", "tutorial img/s", "extraction img/s",
+              "vs tutorial", "vs tutorial, end to end", "of ceiling", "cold run s", "warm run s", "head epoch s",
+              "targets met"]
+    return "\n".join(table(header, rows))
+
+
+def fill_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> bool:
+    """Put machines_table() between the README's markers; True when the file changed."""
+    text = readme.read_text()
+    head, sep, rest = text.partition(README_START)
+    _, sep2, tail = rest.partition(README_END)
+    if not (sep and sep2):
+        raise SystemExit(f"error: {readme} has no {README_START} ... {README_END} block; add one where the table goes")
+    new = f"{head}{README_START}\n{machines_table(results_dir, link_files=True)}{README_END}{tail}"
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
 def _date_of(path: Path) -> str:
     try:
         return str(json.loads(path.read_text()).get("date") or "")
@@ -140,7 +211,8 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     files = sorted(results_dir.glob("*.json"), key=lambda p: (_date_of(p), p.name), reverse=True)
     if not files:
         return f"No results files in `{results_dir.name}/` yet.\n"
-    lines = ["Files: " + ", ".join(f"[`{p.name}`](#{p.stem.lower()})" for p in files), ""]
+    lines = ["## One row per machine", "", machines_table(results_dir),
+             "Files: " + ", ".join(f"[`{p.name}`](#{p.stem.lower()})" for p in files), ""]
     for path in files:
         lines += render_file(path)
     return "\n".join(lines)
@@ -149,7 +221,12 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.render", description=__doc__.splitlines()[0])
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    print(render(parser.parse_args().results_dir))
+    parser.add_argument("--readme", type=Path, help="instead: fill this README's per-machine table")
+    args = parser.parse_args()
+    if args.readme:
+        print(f"{args.readme}: {'updated' if fill_readme(args.readme, args.results_dir) else 'already current'}")
+    else:
+        print(render(args.results_dir))
 
 
 if __name__ == "__main__":

@@ -63,3 +63,24 @@ def test_every_docs_page_is_in_the_site_nav():
     nav = (REPO / "mkdocs.yml").read_text()
     for page in (REPO / "docs").glob("*.md"):
         assert f": {page.name}" in nav, page.name
+
+
+def test_the_readmes_per_machine_table_is_the_rendered_one(tmp_path):
+    from bench.render import README_END, README_START, fill_readme, machines_table
+
+    text = (REPO / "README.md").read_text()
+    assert text.split(README_START)[1].split(README_END)[0] == "\n" + machines_table(link_files=True)
+    # A new full bench file becomes a row of its own: `python -m bench.render --readme README.md`.
+    results = tmp_path / "results"
+    results.mkdir()
+    machine = {"cpu": "Some CPU 9000", "cpu_flags_of_note": ["avx2", "avx512f"], "load_average_start": [0.25]}
+    report = {"date": "2031-01-02", "mode": "full", "machine": machine, "ratio": 9.5,
+              "targets": {"extraction_ratio": True, "cold_run_s": False, "warm_rss": None}}
+    (results / "2031-01-02.json").write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\nrest\n")
+    assert fill_readme(readme, results) and not fill_readme(readme, results)
+    (row,) = [line for line in readme.read_text().splitlines() if line.startswith("| [`2031-01-02`]")]
+    assert "(bench/results/2031-01-02.json)" in row and "| Some CPU 9000 (AVX512) | full | 0.2 |" in row
+    assert "| 9.5 |" in row and row.endswith("| 1 of 2; not: cold_run_s |")
+    assert readme.read_text().endswith(f"{README_END}\n\nrest\n") and "\nold\n" not in readme.read_text()
