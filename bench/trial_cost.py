@@ -352,12 +352,17 @@ def write_results(path: Path, report: dict[str, Any], label: str, argv: list[str
     """Write (or, for a file of the same shape, extend) a flat results file; rows carry `label`."""
     import torch
 
+    from fmnist_tl.utils import atomic_write_text
+
     doc: dict[str, Any] = {}
     if path.is_file():
         doc = json.loads(path.read_text())
     m = report["machine"]
     doc.setdefault("date", time.strftime("%Y-%m-%d"))
-    doc.setdefault("command", "python -m bench.trial_cost " + " ".join(argv))
+    command = "python -m bench.trial_cost " + " ".join(argv)
+    doc.setdefault("command", command)
+    # Each label's own command: rows appended later were often measured with other arguments.
+    doc.setdefault("commands", {})[label] = command
     doc.setdefault("machine", {"cpu": m["cpu"], "cores": m["cores"], "torch": torch.__version__})
     doc.setdefault("load_average", [])
     doc["load_average"] += [[label, "start", *m["load_average_start"]], [label, "end", *report["load_average_end"]]]
@@ -365,7 +370,7 @@ def write_results(path: Path, report: dict[str, Any], label: str, argv: list[str
     doc["rows"] += flat(report, label)
     doc.setdefault("notes", "")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")  # key order kept: table columns
 
 
 def main(argv: list[str] | None = None) -> int:

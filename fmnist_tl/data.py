@@ -23,7 +23,8 @@ from fmnist_tl.raw_files import DEFAULT_SIZES, load_split, prepare_raw
 from fmnist_tl.utils import FmnistError
 
 CLASS_NAMES: tuple[str, ...] = tuple(FashionMNIST.classes)
-# Every torchvision ImageNet weight normalises with these: the model's default (conf/model/resnet50.yaml).
+# Every torchvision ImageNet weight normalises with these: the datamodule's default when used on its own
+# (a model config leaves mean/std null and takes them from its weights' transforms, fmnist_tl/backbones.py).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
