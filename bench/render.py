@@ -148,36 +148,29 @@ def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False) ->
     """One row per full `python -m bench` results file: the figures its targets are judged on.
     Each row links to its file's section of the benchmarks page, or (`link_files`) to the file."""
 
-    def get(data: Any, dotted: str) -> Any:
-        for key in dotted.split("."):
-            if isinstance(data, list) and key.isdigit():
-                data = data[int(key)] if int(key) < len(data) else None
-            else:
-                data = data.get(key) if isinstance(data, dict) else None
-        return data
-
     rows = []
     for path in sorted(results_dir.glob("*.json"), key=lambda p: (_date_of(p), p.name)):
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or "targets" not in data or not isinstance(data.get("machine"), dict):
             continue
+        get = flatten(data).get
         targets = {k: v for k, v in data["targets"].items() if v is not None}
         missed = [k for k, v in targets.items() if not v]
-        extraction = get(data, "runs.cold.extraction.candidate") or get(data, "runs.cold.precision")
+        extraction = get("runs.cold.extraction.candidate") or get("runs.cold.precision")
         rows.append([
             f"[`{path.stem}`]({f'bench/results/{path.name}' if link_files else f'#{path.stem.lower()}'})",
             machine_label(data["machine"]),
             data.get("mode"),
-            round(get(data, "machine.load_average_start.0") or math.nan, 1),
+            round((get("machine.load_average_start") or [math.nan])[0], 1),
             extraction,
-            get(data, "throughput.tutorial.img_per_s"),
-            get(data, "throughput.ours.img_per_s"),
+            get("throughput.tutorial.img_per_s"),
+            get("throughput.ours.img_per_s"),
             data.get("ratio"),
-            get(data, "end_to_end.ratio"),
-            get(data, "ceiling.fraction"),
-            get(data, "runs.cold.wall_s"),
-            get(data, "runs.warm.wall_s"),
-            get(data, "head_epoch.seconds"),
+            get("end_to_end.ratio"),
+            get("ceiling.fraction"),
+            get("runs.cold.wall_s"),
+            get("runs.warm.wall_s"),
+            get("head_epoch.seconds"),
             f"{len(targets) - len(missed)} of {len(targets)}" + (f"; not: {', '.join(missed)}" if missed else ""),
         ])
     header = ["results file", "machine", "mode", "load", "extraction", "tutorial img/s", "extraction img/s",
@@ -188,14 +181,14 @@ def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False) ->
 
 def fill_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> bool:
     """Put machines_table() between the README's markers; True when the file changed."""
+    from fmnist_tl.utils import atomic_write_text, replace_between  # not for render(): it imports torch
+
     text = readme.read_text()
-    head, sep, rest = text.partition(README_START)
-    _, sep2, tail = rest.partition(README_END)
-    if not (sep and sep2):
+    new = replace_between(text, README_START, README_END, f"\n{machines_table(results_dir, link_files=True)}")
+    if new is None:
         raise SystemExit(f"error: {readme} has no {README_START} ... {README_END} block; add one where the table goes")
-    new = f"{head}{README_START}\n{machines_table(results_dir, link_files=True)}{README_END}{tail}"
     if new != text:
-        readme.write_text(new)
+        atomic_write_text(readme, new)
     return new != text
 
 

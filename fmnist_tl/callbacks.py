@@ -70,8 +70,12 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
         self._note_best_metrics(trainer)
         super()._save_checkpoint(trainer, filepath)
 
+    @property
+    def _best(self) -> tuple[str, float | None]:
+        return self.best_model_path, None if self.best_model_score is None else float(self.best_model_score)
+
     def _note_best_metrics(self, trainer: L.Trainer) -> None:
-        best = (self.best_model_path, None if self.best_model_score is None else float(self.best_model_score))
+        best = self._best
         if best[0] and best != self._noted:
             self._noted = best
             self.best_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -115,7 +119,7 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
             }
         super().load_state_dict(state_dict)
         # best_metrics are the restored best checkpoint's already.
-        self._noted = (self.best_model_path, None if self.best_model_score is None else float(self.best_model_score))
+        self._noted = self._best
 
 
 class OnExceptionCheckpoint(callbacks.Checkpoint):

@@ -36,7 +36,7 @@ import torchvision
 from omegaconf import DictConfig
 
 from fmnist_tl.runtime import compose_config, validate_config
-from fmnist_tl.utils import FmnistError, atomic_write_text, cpu_model, exit_on_user_error
+from fmnist_tl.utils import FmnistError, atomic_write_text, cpu_model, exit_on_user_error, replace_between
 from fmnist_tl.weights import fetch_torchvision_weights
 
 
@@ -181,13 +181,11 @@ def readme_table(runs: dict[str, dict[str, Any]], when: str, page: Path) -> str:
 def fill_readme(readme: Path, table: str) -> bool:
     """Replace what lies between the README's results markers; False (and one line) if it has none."""
     start, end = README_MARKERS
-    text = readme.read_text() if readme.is_file() else ""
-    if start not in text or end not in text.split(start, 1)[1]:
+    new = replace_between(readme.read_text() if readme.is_file() else "", start, end, f"\n{table}\n")
+    if new is None:
         print(f"reproduce: {readme} has no {start} ... {end} markers; its table is left alone", file=sys.stderr)
         return False
-    before, rest = text.split(start, 1)
-    after = rest.split(end, 1)[1]
-    atomic_write_text(readme, f"{before}{start}\n{table}\n{end}{after}")
+    atomic_write_text(readme, new)
     return True
 
 

@@ -90,6 +90,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def replace_between(text: str, start: str, end: str, body: str) -> str | None:
+    """`text` with what lies between the markers `start` and `end` replaced by `body`; None without both."""
+    before, found_start, rest = text.partition(start)
+    _, found_end, after = rest.partition(end)
+    return f"{before}{start}{body}{end}{after}" if found_start and found_end else None
+
+
 def remove_stale_temp_files(directory: str | os.PathLike) -> None:
     """Delete temp files an earlier process left behind when it was killed mid-write."""
     directory = Path(directory)
