@@ -200,20 +200,32 @@ def backbone_onnx(
 
 
 class CalibrationReader:
-    """onnxruntime CalibrationDataReader over uint8 images, in batches."""
+    """onnxruntime CalibrationDataReader over uint8 images, in small batches.
 
-    def __init__(self, images: torch.Tensor, batch_size: int = 16) -> None:
+    Calibration memory is the point here. `__len__` and `set_range` (in batches) let quantize_static's
+    `CalibStridedMinMax` fold each batch's ranges in as it goes, where by default the calibrator keeps
+    every batch's outputs to the end; and the calibration session's activations grow with the batch.
+    Min and max merge exactly, so the ranges and the int8 model are the same either way.
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int = 4) -> None:
         self.batches = [images[i : i + batch_size].numpy() for i in range(0, len(images), batch_size)]
-        self.index = 0
+        self.index, self.end = 0, len(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.index, self.end = start_index, min(end_index, len(self.batches))
 
     def get_next(self) -> dict[str, Any] | None:
-        if self.index >= len(self.batches):
+        if self.index >= self.end:
             return None
         self.index += 1
         return {"images": self.batches[self.index - 1]}
 
     def rewind(self) -> None:
-        self.index = 0
+        self.index, self.end = 0, len(self.batches)
 
 
 def quantize(fp32_path: Path, out: Path, variant: str, calibration_images: torch.Tensor, work: Path) -> None:
@@ -239,6 +251,7 @@ def quantize(fp32_path: Path, out: Path, variant: str, calibration_images: torch
         activation_type=getattr(QuantType, settings["activation_type"]),
         weight_type=getattr(QuantType, settings["weight_type"]),
         reduce_range=settings["reduce_range"],
+        extra_options={"CalibStridedMinMax": 1},  # one batch's outputs held at a time (CalibrationReader)
         **kwargs,
     )
 

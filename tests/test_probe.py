@@ -10,6 +10,7 @@ import logging
 import re
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,6 +205,48 @@ def test_calibration_and_gate_samples_are_disjoint_seeded_training_images(train_
     again = split_samples(train_images, 64, 32, seed=0)
     assert torch.equal(again[0], cal) and again[2] == identity
     assert split_samples(train_images, 64, 32, seed=1)[2]["calibration_sha256"] != identity["calibration_sha256"]
+
+
+class _UInt8Convs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3), torch.nn.AdaptiveAvgPool2d(1)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images.float() / 255).flatten(1)
+
+
+def test_calibration_folds_in_batch_by_batch_to_the_same_ranges_and_model(tmp_path, train_images):
+    """quantize() folds each batch's ranges in as it goes (bounded memory); the result is the whole-set one."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    reader = onnx_backend.CalibrationReader(train_images[:10], batch_size=4)
+    seen = []
+    for start in range(len(reader)):  # what quantize_static's CalibStridedMinMax loop does
+        reader.set_range(start, start + 1)
+        while (batch := reader.get_next()) is not None:
+            seen.append(batch["images"])
+    assert [len(b) for b in seen] == [4, 4, 2] and (torch.from_numpy(np.concatenate(seen)) == train_images[:10]).all()
+
+    torch.manual_seed(0)
+    fp32 = tmp_path / "fp32.onnx"
+    onnx_backend.export_onnx(_UInt8Convs().eval(), torch.zeros((2, 1, 28, 28), dtype=torch.uint8), fp32)
+    strided, whole = tmp_path / "strided", tmp_path / "whole"
+    strided.mkdir(), whole.mkdir()
+    onnx_backend.quantize(fp32, strided / "int8.onnx", "int8", train_images[:40], strided)
+    quantize_static(
+        str(strided / "prepared.onnx"),
+        str(whole / "int8.onnx"),
+        onnx_backend.CalibrationReader(train_images[:40], batch_size=40),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.MinMax,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    assert (strided / "int8.onnx").read_bytes() == (whole / "int8.onnx").read_bytes()
 
 
 def test_int8_feature_entries_have_their_own_key(tmp_path, net, train_images):
