@@ -202,19 +202,7 @@ class TransferClassifier(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> TransferClassifier:
         """Rebuild from our own checkpoint: config from its hyper-parameters, tensors via weights_only=True."""
-        ckpt = read_checkpoint(path, map_location=map_location)
-        head_only = "backbone_identity" in ckpt  # the backbone is rebuilt from the weights it names, then checked
-        try:
-            model = cls(**ckpt["hyper_parameters"], load_weights=head_only)
-        except FmnistError as e:
-            if not head_only:
-                raise
-            raise FmnistError(f"checkpoint {path} holds the head only; its backbone cannot be rebuilt: {e}") from e
-        if head_only:
-            fill_rebuilt_backbone(ckpt, model.backbone, f"checkpoint {path}")
-        model.load_state_dict(ckpt["state_dict"])
-        model.weights_id = ckpt.get("weights_id", model.weights_id)
-        return model.eval()
+        return rebuild_from_checkpoint(cls, path, map_location)
 
     @property
     def finetune_stages(self) -> list[nn.Module]:
@@ -238,16 +226,11 @@ class TransferClassifier(L.LightningModule):
         """sha256 of the backbone's tensors (the feature cache's key), hashed once while they cannot change."""
         return backbone_sha256(self.backbone, self._backbone_key if self.backbone_frozen_for_good else None)
 
-    @property
-    def head_only_checkpoints(self) -> bool:
-        """Frozen for good and rebuildable from its identity: named weights, a weights file or a seeded init."""
-        return self.backbone_frozen_for_good and rebuildable(self.hparams)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["weights_id"] = self.weights_id
         if self.lr_plan is not None:
             checkpoint["lr_plan"] = self.lr_plan.state
-        if self.head_only_checkpoints:
+        if self.backbone_frozen_for_good and rebuildable(self.hparams):  # named weights, a file, a seeded init
             strip_backbone(checkpoint, self.weights_id, self.backbone_sha256)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -313,9 +296,8 @@ class TransferClassifier(L.LightningModule):
         if stage != "train":
             self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(y), sync_dist=True)
         elif batch_idx % getattr(self._trainer, "log_every_n_steps", 1) == 0:
-            # self.log is a sizeable part of a head step on cached features, and loggers only write
-            # every log_every_n_steps anyway. Not on a GPU's progress bar: the bar reads it back (a
-            # host sync) at every refresh.
+            # self.log costs as much as a head step on cached features, and loggers write every
+            # log_every_n_steps only. Not on a GPU's progress bar: it reads back (syncs) at every refresh.
             self.log("train/loss_step", loss, prog_bar=loss.device.type != "cuda", batch_size=len(y))
         return loss
 
@@ -330,12 +312,11 @@ class TransferClassifier(L.LightningModule):
         self._step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        # Refuse to go on (and so to save last.ckpt) once the weights are no longer finite:
-        # ModelCheckpoint saves after this hook, so a diverged model never becomes `last`.
         self.log_dict(self.metrics.compute("val"), prog_bar=True)
-        if self.trainer.sanity_checking:
-            return
-        check_finite_parameters(self, self.current_epoch)
+        if not self.trainer.sanity_checking:
+            # Stop before ModelCheckpoint (which saves after this hook) once the weights are not finite:
+            # a diverged model never becomes last.ckpt.
+            check_finite_parameters(self, self.current_epoch)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test")
@@ -350,8 +331,28 @@ class TransferClassifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         head, stages = self.head.parameters(), [p for stage in self.finetune_stages for p in stage.parameters()]
         trainable = [p for p in self.parameters() if p.requires_grad]
-        steps = lambda: self.trainer.estimated_stepping_batches  # noqa: E731
         config, self.lr_plan = configure_model_optimization(
-            head, stages, trainable, self.hparams, self.finetune, self.trainer.max_epochs, steps
+            head, stages, trainable, self.hparams, self.finetune, self.trainer.max_epochs,
+            lambda: self.trainer.estimated_stepping_batches,
         )
         return config
+
+
+def rebuild_from_checkpoint(
+    cls: type[TransferClassifier], path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> TransferClassifier:
+    """`TransferClassifier.from_checkpoint`; a head-only checkpoint's backbone is rebuilt from the weights it
+    names, then checked against the sha256 it recorded."""
+    ckpt = read_checkpoint(path, map_location=map_location)
+    head_only = "backbone_identity" in ckpt
+    try:
+        model = cls(**ckpt["hyper_parameters"], load_weights=head_only)
+    except FmnistError as e:
+        if not head_only:
+            raise
+        raise FmnistError(f"checkpoint {path} holds the head only; its backbone cannot be rebuilt: {e}") from e
+    if head_only:
+        fill_rebuilt_backbone(ckpt, model.backbone, f"checkpoint {path}")
+    model.load_state_dict(ckpt["state_dict"])
+    model.weights_id = ckpt.get("weights_id", model.weights_id)
+    return model.eval()
