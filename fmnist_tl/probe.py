@@ -320,10 +320,10 @@ class Planner:
             by_id[compiled.id] = compiled
         gates: dict[str, dict[str, Any]] = {}
         rejected: list[str] = []
+        chosen = None
         for cid in order:
-            c = by_id[cid]
-            if c.reduced:
-                gates[cid] = self.gate(c)
+            if by_id[cid].reduced:
+                gates[cid] = self.gate(by_id[cid])
                 if not gates[cid]["passed"]:
                     log.warning(
                         "Extraction candidate %s fails the fidelity gate (%s); falling back to the next fastest",
@@ -332,20 +332,33 @@ class Planner:
                     )
                     rejected.append(cid)
                     continue
+            chosen = by_id[cid]
             why = (
                 "fastest measured"
                 if not rejected
                 else f"fastest that passes the fidelity gate ({', '.join(rejected)} failed)"
             )
-            plan = Plan(
-                c, self.runners.extractor(c), why, timings, gates, self.runners.quantization(c), str(probe_path)
-            )
-            # The losers' extractors go: their ONNX Runtime sessions hold the model and an arena.
-            self.runners.keep_only(c)
-            self._reference = None
-            plan.log(self.device)
-            return plan
-        raise AssertionError("the fp32 candidate always passes")  # pragma: no cover
+            break
+        if chosen is None:
+            # Only a reduced precision was allowed (features.precision=int8) and every variant of it
+            # fails: obeyed, as a single explicit candidate is, with the most faithful variant.
+            chosen = by_id[max(rejected, key=lambda cid: gates[cid]["mean_cosine"])]
+            why = f"most faithful of {', '.join(rejected)}, all failing the fidelity gate; set explicitly, so used"
+            log.warning("features.precision=%s: %s", precision, why)
+        plan = Plan(
+            chosen,
+            self.runners.extractor(chosen),
+            why,
+            timings,
+            gates,
+            self.runners.quantization(chosen),
+            str(probe_path),
+        )
+        # The losers' extractors go: their ONNX Runtime sessions hold the model and an arena.
+        self.runners.keep_only(chosen)
+        self._reference = None
+        plan.log(self.device)
+        return plan
 
     def _explicit(self, c: Candidate) -> Plan:
         gates = {}

@@ -192,6 +192,28 @@ def test_explicit_precision_is_obeyed_even_when_it_fails_the_gate(tmp_path, net,
     assert plan.candidate.id == "onnxruntime:int8" and sorted(calls) == ["onnxruntime:int8", "onnxruntime:int8-r7"]
 
 
+def test_explicit_int8_with_every_variant_failing_the_gate_uses_the_most_faithful(tmp_path, net, train_images, caplog):
+    ref: list[Planner] = []
+
+    def noisy_r7(c: Candidate, images: torch.Tensor) -> torch.Tensor:
+        if c.variant != "int8-r7":
+            return broken(c, images)
+        good = faithful(ref)(c, images)
+        return good + 0.5 * good.std() * torch.randn(good.shape, generator=torch.Generator().manual_seed(2))
+
+    p = planner(tmp_path, net, train_images, recording_timer(RATES, []), noisy_r7)
+    ref.append(p)
+    with caplog.at_level(logging.WARNING, logger="fmnist_tl.probe"):
+        plan = p.choose("auto", "int8")
+    gates = plan.gates
+    assert not gates["onnxruntime:int8"]["passed"] and not gates["onnxruntime:int8-r7"]["passed"]
+    assert gates["onnxruntime:int8-r7"]["mean_cosine"] > gates["onnxruntime:int8"]["mean_cosine"]
+    # The slower variant, because it is the more faithful one; said in a warning and in the plan.
+    assert plan.candidate.id == "onnxruntime:int8-r7"
+    assert plan.reason.startswith("most faithful of onnxruntime:int8, onnxruntime:int8-r7, all failing")
+    assert caplog.records[-1].getMessage().startswith("features.precision=int8: most faithful of")
+
+
 # --------------------------------------------------------------------------------------------
 # Samples and keys
 
