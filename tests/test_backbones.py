@@ -32,14 +32,22 @@ FAMILIES = {
 }
 # As few images as the pipeline takes (a 10-image val split, a train batch): ViT-B costs ~0.3 s per image.
 TINY = {"train": 20, "test": 10}
-# Shipped backbones whose end-to-end test extracts with ONNX Runtime (the others with torch).
-ONNX_EXTRACTION = {"efficientnet_b0", "swin_t"}
+# Shipped backbones whose end-to-end test extracts with ONNX Runtime, at this precision (the
+# others with torch at fp32): a CNN in fp32, a transformer quantised to int8.
+ONNX_EXTRACTION = {"efficientnet_b0": "32", "swin_t": "int8"}
 
 
 def test_shipped_configs_are_the_ones_the_issue_lists():
     assert SHIPPED == sorted(
-        ["convnext_tiny", "efficientnet_b0", "efficientnet_v2_s", "mobilenet_v3_large", "regnet_y_1_6gf", "swin_t",
-         "vit_b_16"]
+        [
+            "convnext_tiny",
+            "efficientnet_b0",
+            "efficientnet_v2_s",
+            "mobilenet_v3_large",
+            "regnet_y_1_6gf",
+            "swin_t",
+            "vit_b_16",
+        ]
     )
 
 
@@ -53,9 +61,7 @@ def test_surgery_leaves_pooled_features_of_the_discovered_width(name):
     with torch.no_grad():
         out = net(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, width) and width != backbones.IMAGENET_CLASSES
-    assert not any(
-        isinstance(m, nn.Linear) and m.out_features == backbones.IMAGENET_CLASSES for m in net.modules()
-    )
+    assert not any(isinstance(m, nn.Linear) and m.out_features == backbones.IMAGENET_CLASSES for m in net.modules())
 
 
 def test_auxiliary_heads_are_dropped():
@@ -148,9 +154,12 @@ def test_shipped_backbone_caches_trains_evaluates_predicts_and_exports(name, sma
         "trainer.max_epochs=1",
         "trainer.accelerator=cpu",
         "trainer.precision=32-true",
-        # Both extraction backends across the families (fp32: the torch model is the reference).
+        # Both extraction backends and int8 across the families (fp32 elsewhere: the torch model is
+        # the reference). Random init at 32 px: int8 is checked for plumbing here, not for fidelity.
         f"features.backend={'onnxruntime' if name in ONNX_EXTRACTION else 'torch'}",
-        "features.precision=32",
+        f"features.precision={ONNX_EXTRACTION.get(name, '32')}",
+        "features.calibration_images=8",
+        "features.gate_images=8",
         "callbacks.rich_progress_bar=null",
         "callbacks.model_summary=null",
     ]
@@ -160,9 +169,15 @@ def test_shipped_backbone_caches_trains_evaluates_predicts_and_exports(name, sma
     assert model.head[0].in_features == backbones.feature_dim(name, None, model.hparams.image_size)
     # The head trained on cached features, keyed by backbone (and its weights' sha256).
     assert {r["status"] for r in metrics["feature_cache"].values()} == {"extracted"}
+    extraction = metrics["extraction"]
+    assert (extraction["backend"], extraction["precision"]) == (
+        ("onnxruntime", ONNX_EXTRACTION[name]) if name in ONNX_EXTRACTION else ("torch", "32")
+    )
     entries = {Path(r["entry"]).name for r in metrics["feature_cache"].values()}
-    assert all(e.startswith(f"{split}-{name}-{model.hparams.image_size}px") for e, split in
-               zip(sorted(entries), sorted(metrics["feature_cache"]), strict=True))
+    assert all(
+        e.startswith(f"{split}-{name}-{model.hparams.image_size}px")
+        for e, split in zip(sorted(entries), sorted(metrics["feature_cache"]), strict=True)
+    )
 
     ckpt = f"ckpt_path={metrics['best_model_path']}"
     data = [*small_overrides(small_mirror, tmp_path), "trainer.accelerator=cpu", "trainer.precision=32-true"]
@@ -187,8 +202,10 @@ def test_shipped_backbone_caches_trains_evaluates_predicts_and_exports(name, sma
 def test_unknown_backbone_is_one_line_with_close_matches():
     proc = run_cli("model.backbone=convnext_tiyn")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "error: model.backbone=convnext_tiyn is not a torchvision classifier; did you mean convnext_tiny"
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: model.backbone=convnext_tiyn is not a torchvision classifier; did you mean convnext_tiny")
     )
 
 

@@ -29,6 +29,10 @@ FAST = (
     "test=false",
 )
 TWO_PHASES = ("model.finetune.start_epoch=1", "trainer.max_epochs=2", *FAST)
+# Every epoch's checkpoint, no last.ckpt copies (they only cost disk time here).
+EVERY_EPOCH = ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.save_last=false")
+# Bit-for-bit comparable runs: deterministic kernels, no early stop.
+PARITY = ("trainer.deterministic=true", "callbacks.early_stopping=null")
 
 
 def clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -67,6 +71,7 @@ class Recorder(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.states.append(clone(pl_module.backbone.state_dict()))
+        self.head_at_end = clone(pl_module.head.state_dict())
         names = {id(p): n for n, p in pl_module.backbone.named_parameters()}
         self.stateful_params.append({names[id(p)] for p in trainer.optimizers[0].state if id(p) in names})
 
@@ -135,13 +140,16 @@ def test_two_phases_backbone_identical_then_only_chosen_stages_change(tiny_cfg, 
         ("vit_b_32", 224),  # a ViT takes exactly its own size
     ],
 )
-def test_two_phases_in_every_family_train_only_the_top_stage(tiny_cfg, recorder, backbone, size):
+def test_two_phases_in_every_family_train_only_the_top_stage(tiny_cfg, recorder, backbone, size, tmp_path):
     """Random init at the family's smallest size: the backbone, BatchNorm statistics included, is
     bit-identical after the head epoch; then only `last_1`'s parameters move, through the optimizer's
-    backbone group."""
+    backbone group. Resumed from the head epoch's checkpoint, the fine-tune epoch is the same one:
+    same groups and LRs, same weights (dropout and stochastic depth included)."""
     small = ("data.batch_size=8", "data.eval_batch_size=8", "model.finetune.unfreeze=last_1")
-    train(tiny_cfg(*TWO_PHASES, *small, f"model.backbone={backbone}", f"model.image_size={size}"))
+    run = (*TWO_PHASES, *small, f"model.backbone={backbone}", f"model.image_size={size}", *EVERY_EPOCH, *PARITY)
+    train(tiny_cfg(*run, output="straight"))
     start, after_head, after_finetune = recorder.states
+    straight_lrs, straight_groups, straight_head = list(recorder.lrs), recorder.groups_at_start, recorder.head_at_end
     assert changed(start, after_head) == set()
     assert recorder.stateful_params[0] == set()
     top = tuple(f"{stage}." for stage in backbones.last_stages(backbone, 1))
@@ -152,11 +160,17 @@ def test_two_phases_in_every_family_train_only_the_top_stage(tiny_cfg, recorder,
     assert moved and moved <= chosen  # BatchNorm frozen: no statistics moved either
     assert recorder.bn_training[1] == set()
 
+    head_epoch = tmp_path / "straight" / "checkpoints" / "epoch_000.ckpt"
+    train(tiny_cfg(*run, f"ckpt_path={head_epoch}", output="resumed"))
+    groups = [(name, n) for name, _, n in recorder.groups_at_start]
+    assert groups == [(name, n) for name, _, n in straight_groups] and recorder.lrs == straight_lrs[1:]
+    assert changed(after_head, recorder.states[0]) == set()
+    assert changed(after_finetune, recorder.states[1]) == set()
+    assert changed(straight_head, recorder.head_at_end) == set()
+
 
 def test_resume_across_the_unfreeze_keeps_groups_lrs_and_optimizer_state(tiny_cfg, recorder, tmp_path):
-    # Every epoch's checkpoint, no last.ckpt copies (they only cost disk time here).
-    every_epoch = ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.save_last=false")
-    three = ("model.finetune.start_epoch=1", "trainer.max_epochs=3", *every_epoch)
+    three = ("model.finetune.start_epoch=1", "trainer.max_epochs=3", *EVERY_EPOCH)
     train(tiny_cfg(*three, *FAST, output="straight"))
     straight_lrs = list(recorder.lrs)
     assert straight_lrs[0]["backbone"] == 0.0 and straight_lrs[1]["backbone"] > straight_lrs[2]["backbone"] > 0
@@ -301,14 +315,17 @@ def test_phase_schedules():
 
 
 @pytest.mark.slow
-def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path):
-    """Two CPU processes, head epoch then layer4: DDP needs find_unused_parameters for the head epoch."""
+@pytest.mark.parametrize("backbone", ["resnet18", "swin_t"])
+def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path, backbone):
+    """Two CPU processes, head epoch then the top stage (ResNet's layer4; Swin's last block and
+    closing norm, stochastic depth on): DDP needs find_unused_parameters for the head epoch."""
     proc = run_cli(
         *tiny_overrides(tiny_mirror, tmp_path),
         *DDP_SIM,
-        "callbacks.model_checkpoint.save_top_k=-1",
-        "callbacks.model_checkpoint.save_last=false",
+        *EVERY_EPOCH,
         *TWO_PHASES,
+        f"model.backbone={backbone}",
+        "model.finetune.unfreeze=last_1",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (metrics_file,) = (tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")
@@ -318,14 +335,17 @@ def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path):
     finetune_epoch = torch.load(ckpts / "epoch_001.ckpt", weights_only=True)
     # The run's initial model, rebuilt the way train() builds it (seeded, then constructed).
     L.seed_everything(42)
-    initial = TransferClassifier(backbone="resnet18", weights=None).backbone.state_dict()
+    initial = TransferClassifier(backbone=backbone, weights=None, image_size=32).backbone.state_dict()
     assert all(torch.equal(v, head_epoch["state_dict"][f"backbone.{k}"]) for k, v in initial.items())
+    top = tuple(f"{stage}." for stage in backbones.last_stages(backbone, 1))
     moved = {k for k, v in initial.items() if not torch.equal(v, finetune_epoch["state_dict"][f"backbone.{k}"])}
-    assert moved and all(k.startswith("layer4.") and "running" not in k for k in moved)
-    # Under DDP the head epoch left the backbone without gradients: Adam holds state for the 4 head tensors only.
+    assert moved and all(k.startswith(top) and "running" not in k for k in moved)
+    # Under DDP the head epoch left the backbone without gradients: Adam holds state for the head only.
+    net = backbones.strip_classifier(backbones.new_classifier(backbone, None, "meta"))
+    top_params = [n for n, _ in net.named_parameters() if n.startswith(top)]
     assert [g["name"] for g in head_epoch["optimizer_states"][0]["param_groups"]] == ["head", "backbone"]
     assert len(head_epoch["optimizer_states"][0]["state"]) == 4
-    assert len(finetune_epoch["optimizer_states"][0]["state"]) == 4 + 15
+    assert len(finetune_epoch["optimizer_states"][0]["state"]) == 4 + len(top_params)
 
 
 def test_extending_a_fine_tune_run_continues_its_cosine(tiny_cfg, recorder, tmp_path):
