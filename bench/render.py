@@ -131,6 +131,7 @@ def render_file(path: Path) -> list[str]:
 # The widest vector/matrix extension first: what tells the CPU classes this project runs on apart.
 CPU_CLASSES = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
 README_START, README_END = "<!-- bench machines:start -->", "<!-- bench machines:end -->"
+BACKBONES_START, BACKBONES_END = "<!-- bench backbones:start -->", "<!-- bench backbones:end -->"
 
 
 def machine_label(machine: Mapping[str, Any]) -> str:
@@ -179,14 +180,39 @@ def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False) ->
     return "\n".join(table(header, rows))
 
 
+def backbones_table(results_dir: Path = RESULTS_DIR) -> str:
+    """The newest `python -m bench --backbones` file as a table, with the machine and command it ran under."""
+    files = sorted(results_dir.glob("*-backbones.json"), key=lambda p: (_date_of(p), p.name))
+    if not files:
+        return "No `python -m bench --backbones` results yet."
+    path = files[-1]
+    data = json.loads(path.read_text())
+    machine = data.get("machine", {})
+    header = ["backbone", "image px", "feature dim", "params (M)", "GFLOP / image", "extraction img/s", "peak RSS GB"]
+    keys = ["backbone", "image_size", "feature_dim", "params_m", "gflop_per_image", "img_per_s", "peak_rss_gb"]
+    lines = [
+        f"Measured {data.get('date', '?')} on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores "
+        f"([`{path.name}`](bench/results/{path.name})): `{data.get('command', '?')}`",
+        "",
+        *table(header, ([row.get(k) for k in keys] for row in data["rows"])),
+    ]
+    return "\n".join(lines)
+
+
 def fill_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> bool:
-    """Put machines_table() between the README's markers; True when the file changed."""
+    """Put machines_table() and backbones_table() between the README's markers; True when the file changed."""
     from fmnist_tl.utils import atomic_write_text, replace_between  # not for render(): it imports torch
 
-    text = readme.read_text()
-    new = replace_between(text, README_START, README_END, f"\n{machines_table(results_dir, link_files=True)}")
-    if new is None:
-        raise SystemExit(f"error: {readme} has no {README_START} ... {README_END} block; add one where the table goes")
+    text = new = readme.read_text()
+    blocks = (
+        (README_START, README_END, lambda: machines_table(results_dir, link_files=True)),
+        (BACKBONES_START, BACKBONES_END, lambda: backbones_table(results_dir)),
+    )
+    for start, end, body in blocks:
+        filled = replace_between(new, start, end, f"\n{body()}")
+        if filled is None:
+            raise SystemExit(f"error: {readme} has no {start} ... {end} block; add one where the table goes")
+        new = filled
     if new != text:
         atomic_write_text(readme, new)
     return new != text
@@ -214,7 +240,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.render", description=__doc__.splitlines()[0])
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--readme", type=Path, help="instead: fill this README's per-machine table")
+    parser.add_argument("--readme", type=Path, help="instead: fill this README's per-machine and per-backbone tables")
     args = parser.parse_args()
     if args.readme:
         print(f"{args.readme}: {'updated' if fill_readme(args.readme, args.results_dir) else 'already current'}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from bench import docs_hook
 from bench.render import RESULTS_DIR, cell, flatten, render
 from tests.helpers import REPO
@@ -65,11 +67,21 @@ def test_every_docs_page_is_in_the_site_nav():
         assert f": {page.name}" in nav, page.name
 
 
-def test_the_readmes_per_machine_table_is_the_rendered_one(tmp_path):
-    from bench.render import README_END, README_START, fill_readme, machines_table
+def test_the_readmes_per_machine_and_per_backbone_tables_are_the_rendered_ones(tmp_path):
+    from bench.render import (
+        BACKBONES_END,
+        BACKBONES_START,
+        README_END,
+        README_START,
+        backbones_table,
+        fill_readme,
+        machines_table,
+    )
 
     text = (REPO / "README.md").read_text()
     assert text.split(README_START)[1].split(README_END)[0] == "\n" + machines_table(link_files=True)
+    backbones = text.split(BACKBONES_START)[1].split(BACKBONES_END)[0]
+    assert backbones == "\n" + backbones_table() and "| vit_b_16 | 224 | 768 |" in backbones
     # A new full bench file becomes a row of its own: `python -m bench.render --readme README.md`.
     results = tmp_path / "results"
     results.mkdir()
@@ -79,8 +91,12 @@ def test_the_readmes_per_machine_table_is_the_rendered_one(tmp_path):
     (results / "2031-01-02.json").write_text(json.dumps(report))
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\nrest\n")
+    with pytest.raises(SystemExit, match="has no <!-- bench backbones:start -->"):
+        fill_readme(readme, results)
+    readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\n{BACKBONES_START}{BACKBONES_END}\nrest\n")
     assert fill_readme(readme, results) and not fill_readme(readme, results)
+    assert "No `python -m bench --backbones` results yet." in readme.read_text()
     (row,) = [line for line in readme.read_text().splitlines() if line.startswith("| [`2031-01-02`]")]
     assert "(bench/results/2031-01-02.json)" in row and "| Some CPU 9000 (AVX512) | full | 0.2 |" in row
     assert "| 9.5 |" in row and row.endswith("| 1 of 2; not: cold_run_s |")
-    assert readme.read_text().endswith(f"{README_END}\n\nrest\n") and "\nold\n" not in readme.read_text()
+    assert readme.read_text().endswith(f"{BACKBONES_END}\nrest\n") and "\nold\n" not in readme.read_text()
