@@ -13,6 +13,7 @@ from torch import nn
 from fmnist_tl import backbones
 from fmnist_tl.evaluate import evaluate
 from fmnist_tl.export import export
+from fmnist_tl.extraction import FeatureExtractor
 from fmnist_tl.model import TransferClassifier
 from fmnist_tl.predict import classify, predict
 from fmnist_tl.utils import FmnistError
@@ -121,6 +122,31 @@ def test_frozen_part_runs_in_eval_mode_in_every_family(name, size):
     assert {n for n, mod in tuned.backbone.named_modules() if mod.training} == in_top - batchnorm
     trainable = {n for n, p in tuned.backbone.named_parameters() if p.requires_grad}
     assert trainable and all(any(n.startswith(f"{t}.") for t in top) for n in trainable)
+
+
+@pytest.mark.parametrize("name, size", FAMILIES.items(), ids=list(FAMILIES))
+def test_every_family_extracts_at_every_torch_precision(name, size):
+    """The torch extraction path (channels_last, autocast) runs each family at bf16 and fp16 with
+    finite features pointing where fp32's do (ONNX Runtime fp32 and int8 run in the shipped-backbone tests)."""
+    torch.manual_seed(0)
+    model = TransferClassifier(backbone=name, weights=None, image_size=size)
+    # torchvision's fan-out init shrinks a depthwise conv's output by sqrt(channels): random-init
+    # EfficientNet and MobileNet features come out ~1e-13, with no direction left to compare.
+    for module in model.backbone.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in")
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def features(precision: str) -> torch.Tensor:
+        return FeatureExtractor(model.backbone, model.preprocess, precision=precision, compile=False, progress=False)(
+            images
+        )
+
+    fp32 = features("32")
+    for precision in ("bf16", "16"):
+        out = features(precision)
+        assert out.shape == fp32.shape and out.dtype == torch.float32 and torch.isfinite(out).all(), precision
+        assert torch.nn.functional.cosine_similarity(out, fp32).min() > 0.999, precision
 
 
 @pytest.fixture(scope="module")
