@@ -5,12 +5,18 @@ The functions behind them (and the ones tests call directly) are in tests/helper
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig
 
-from tests.helpers import make_cfg, tiny_overrides, write_tiny_mirror
+# Two xdist workers, and the CLIs and DDP ranks they start, share the cores: an OpenMP thread that
+# spins while it waits takes a core from the other worker. Set before tests.helpers imports torch
+# (libgomp reads it when it loads); subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from tests.helpers import make_cfg, tiny_overrides, write_tiny_mirror  # noqa: E402
 
 
 @pytest.fixture(scope="session")
