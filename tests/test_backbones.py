@@ -124,14 +124,36 @@ def test_frozen_part_runs_in_eval_mode_in_every_family(name, size):
     assert trainable and all(any(n.startswith(f"{t}.") for t in top) for n in trainable)
 
 
+def with_batchnorm_statistics(name: str, size: int) -> nn.Module:
+    """A random-init classifier with the BatchNorm statistics of preprocessed images (the running
+    stats a pre-trained net has of its data). With torchvision's init alone, eval-mode BatchNorm
+    normalises nothing and EfficientNet and MobileNet features shrink to ~1e-13: no direction to
+    compare, and logits that are the head's bias whatever the backbone computes."""
+    torch.manual_seed(0)
+    net = backbones.new_classifier(name)
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average: this batch's statistics
+    preprocess = TransferClassifier(backbone=name, weights=None, image_size=size).preprocess
+    net.train()
+    with torch.no_grad():
+        net(preprocess(tiny_split(32, 11)[0].unsqueeze(1)))
+    return net.eval()
+
+
+def has_batchnorm(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
 @pytest.mark.parametrize("name, size", FAMILIES.items(), ids=list(FAMILIES))
 def test_every_family_extracts_at_every_torch_precision(name, size):
     """The torch extraction path (channels_last, autocast) runs each family at bf16 and fp16 with
     finite features pointing where fp32's do (ONNX Runtime fp32 and int8 run in the shipped-backbone tests)."""
     torch.manual_seed(0)
     model = TransferClassifier(backbone=name, weights=None, image_size=size)
-    # torchvision's fan-out init shrinks a depthwise conv's output by sqrt(channels): random-init
-    # EfficientNet and MobileNet features come out ~1e-13, with no direction left to compare.
+    # Drawn fan-in, every conv has unit gain, so that every family's features have a direction
+    # (torchvision's fan-out init leaves random EfficientNet and MobileNet features ~1e-13).
     for module in model.backbone.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_in")
@@ -170,12 +192,17 @@ def small_overrides(mirror: Path, tmp: Path) -> list[str]:
 def test_shipped_backbone_caches_trains_evaluates_predicts_and_exports(name, small_mirror, tmp_path):
     from fmnist_tl.train import train
 
-    # At the smallest size the architecture takes (ViT: its own 224), random init, fp32 extraction.
+    # At the smallest size the architecture takes (ViT: its own 224), random init; nets with
+    # BatchNorm from a state_dict file (model.weights=<file>) holding the statistics of real images.
     size = "null" if name.startswith("vit") else "32"
+    weights, net = "null", backbones.new_classifier(name)
+    if has_batchnorm(net):  # a random state_dict whose features have a size and a direction
+        weights = str(tmp_path / f"{name}-random.pth")
+        torch.save(with_batchnorm_statistics(name, 32).state_dict(), weights)
     overrides = [
         *small_overrides(small_mirror, tmp_path),
         f"model={name}",
-        "model.weights=null",
+        f"model.weights={weights}",
         f"model.image_size={size}",
         "trainer.max_epochs=1",
         "trainer.accelerator=cpu",
@@ -192,6 +219,9 @@ def test_shipped_backbone_caches_trains_evaluates_predicts_and_exports(name, sma
     metrics = train(make_entry_cfg("train", overrides, tmp_path / "run"))
     model = TransferClassifier.from_checkpoint(metrics["best_model_path"])
     assert model.hparams.backbone == name and metrics["backbone"] == name
+    # Features with a size and a direction, so that the parity checks below compare something.
+    with torch.no_grad():
+        assert model.eval().embed(model.preprocess(tiny_split(4, 5)[0].unsqueeze(1))).norm(dim=1).min() > 1e-3
     assert model.head[0].in_features == backbones.feature_dim(name, None, model.hparams.image_size)
     # The head trained on cached features, keyed by backbone (and its weights' sha256).
     assert {r["status"] for r in metrics["feature_cache"].values()} == {"extracted"}
