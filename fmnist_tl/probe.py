@@ -322,8 +322,9 @@ class Planner:
         rejected: list[str] = []
         chosen = None
         for cid in order:
-            if by_id[cid].reduced:
-                gates[cid] = self.gate(by_id[cid])
+            c = by_id[cid]
+            if c.reduced:
+                gates[cid] = self.gate(c)
                 if not gates[cid]["passed"]:
                     log.warning(
                         "Extraction candidate %s fails the fidelity gate (%s); falling back to the next fastest",
@@ -332,7 +333,7 @@ class Planner:
                     )
                     rejected.append(cid)
                     continue
-            chosen = by_id[cid]
+            chosen = c
             why = (
                 "fastest measured"
                 if not rejected

@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from fmnist_tl import backbones
+from fmnist_tl.data import ImagePreprocess
 from fmnist_tl.evaluate import evaluate
 from fmnist_tl.export import export
 from fmnist_tl.extraction import FeatureExtractor
@@ -135,7 +136,7 @@ def with_batchnorm_statistics(name: str, size: int) -> nn.Module:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
             module.momentum = None  # a cumulative average: this batch's statistics
-    preprocess = TransferClassifier(backbone=name, weights=None, image_size=size).preprocess
+    preprocess = ImagePreprocess(*backbones.preprocessing(name, None, size))
     net.train()
     with torch.no_grad():
         net(preprocess(tiny_split(32, 11)[0].unsqueeze(1)))
@@ -195,8 +196,8 @@ def test_shipped_backbone_caches_trains_evaluates_predicts_and_exports(name, sma
     # At the smallest size the architecture takes (ViT: its own 224), random init; nets with
     # BatchNorm from a state_dict file (model.weights=<file>) holding the statistics of real images.
     size = "null" if name.startswith("vit") else "32"
-    weights, net = "null", backbones.new_classifier(name)
-    if has_batchnorm(net):  # a random state_dict whose features have a size and a direction
+    weights = "null"
+    if has_batchnorm(backbones.new_classifier(name, None, "meta")):  # random weights with a size and a direction
         weights = str(tmp_path / f"{name}-random.pth")
         torch.save(with_batchnorm_statistics(name, 32).state_dict(), weights)
     overrides = [

@@ -35,6 +35,13 @@ EVERY_EPOCH = ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_chec
 PARITY = ("trainer.deterministic=true", "callbacks.early_stopping=null")
 
 
+def top_stage(backbone: str) -> tuple[tuple[str, ...], set[str]]:
+    """`last_1`'s name prefixes, and the backbone parameters under them."""
+    top = tuple(f"{stage}." for stage in backbones.last_stages(backbone, 1))
+    net = backbones.strip_classifier(backbones.new_classifier(backbone, None, "meta"))
+    return top, {n for n, _ in net.named_parameters() if n.startswith(top)}
+
+
 def clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
@@ -152,9 +159,7 @@ def test_two_phases_in_every_family_train_only_the_top_stage(tiny_cfg, recorder,
     straight_lrs, straight_groups, straight_head = list(recorder.lrs), recorder.groups_at_start, recorder.head_at_end
     assert changed(start, after_head) == set()
     assert recorder.stateful_params[0] == set()
-    top = tuple(f"{stage}." for stage in backbones.last_stages(backbone, 1))
-    net = backbones.strip_classifier(backbones.new_classifier(backbone, None, "meta"))
-    chosen = {n for n, _ in net.named_parameters() if n.startswith(top)}
+    _, chosen = top_stage(backbone)
     assert chosen and recorder.stateful_params[1] == chosen
     moved = changed(after_head, after_finetune)
     assert moved and moved <= chosen  # BatchNorm frozen: no statistics moved either
@@ -337,12 +342,10 @@ def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path, backbone):
     L.seed_everything(42)
     initial = TransferClassifier(backbone=backbone, weights=None, image_size=32).backbone.state_dict()
     assert all(torch.equal(v, head_epoch["state_dict"][f"backbone.{k}"]) for k, v in initial.items())
-    top = tuple(f"{stage}." for stage in backbones.last_stages(backbone, 1))
+    top, top_params = top_stage(backbone)
     moved = {k for k, v in initial.items() if not torch.equal(v, finetune_epoch["state_dict"][f"backbone.{k}"])}
     assert moved and all(k.startswith(top) and "running" not in k for k in moved)
     # Under DDP the head epoch left the backbone without gradients: Adam holds state for the head only.
-    net = backbones.strip_classifier(backbones.new_classifier(backbone, None, "meta"))
-    top_params = [n for n, _ in net.named_parameters() if n.startswith(top)]
     assert [g["name"] for g in head_epoch["optimizer_states"][0]["param_groups"]] == ["head", "backbone"]
     assert len(head_epoch["optimizer_states"][0]["state"]) == 4
     assert len(finetune_epoch["optimizer_states"][0]["state"]) == 4 + len(top_params)
