@@ -119,7 +119,10 @@ def _get_model(backbone: str, device: str | None, kwargs: dict[str, int]) -> nn.
         with torch.device(device):
             return torchvision.models.get_model(backbone, weights=None, **kwargs)
     except (NotImplementedError, RuntimeError):  # RegNet's builder computes its widths with tensors
-        return torchvision.models.get_model(backbone, weights=None, **kwargs).to(device)
+        # Built on the CPU, then moved: its random init must not draw from the global RNG, or the
+        # first seeded build in a process would differ from the next (a head-only checkpoint's rebuild).
+        with torch.random.fork_rng(devices=[]):
+            return torchvision.models.get_model(backbone, weights=None, **kwargs).to(device)
 
 
 @functools.lru_cache(maxsize=8)

@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from fmnist_tl import backbones
+from fmnist_tl import weights as weights_module
 from fmnist_tl.data import ImagePreprocess
 from fmnist_tl.evaluate import evaluate
 from fmnist_tl.export import export
@@ -100,6 +101,20 @@ def test_stages_per_family():
         backbones.resolve_stages("efficientnet_b0", ["last_10"])
     with pytest.raises(FmnistError, match=r"features.9 is not a stage of convnext_tiny; did you mean features.7"):
         backbones.resolve_stages("convnext_tiny", ["features.9"])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_seeded_random_init_is_the_same_in_every_process(name):
+    # A head-only checkpoint rebuilds its random-init backbone from the seed, and the feature cache
+    # is keyed by its sha256: the first build in a process (which also learns the architecture's
+    # structure on the meta device) must draw the same weights as any later one.
+    backbones._built_on_meta.cache_clear()
+    backbones._meta_backbone.cache_clear()
+    weights_module._BUILT.clear()
+    first = build_backbone(name, None, None, init_seed=7)[0].state_dict()
+    torch.manual_seed(7)
+    again = backbones.strip_classifier(backbones.new_classifier(name)).state_dict()
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
 @pytest.mark.parametrize("name, size", FAMILIES.items(), ids=list(FAMILIES))
