@@ -33,6 +33,17 @@ TWO_PHASES = ("model.finetune.start_epoch=1", "trainer.max_epochs=2", *FAST)
 EVERY_EPOCH = ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.save_last=false")
 # Bit-for-bit comparable runs: deterministic kernels, no early stop.
 PARITY = ("trainer.deterministic=true", "callbacks.early_stopping=null")
+# One small member of each family beyond ResNet, at the smallest size it takes.
+FAMILIES = [
+    ("convnext_tiny", 32),
+    ("efficientnet_b0", 32),
+    ("mobilenet_v3_small", 32),
+    ("regnet_y_400mf", 32),
+    ("swin_t", 32),
+    ("vit_b_32", 224),  # a ViT takes exactly its own size
+]
+# Family runs: a few images per batch (ViT-B costs ~0.3 s per image), the top stage unfrozen.
+SMALL_TOP = ("data.batch_size=8", "data.eval_batch_size=8", "model.finetune.unfreeze=last_1")
 
 
 def top_stage(backbone: str) -> tuple[tuple[str, ...], set[str]]:
@@ -136,24 +147,13 @@ def test_two_phases_backbone_identical_then_only_chosen_stages_change(tiny_cfg, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "backbone, size",
-    [
-        ("convnext_tiny", 32),
-        ("efficientnet_b0", 32),
-        ("mobilenet_v3_small", 32),
-        ("regnet_y_400mf", 32),
-        ("swin_t", 32),
-        ("vit_b_32", 224),  # a ViT takes exactly its own size
-    ],
-)
+@pytest.mark.parametrize("backbone, size", FAMILIES)
 def test_two_phases_in_every_family_train_only_the_top_stage(tiny_cfg, recorder, backbone, size, tmp_path):
     """Random init at the family's smallest size: the backbone, BatchNorm statistics included, is
     bit-identical after the head epoch; then only `last_1`'s parameters move, through the optimizer's
     backbone group. Resumed from the head epoch's checkpoint, the fine-tune epoch is the same one:
     same groups and LRs, same weights (dropout and stochastic depth included)."""
-    small = ("data.batch_size=8", "data.eval_batch_size=8", "model.finetune.unfreeze=last_1")
-    run = (*TWO_PHASES, *small, f"model.backbone={backbone}", f"model.image_size={size}", *EVERY_EPOCH, *PARITY)
+    run = (*TWO_PHASES, *SMALL_TOP, f"model.backbone={backbone}", f"model.image_size={size}", *EVERY_EPOCH, *PARITY)
     train(tiny_cfg(*run, output="straight"))
     start, after_head, after_finetune = recorder.states
     straight_lrs, straight_groups, straight_head = list(recorder.lrs), recorder.groups_at_start, recorder.head_at_end
@@ -320,17 +320,21 @@ def test_phase_schedules():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone", ["resnet18", "swin_t"])
-def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path, backbone):
+@pytest.mark.parametrize("backbone, size", [("resnet18", 32), *FAMILIES])
+def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path, backbone, size):
     """Two CPU processes, head epoch then the top stage (ResNet's layer4; Swin's last block and
-    closing norm, stochastic depth on): DDP needs find_unused_parameters for the head epoch."""
+    closing norm, stochastic depth on): DDP needs find_unused_parameters for the head epoch.
+    ResNet runs as trainer=ddp_sim does (spawned processes); the other families, whose DDP
+    question is their model, not the launcher, fork the ranks, at about half the cost."""
     proc = run_cli(
         *tiny_overrides(tiny_mirror, tmp_path),
         *DDP_SIM,
         *EVERY_EPOCH,
         *TWO_PHASES,
+        *SMALL_TOP,
         f"model.backbone={backbone}",
-        "model.finetune.unfreeze=last_1",
+        f"model.image_size={size}",
+        *([] if backbone == "resnet18" else ["trainer.strategy=ddp_fork"]),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (metrics_file,) = (tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")
@@ -340,7 +344,7 @@ def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path, backbone):
     finetune_epoch = torch.load(ckpts / "epoch_001.ckpt", weights_only=True)
     # The run's initial model, rebuilt the way train() builds it (seeded, then constructed).
     L.seed_everything(42)
-    initial = TransferClassifier(backbone=backbone, weights=None, image_size=32).backbone.state_dict()
+    initial = TransferClassifier(backbone=backbone, weights=None, image_size=size).backbone.state_dict()
     assert all(torch.equal(v, head_epoch["state_dict"][f"backbone.{k}"]) for k, v in initial.items())
     top, top_params = top_stage(backbone)
     moved = {k for k, v in initial.items() if not torch.equal(v, finetune_epoch["state_dict"][f"backbone.{k}"])}
