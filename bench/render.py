@@ -132,6 +132,7 @@ def render_file(path: Path) -> list[str]:
 CPU_CLASSES = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
 README_START, README_END = "<!-- bench machines:start -->", "<!-- bench machines:end -->"
 BACKBONES_START, BACKBONES_END = "<!-- bench backbones:start -->", "<!-- bench backbones:end -->"
+SWEEP_START, SWEEP_END = "<!-- bench backbone-sweep:start -->", "<!-- bench backbone-sweep:end -->"
 
 
 def machine_label(machine: Mapping[str, Any]) -> str:
@@ -199,14 +200,46 @@ def backbones_table(results_dir: Path = RESULTS_DIR) -> str:
     return "\n".join(lines)
 
 
+def backbone_sweep_table(results_dir: Path = RESULTS_DIR, link: str = "bench/results/{name}") -> str:
+    """The newest `python -m bench.backbone_sweep` file: its sweep command and the jobs as its summary ranked them.
+    `link` formats the file's link ({name}: the file name, {stem}: without .json)."""
+    files = sorted(results_dir.glob("*-backbone-sweep.json"), key=lambda p: (_date_of(p), p.name))
+    if not files:
+        return "No `python -m bench.backbone_sweep` results yet."
+    path = files[-1]
+    data = json.loads(path.read_text())
+    machine, objective = data.get("machine", {}), data.get("objective", "val/acc")
+    load = (machine.get("load_average_start") or [math.nan])[0]
+
+    def fixed(value: Any, digits: int) -> Any:
+        return round(value, digits) if isinstance(value, float) else value
+
+    header = ["rank", "backbone", objective, "test/acc", "epochs", "extract img/s", "wall s"]
+    rows = [
+        [r.get("rank"), r.get("model"), fixed(r.get(objective), 4), fixed(r.get("test/acc"), 4), r.get("epochs"),
+         fixed(r.get("extraction_img_per_s"), 1), fixed(r.get("wall_time_s"), 1)]
+        for r in data["rows"]
+    ]
+    lines = [
+        f"Run {data.get('date', '?')} on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, load "
+        f"{load:.1f} at the start ([`{path.name}`]({link.format(name=path.name, stem=path.stem.lower())})):",
+        f"`{data.get('sweep_command', '?')}`",
+        "",
+        *table(header, rows),
+    ]
+    return "\n".join(lines)
+
+
 def fill_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> bool:
-    """Put machines_table() and backbones_table() between the README's markers; True when the file changed."""
+    """Put machines_table(), backbones_table() and backbone_sweep_table() between the README's markers;
+    True when the file changed."""
     from fmnist_tl.utils import atomic_write_text, replace_between  # not for render(): it imports torch
 
     text = new = readme.read_text()
     blocks = (
         (README_START, README_END, lambda: machines_table(results_dir, link_files=True)),
         (BACKBONES_START, BACKBONES_END, lambda: backbones_table(results_dir)),
+        (SWEEP_START, SWEEP_END, lambda: backbone_sweep_table(results_dir)),
     )
     for start, end, body in blocks:
         filled = replace_between(new, start, end, f"\n{body()}")

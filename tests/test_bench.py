@@ -184,3 +184,33 @@ def test_backbones_table_is_measured_per_backbone_and_written_flat(tmp_path, cap
     assert good["img_per_s"] > 0 and 0 < good["peak_rss_gb"] < 8
     assert bad["backbone"] == "no_such_net" and "not a torchvision classifier" in bad["error"]
     assert "| mobilenet_v3_small | 224 | 1024 |" in capsys.readouterr().out
+
+
+def test_a_backbone_sweep_is_recorded_as_its_summary_ranks_it_and_rendered_from_that_file(tmp_path):
+    from bench.backbone_sweep import sweep_rows
+    from bench.render import backbone_sweep_table
+    from tests.test_sweeps import done, fake_job
+
+    sweep = tmp_path / "sweep"
+    extracted = {"train": {"status": "extracted", "count": 600, "seconds": 80.0}}
+    fake_job(sweep, "0", ["model=resnet50"], done(0.22, 0.225, feature_cache=extracted))
+    fake_job(sweep, "1", ["model=convnext_tiny"], done(0.71, 0.66, feature_cache=extracted))
+    fake_job(sweep, "2", ["model=efficientnet_b0"], None)  # killed: no metrics.json
+    objective, rows = sweep_rows(sweep)
+    assert objective == "val/acc"
+    assert [(r["rank"], r["model"]) for r in rows][:2] == [(1, "convnext_tiny"), (2, "resnet50")]
+    assert rows[0]["extraction_img_per_s"] == 7.5 and rows[0]["wall_time_s"] == 12.5 and "run_dir" not in rows[0]
+    assert rows[2]["model"] == "efficientnet_b0" and rows[2]["status"] != "completed"
+
+    results = tmp_path / "results"
+    results.mkdir()
+    assert backbone_sweep_table(results) == "No `python -m bench.backbone_sweep` results yet."
+    machine = {"cpu": "Some CPU", "cores": 2, "load_average_start": [0.5, 1.0, 1.0]}
+    for date in ("2031-01-01", "2031-02-01"):  # the newest file is the one shown
+        report = {"date": date, "sweep_command": f"python -m fmnist_tl.train -m model=a,b # {date}",
+                  "machine": machine, "objective": objective, "rows": rows}  # fmt: skip
+        (results / f"{date}-backbone-sweep.json").write_text(json.dumps(report))
+    text = backbone_sweep_table(results, link="benchmarks.md#{stem}")
+    assert "(benchmarks.md#2031-02-01-backbone-sweep)" in text and "# 2031-02-01`" in text
+    assert "Some CPU, 2 cores, load 0.5" in text
+    assert "| 1 | convnext_tiny | 0.71 | 0.66 | 3 | 7.5 | 12.5 |" in text.splitlines()

@@ -50,6 +50,10 @@ def test_the_hook_fills_only_the_marked_page():
     filled = docs_hook.on_page_markdown(f"# Benchmarks\n\n{docs_hook.MARKER}\n", page=None)
     assert docs_hook.MARKER not in filled and "bench/results/" in filled
     assert docs_hook.MARKER in (REPO / "docs" / "benchmarks.md").read_text()
+    # The backbones page: the newest backbone sweep, linked to its section of the benchmarks page.
+    sweep = docs_hook.on_page_markdown(f"# Backbones\n\n{docs_hook.SWEEP_MARKER}\n", page=None)
+    assert "-backbone-sweep.json`](benchmarks.md#" in sweep and "| rank | backbone |" in sweep
+    assert docs_hook.SWEEP_MARKER in (REPO / "docs" / "backbones.md").read_text()
 
 
 def test_readme_is_short_and_its_links_resolve():
@@ -73,6 +77,9 @@ def test_the_readmes_per_machine_and_per_backbone_tables_are_the_rendered_ones(t
         BACKBONES_START,
         README_END,
         README_START,
+        SWEEP_END,
+        SWEEP_START,
+        backbone_sweep_table,
         backbones_table,
         fill_readme,
         machines_table,
@@ -82,6 +89,8 @@ def test_the_readmes_per_machine_and_per_backbone_tables_are_the_rendered_ones(t
     assert text.split(README_START)[1].split(README_END)[0] == "\n" + machines_table(link_files=True)
     backbones = text.split(BACKBONES_START)[1].split(BACKBONES_END)[0]
     assert backbones == "\n" + backbones_table() and "| vit_b_16 | 224 | 768 |" in backbones
+    sweep = text.split(SWEEP_START)[1].split(SWEEP_END)[0]
+    assert sweep == "\n" + backbone_sweep_table() and "| convnext_tiny |" in sweep
     # A new full bench file becomes a row of its own: `python -m bench.render --readme README.md`.
     results = tmp_path / "results"
     results.mkdir()
@@ -93,10 +102,12 @@ def test_the_readmes_per_machine_and_per_backbone_tables_are_the_rendered_ones(t
     readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\nrest\n")
     with pytest.raises(SystemExit, match="has no <!-- bench backbones:start -->"):
         fill_readme(readme, results)
-    readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\n{BACKBONES_START}{BACKBONES_END}\nrest\n")
+    blocks = f"{BACKBONES_START}{BACKBONES_END}\n{SWEEP_START}{SWEEP_END}"
+    readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\n{blocks}\nrest\n")
     assert fill_readme(readme, results) and not fill_readme(readme, results)
     assert "No `python -m bench --backbones` results yet." in readme.read_text()
     (row,) = [line for line in readme.read_text().splitlines() if line.startswith("| [`2031-01-02`]")]
     assert "(bench/results/2031-01-02.json)" in row and "| Some CPU 9000 (AVX512) | full | 0.2 |" in row
     assert "| 9.5 |" in row and row.endswith("| 1 of 2; not: cold_run_s |")
-    assert readme.read_text().endswith(f"{BACKBONES_END}\nrest\n") and "\nold\n" not in readme.read_text()
+    assert "No `python -m bench.backbone_sweep` results yet." in readme.read_text()
+    assert readme.read_text().endswith(f"{SWEEP_END}\nrest\n") and "\nold\n" not in readme.read_text()
