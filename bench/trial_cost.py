@@ -13,6 +13,12 @@
    hparams_search=head_optuna hydra.sweeper.n_trials=N` plus the overrides, in a fresh log dir
    sharing the feature cache (`paths.cache_dir`): its wall time and the disk its study dir holds.
 
+3. **Floor** (`--floor`): the trials' head, batch size, optimizer and thread count in a plain
+   PyTorch loop over the same number of float16 features (no Lightning, no metrics, no
+   validation), timed in the same process right after the trials: what a head epoch costs at
+   least on this machine, and the share the training loop around it adds. Also the first layer's
+   matrix products alone (forward and weight gradient), the arithmetic no loop avoids.
+
 Run it with a warm feature cache for the figures to mean "a trial on a warm cache" (the first
 phase trial warms it otherwise), or with --synthetic-features: seeded random features stand in
 for the cache, for the head's per-step cost without extraction. Prints a markdown table and
@@ -210,6 +216,56 @@ def run_phases(n_trials: int, overrides: list[str], root: Path, synthetic: bool 
     return {"trials": trials}
 
 
+def head_floor(overrides: list[str], steps: int, epochs: int = 2) -> dict[str, Any]:
+    """A head epoch of `steps` steps in a plain PyTorch loop: the trials' head (model.head), optimizer
+    (model.optimizer), batch size and head threads, on seeded float16 features; the median of
+    `epochs` after a warm-up epoch. Plus the first layer's forward and weight-gradient matmuls alone."""
+    import hydra
+    import torch
+    from torch import nn
+
+    from fmnist_tl.backbones import feature_dim
+    from fmnist_tl.model import build_head
+    from fmnist_tl.runtime import compose_config
+
+    cfg = compose_config("train", overrides)
+    width = feature_dim(cfg.model.backbone, None, cfg.model.image_size or 224)
+    head = build_head(width, cfg.model.num_classes, list(cfg.model.head.hidden_dims), cfg.model.head.dropout)
+    optimizer = hydra.utils.instantiate(cfg.model.optimizer)(head.parameters())
+    batch, threads_before = int(cfg.data.batch_size), torch.get_num_threads()
+    torch.set_num_threads(cfg.features.head_threads or threads_before)
+    g = torch.Generator().manual_seed(0)
+    train_size = steps * batch
+    features = torch.randn(train_size, width, generator=g).half()
+    labels = torch.randint(0, cfg.model.num_classes, (train_size,), generator=g)
+
+    def epoch() -> float:
+        order = torch.randperm(train_size, generator=g)
+        start = time.perf_counter()
+        for i in range(steps):
+            idx = order[i * batch : (i + 1) * batch]
+            loss = nn.functional.cross_entropy(head(features[idx].float()), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return time.perf_counter() - start
+
+    try:
+        epoch()
+        seconds = statistics.median(epoch() for _ in range(epochs))
+        first = head[0]
+        x, grad = torch.randn(batch, width), torch.randn(batch, first.out_features)
+        start = time.perf_counter()
+        for _ in range(steps):
+            x @ first.weight.t()  # forward
+            grad.t() @ x  # weight gradient (the features need none)
+        matmul = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads_before)
+    return {"steps": steps, "batch": batch, "threads": cfg.features.head_threads, "epoch_s": seconds,
+            "first_layer_matmuls_s": matmul}  # fmt: skip
+
+
 def run_sweep(n_trials: int, overrides: list[str], root: Path) -> dict[str, Any]:
     # The feature cache stays where the overrides (or the default paths) put it; logs go to a fresh dir.
     # The phase trials may name hparams_search=head_optuna already (for a sweep trial's settings).
@@ -268,6 +324,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| head epochs | {trials[0]['epochs_s']:.2f} | {med['epochs_s']:.2f} | {cpu['epochs_cpu_s']:.2f} |"
         )
+    floor = report.get("floor")
+    if floor:
+        lines += [
+            "",
+            f"Floor: the same head in a plain PyTorch loop, {floor['steps']} steps of {floor['batch']}: "
+            f"{floor['epoch_s']:.2f} s per epoch; its first layer's matmuls alone "
+            f"{floor['first_layer_matmuls_s']:.2f} s",
+        ]
     sweep = report.get("sweep")
     if sweep:
         lines += [
@@ -331,6 +395,21 @@ def flat(report: dict[str, Any], label: str) -> list[dict[str, Any]]:
                 "median_later_cpu_s": round(statistics.median(t["phases_cpu"].get(name, 0.0) for t in later), 3),
             }
         )
+    floor = report.get("floor")
+    if floor:
+        steps = floor["steps"]
+        measured = [t["epochs_s"] / t["epochs"] for t in later if t["epochs"]]
+        trial_epoch = statistics.median(measured) if measured else None
+        rows.append(
+            {
+                "code": label,
+                "quantity": "floor: head epoch in a plain PyTorch loop (train steps only)",
+                "s_per_head_epoch": round(floor["epoch_s"], 2),
+                "ms_per_train_step": round(1000 * floor["epoch_s"] / steps, 2),
+                "first_layer_matmuls_s": round(floor["first_layer_matmuls_s"], 2),
+                "trial_epoch_over_floor": round(trial_epoch / floor["epoch_s"], 2) if trial_epoch else None,
+            }
+        )
     sweep = report.get("sweep")
     if sweep:
         rows.append(
@@ -389,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="phase trials on seeded random 2048-d features instead of the feature cache (no warm cache needed)",
     )
+    parser.add_argument("--floor", action="store_true", help="also time the same head in a plain PyTorch loop")
     parser.add_argument("--label", default="", help="the code measured, on every row of --results (e.g. a commit)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every trial (after --)")
     args = parser.parse_args(argv)
@@ -398,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.trials:
             report["phases"] = run_phases(args.trials, list(args.overrides), root, args.synthetic_features)
+        if args.floor:
+            trials = report.get("phases", {}).get("trials", [])
+            steps = [t["global_step"] // t["epochs"] for t in trials if t["epochs"]]
+            if not steps:
+                parser.error("--floor needs the phase trials (--trials >= 1): it runs as many steps as their epochs")
+            report["floor"] = head_floor(list(args.overrides), steps[-1])
         if args.sweep:
             report["sweep"] = run_sweep(args.sweep, list(args.overrides), root)
     finally:

@@ -170,6 +170,24 @@ def test_trial_cost_results_are_flat_rows_and_a_second_run_extends_the_file(tmp_
     assert doc["rows"][3]["disk_mb_per_trial"] == 4.0 and len(doc["load_average"]) == 4
 
 
+def test_trial_cost_floor_times_the_trials_head_in_a_plain_loop_and_compares_it():
+    import torch
+
+    from bench.trial_cost import flat, head_floor
+
+    overrides = ["model.weights=null", "model.image_size=32", "model.head.hidden_dims=[16]", "data.batch_size=8"]
+    threads = torch.get_num_threads()
+    floor = head_floor(overrides, steps=3, epochs=1)
+    assert (floor["steps"], floor["batch"], floor["threads"]) == (3, 8, 1) and floor["epoch_s"] > 0
+    assert floor["first_layer_matmuls_s"] > 0 and torch.get_num_threads() == threads  # restored
+    trial = {"wall_s": 9.0, "epochs": 2, "epochs_s": 8.0, "fixed_s": 1.0, "global_step": 6, "disk_bytes": 0,
+             "cpu_s": 9.0, "epochs_cpu_s": 8.0, "fixed_cpu_s": 1.0, "phases": {}, "phases_cpu": {}}  # fmt: skip
+    report = {"phases": {"trials": [trial, trial]}, "floor": {**floor, "epoch_s": 2.0}}
+    (row,) = [r for r in flat(report, "x") if r["quantity"].startswith("floor")]
+    assert row["s_per_head_epoch"] == 2.0 and row["trial_epoch_over_floor"] == 2.0  # 8 s / 2 epochs vs 2 s
+    assert row["ms_per_train_step"] == round(2000 / 3, 2)
+
+
 def test_backbones_table_is_measured_per_backbone_and_written_flat(tmp_path, capsys):
     from bench.backbones import run as run_backbones
 
