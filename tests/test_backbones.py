@@ -36,8 +36,9 @@ FAMILIES = {
 # As few images as the pipeline takes (a 10-image val split, a train batch): ViT-B costs ~0.3 s per image.
 TINY = {"train": 20, "test": 10}
 # Shipped backbones whose end-to-end test extracts with ONNX Runtime, at this precision (the
-# others with torch at fp32): a CNN in fp32, a transformer quantised to int8.
-ONNX_EXTRACTION = {"efficientnet_b0": "32", "swin_t": "int8"}
+# others with torch at fp32). int8 on a MobileNet (squeeze-excitation, hardswish): quantising a
+# transformer works too, but exporting and calibrating one costs a minute of the suite.
+ONNX_EXTRACTION = {"efficientnet_b0": "32", "mobilenet_v3_large": "int8"}
 
 
 def test_shipped_configs_are_the_ones_the_issue_lists():

@@ -260,10 +260,9 @@ def test_cli_hydra_error_one_line(module, override, tmp_path):
     assert full.returncode != 0 and "Traceback" in full.stderr
 
 
-@pytest.mark.parametrize(
-    "override",
-    ["model.optimizer.lr=-1", "model.backbone=vgg99", "+nonexistent=1", "data.batch_size=0", "model.optimizer.lr=abc"],
-)
+# One refusal per path to the CLI's error line: our checks (every message is checked in-process
+# above) and Hydra's composition. A CLI costs seconds of imports; the messages do not need one each.
+@pytest.mark.parametrize("override", ["model.optimizer.lr=-1", "+nonexistent=1"])
 def test_cli_bad_override_one_line_exit_nonzero(override, tmp_path):
     proc = run_cli(override, f"paths.root_dir={tmp_path}", "model.weights=null")
     assert proc.returncode != 0
