@@ -44,12 +44,15 @@ def run(names: list[str], overrides: list[str], results_dir: Path, argv: list[st
     sweep = ["-m", f"model={','.join(names)}", *overrides]
     load_start = os.getloadavg()
     try:
-        cmd = [sys.executable, "-m", "fmnist_tl.train", *sweep, f"paths.root_dir={root}"]
+        sweep_dir = root / "sweep"
+        scratch = [f"paths.root_dir={root}", f"hydra.sweep.dir={sweep_dir}"]
+        cmd = [sys.executable, "-m", "fmnist_tl.train", *sweep, *scratch]
         proc = subprocess.run(cmd, cwd=REPO)
-        summaries = sorted(root.glob("logs/train/multiruns/**/sweep_summary.csv"))
-        if proc.returncode != 0 or not summaries:
+        if proc.returncode != 0:
             raise FmnistError(f"the sweep failed (exit {proc.returncode}); its log is above")
-        objective, rows = sweep_rows(summaries[-1].parent)
+        if not (sweep_dir / "sweep_summary.csv").is_file():
+            raise FmnistError(f"the sweep ended but wrote no sweep_summary.csv in {sweep_dir}; its log is above")
+        objective, rows = sweep_rows(sweep_dir)
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -212,12 +212,12 @@ def backbone_sweep_table(results_dir: Path = RESULTS_DIR, link: str = "bench/res
     load = (machine.get("load_average_start") or [math.nan])[0]
 
     def fixed(value: Any, digits: int) -> Any:
-        return round(value, digits) if isinstance(value, float) else value
+        return f"{value:.{digits}f}" if isinstance(value, float) and math.isfinite(value) else value
 
-    header = ["rank", "backbone", objective, "test/acc", "epochs", "extract img/s", "wall s"]
+    header = ["rank", "backbone", "status", objective, "test/acc", "epochs", "extract img/s", "wall s"]
     rows = [
-        [r.get("rank"), r.get("model"), fixed(r.get(objective), 4), fixed(r.get("test/acc"), 4), r.get("epochs"),
-         fixed(r.get("extraction_img_per_s"), 1), fixed(r.get("wall_time_s"), 1)]
+        [r.get("rank"), r.get("model"), r.get("status"), fixed(r.get(objective), 4), fixed(r.get("test/acc"), 4),
+         r.get("epochs"), fixed(r.get("extraction_img_per_s"), 1), fixed(r.get("wall_time_s"), 1)]
         for r in data["rows"]
     ]
     lines = [

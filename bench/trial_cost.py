@@ -15,9 +15,10 @@
 
 3. **Floor** (`--floor`): the trials' head, batch size, optimizer and thread count in a plain
    PyTorch loop over the same number of float16 features (no Lightning, no metrics, no
-   validation), timed in the same process right after the trials: what a head epoch costs at
-   least on this machine, and the share the training loop around it adds. Also the first layer's
-   matrix products alone (forward and weight gradient), the arithmetic no loop avoids.
+   validation), timed in the same process right after the trials: what a head epoch's training
+   steps cost at least on this machine. `trial_epoch_over_floor` divides the trials' epochs
+   (validation included) by it, so it bounds what the loop around the head adds from above. Also
+   the first layer's matrix products alone (forward and weight gradient), the arithmetic no loop avoids.
 
 Run it with a warm feature cache for the figures to mean "a trial on a warm cache" (the first
 phase trial warms it otherwise), or with --synthetic-features: seeded random features stand in
@@ -250,16 +251,20 @@ def head_floor(overrides: list[str], steps: int, epochs: int = 2) -> dict[str, A
             optimizer.step()
         return time.perf_counter() - start
 
+    def matmuls() -> float:
+        weight = head[0].weight.detach()
+        x, grad = torch.randn(batch, width), torch.randn(batch, weight.shape[0])
+        start = time.perf_counter()
+        for _ in range(steps):
+            x @ weight.t()  # forward
+            grad.t() @ x  # weight gradient (the features need none)
+        return time.perf_counter() - start
+
     try:
         epoch()
         seconds = statistics.median(epoch() for _ in range(epochs))
-        first = head[0]
-        x, grad = torch.randn(batch, width), torch.randn(batch, first.out_features)
-        start = time.perf_counter()
-        for _ in range(steps):
-            x @ first.weight.t()  # forward
-            grad.t() @ x  # weight gradient (the features need none)
-        matmul = time.perf_counter() - start
+        matmuls()
+        matmul = statistics.median(matmuls() for _ in range(epochs))
     finally:
         torch.set_num_threads(threads_before)
     return {"steps": steps, "batch": batch, "threads": cfg.features.head_threads, "epoch_s": seconds,
@@ -472,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="the code measured, on every row of --results (e.g. a commit)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every trial (after --)")
     args = parser.parse_args(argv)
+    if args.floor and not args.trials:
+        parser.error("--floor needs the phase trials (--trials >= 1): it runs as many steps as their epochs")
     root = Path(tempfile.mkdtemp(prefix="trial_cost-"))
     report: dict[str, Any] = {"machine": machine(), "overrides": " ".join(args.overrides), "targets": TARGETS}
     report["synthetic_features"] = args.synthetic_features
@@ -482,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             trials = report.get("phases", {}).get("trials", [])
             steps = [t["global_step"] // t["epochs"] for t in trials if t["epochs"]]
             if not steps:
-                parser.error("--floor needs the phase trials (--trials >= 1): it runs as many steps as their epochs")
+                raise SystemExit("error: --floor: the trials trained no epoch, so there is no step count to match")
             report["floor"] = head_floor(list(args.overrides), steps[-1])
         if args.sweep:
             report["sweep"] = run_sweep(args.sweep, list(args.overrides), root)

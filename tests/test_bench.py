@@ -231,4 +231,21 @@ def test_a_backbone_sweep_is_recorded_as_its_summary_ranks_it_and_rendered_from_
     text = backbone_sweep_table(results, link="benchmarks.md#{stem}")
     assert "(benchmarks.md#2031-02-01-backbone-sweep)" in text and "# 2031-02-01`" in text
     assert "Some CPU, 2 cores, load 0.5" in text
-    assert "| 1 | convnext_tiny | 0.71 | 0.66 | 3 | 7.5 | 12.5 |" in text.splitlines()
+    lines = text.splitlines()
+    assert "| 1 | convnext_tiny | completed | 0.7100 | 0.6600 | 3 | 7.5 | 12.5 |" in lines
+    assert "| 3 | efficientnet_b0 | incomplete | - | - | - | - | - |" in lines  # a job that died says so
+
+
+def test_a_backbone_sweep_that_fails_or_writes_no_summary_is_one_error_line(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    import bench.backbone_sweep as backbone_sweep
+
+    calls = []
+    for code, message in ((1, "the sweep failed (exit 1)"), (0, "the sweep ended but wrote no sweep_summary.csv")):
+        monkeypatch.setattr(backbone_sweep.subprocess, "run", lambda cmd, code=code, **_: calls.append(cmd) or
+                            subprocess.CompletedProcess(cmd, code))  # fmt: skip
+        assert backbone_sweep.main(["resnet18,swin_t", "trainer.max_epochs=1", "--results-dir", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert calls[0][3:6] == ["-m", "model=resnet18,swin_t", "trainer.max_epochs=1"]
+    assert any(a.startswith("hydra.sweep.dir=") for a in calls[0]) and not list(tmp_path.iterdir())
