@@ -183,10 +183,9 @@ def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False) ->
 
 def backbones_table(results_dir: Path = RESULTS_DIR) -> str:
     """The newest `python -m bench --backbones` file as a table, with the machine and command it ran under."""
-    files = sorted(results_dir.glob("*-backbones.json"), key=lambda p: (_date_of(p), p.name))
-    if not files:
+    path = _newest(results_dir, "*-backbones.json")
+    if path is None:
         return "No `python -m bench --backbones` results yet."
-    path = files[-1]
     data = json.loads(path.read_text())
     machine = data.get("machine", {})
     header = ["backbone", "image px", "feature dim", "params (M)", "GFLOP / image", "extraction img/s", "peak RSS GB"]
@@ -203,10 +202,9 @@ def backbones_table(results_dir: Path = RESULTS_DIR) -> str:
 def backbone_sweep_table(results_dir: Path = RESULTS_DIR, link: str = "bench/results/{name}") -> str:
     """The newest `python -m bench.backbone_sweep` file: its sweep command and the jobs as its summary ranked them.
     `link` formats the file's link ({name}: the file name, {stem}: without .json)."""
-    files = sorted(results_dir.glob("*-backbone-sweep.json"), key=lambda p: (_date_of(p), p.name))
-    if not files:
+    path = _newest(results_dir, "*-backbone-sweep.json")
+    if path is None:
         return "No `python -m bench.backbone_sweep` results yet."
-    path = files[-1]
     data = json.loads(path.read_text())
     machine, objective = data.get("machine", {}), data.get("objective", "val/acc")
     load = (machine.get("load_average_start") or [math.nan])[0]
@@ -249,6 +247,12 @@ def fill_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> bool:
     if new != text:
         atomic_write_text(readme, new)
     return new != text
+
+
+def _newest(results_dir: Path, pattern: str) -> Path | None:
+    """The results file matching `pattern` with the latest date (then name), or None."""
+    files = sorted(results_dir.glob(pattern), key=lambda p: (_date_of(p), p.name))
+    return files[-1] if files else None
 
 
 def _date_of(path: Path) -> str:

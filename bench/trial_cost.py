@@ -225,12 +225,14 @@ def head_floor(overrides: list[str], steps: int, epochs: int = 2) -> dict[str, A
     import torch
     from torch import nn
 
-    from fmnist_tl.backbones import feature_dim
+    from fmnist_tl.backbones import feature_dim, preprocessing
     from fmnist_tl.model import build_head
     from fmnist_tl.runtime import compose_config
 
     cfg = compose_config("train", overrides)
-    width = feature_dim(cfg.model.backbone, None, cfg.model.image_size or 224)
+    # The width the trials' head reads, found as TransferClassifier finds it (image size from the weights).
+    size = preprocessing(cfg.model.backbone, cfg.model.weights, cfg.model.image_size)[0]
+    width = feature_dim(cfg.model.backbone, cfg.model.weights, size)
     head = build_head(width, cfg.model.num_classes, list(cfg.model.head.hidden_dims), cfg.model.head.dropout)
     optimizer = hydra.utils.instantiate(cfg.model.optimizer)(head.parameters())
     batch, threads_before = int(cfg.data.batch_size), torch.get_num_threads()
