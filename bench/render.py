@@ -146,15 +146,36 @@ def machine_label(machine: Mapping[str, Any]) -> str:
     return f"{machine['gpu']} (host {machine.get('cpu', '?')})" if machine.get("gpu") else cpu
 
 
-def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False) -> str:
-    """One row per full `python -m bench` results file: the figures its targets are judged on.
-    Each row links to its file's section of the benchmarks page, or (`link_files`) to the file."""
-
-    rows = []
+def _bench_files(results_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The `python -m bench` results files (those with targets and a machine), oldest first."""
+    files = []
     for path in sorted(results_dir.glob("*.json"), key=lambda p: (_date_of(p), p.name)):
         data = json.loads(path.read_text())
-        if not isinstance(data, dict) or "targets" not in data or not isinstance(data.get("machine"), dict):
-            continue
+        if isinstance(data, dict) and "targets" in data and isinstance(data.get("machine"), dict):
+            files.append((path, data))
+    return files
+
+
+def _newest_per_class(files: list[tuple[Path, dict[str, Any]]]) -> list[tuple[Path, dict[str, Any]]]:
+    """Per machine class, the newest full run (the newest quick one where a class has no full run)."""
+    best: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path, data in files:  # oldest first: a later file of the same standing replaces an earlier one
+        label = machine_label(data["machine"])
+        held = best.get(label)
+        if held is None or data.get("mode") == "full" or held[1].get("mode") != "full":
+            best[label] = (path, data)
+    kept = {path for path, _ in best.values()}
+    return [(path, data) for path, data in files if path in kept]
+
+
+def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False, per_class: bool = False) -> str:
+    """One row per `python -m bench` results file (`per_class`: per machine class, its newest full
+    run): the figures its targets are judged on. Each row links to its file's section of the
+    benchmarks page, or (`link_files`) to the file."""
+
+    rows = []
+    files = _bench_files(results_dir)
+    for path, data in _newest_per_class(files) if per_class else files:
         get = flatten(data).get
         targets = {k: v for k, v in data["targets"].items() if v is not None}
         missed = [k for k, v in targets.items() if not v]
@@ -235,7 +256,7 @@ def fill_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> bool:
 
     text = new = readme.read_text()
     blocks = (
-        (README_START, README_END, lambda: machines_table(results_dir, link_files=True)),
+        (README_START, README_END, lambda: machines_table(results_dir, link_files=True, per_class=True)),
         (BACKBONES_START, BACKBONES_END, lambda: backbones_table(results_dir)),
         (SWEEP_START, SWEEP_END, lambda: backbone_sweep_table(results_dir)),
     )
@@ -267,7 +288,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     files = sorted(results_dir.glob("*.json"), key=lambda p: (_date_of(p), p.name), reverse=True)
     if not files:
         return f"No results files in `{results_dir.name}/` yet.\n"
-    lines = ["## One row per machine", "", machines_table(results_dir),
+    lines = ["## One row per bench run", "", machines_table(results_dir),
              "Files: " + ", ".join(f"[`{p.name}`](#{p.stem.lower()})" for p in files), ""]
     for path in files:
         lines += render_file(path)

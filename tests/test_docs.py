@@ -86,7 +86,7 @@ def test_the_readmes_per_machine_and_per_backbone_tables_are_the_rendered_ones(t
     )
 
     text = (REPO / "README.md").read_text()
-    assert text.split(README_START)[1].split(README_END)[0] == "\n" + machines_table(link_files=True)
+    assert text.split(README_START)[1].split(README_END)[0] == "\n" + machines_table(link_files=True, per_class=True)
     backbones = text.split(BACKBONES_START)[1].split(BACKBONES_END)[0]
     assert backbones == "\n" + backbones_table() and "| vit_b_16 | 224 | 768 |" in backbones
     sweep = text.split(SWEEP_START)[1].split(SWEEP_END)[0]
@@ -110,4 +110,13 @@ def test_the_readmes_per_machine_and_per_backbone_tables_are_the_rendered_ones(t
     assert "(bench/results/2031-01-02.json)" in row and "| Some CPU 9000 (AVX512) | full | 0.2 |" in row
     assert "| 9.5 |" in row and row.endswith("| 1 of 2; not: cold_run_s |")
     assert "No `python -m bench.backbone_sweep` results yet." in readme.read_text()
+    # One README row per machine class, its newest full run; the benchmarks page keeps every file.
+    for name, mode in (("2031-01-03", "quick"), ("2031-01-01", "full")):
+        (results / f"{name}.json").write_text(json.dumps({**report, "date": name, "mode": mode}))
+    other = {**report, "machine": {**machine, "cpu_flags_of_note": ["avx2"]}, "date": "2031-01-01", "mode": "quick"}
+    (results / "2031-01-01-other.json").write_text(json.dumps(other))
+    fill_readme(readme, results)
+    rows = [line.split("`")[1] for line in readme.read_text().splitlines() if line.startswith("| [`")]
+    assert rows == ["2031-01-01-other", "2031-01-02"]
+    assert machines_table(results).count("| [`") == 4
     assert readme.read_text().endswith(f"{SWEEP_END}\nrest\n") and "\nold\n" not in readme.read_text()
