@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
 import math
+import os
 
 import lightning as L
 import pytest
 import torch
 
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.runtime import resolve_precision
+from fmnist_tl.runtime import NVML_CHECK_ENV, resolve_precision, skip_nvml_retries_without_a_driver
 from fmnist_tl.train import train
 from tests.helpers import DDP_SIM, run_cli, tiny_overrides, unreachable_network_env
 
@@ -98,6 +100,26 @@ def test_resume_after_the_run_folder_moved_still_tests(tiny_cfg, tmp_path):
 def test_other_schedules_train(tiny_cfg, schedule):
     metrics = train(tiny_cfg(schedule, "test=false"))
     assert metrics["status"] == "completed" and metrics["val/acc"] > 0.2
+
+
+def test_without_an_nvidia_driver_the_cuda_check_stops_retrying_nvml(monkeypatch):
+    # Lightning's fork-safe check (NVML) retries loading libnvidia-ml at every torch.cuda.is_available(),
+    # which AdamW calls at every step; without a driver train() switches to torch's plain check.
+    monkeypatch.setenv(NVML_CHECK_ENV, "1")
+    loaded = []
+
+    def no_driver(name, *args, **kwargs):
+        loaded.append(name)
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_driver)
+    assert skip_nvml_retries_without_a_driver() and os.environ[NVML_CHECK_ENV] == "0"
+    assert loaded == ["libnvidia-ml.so.1"]
+    assert not skip_nvml_retries_without_a_driver() and loaded == ["libnvidia-ml.so.1"]  # decided once
+    # With a driver, Lightning's check stays: CUDA must not initialise before DDP forks its workers.
+    monkeypatch.setenv(NVML_CHECK_ENV, "1")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *args, **kwargs: object())
+    assert not skip_nvml_retries_without_a_driver() and os.environ[NVML_CHECK_ENV] == "1"
 
 
 def test_precision_auto_with_cached_features_is_fp32_and_explicit_is_obeyed(tiny_cfg):
