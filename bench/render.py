@@ -149,7 +149,7 @@ def machine_label(machine: Mapping[str, Any]) -> str:
 def _bench_files(results_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     """The `python -m bench` results files (those with targets and a machine), oldest first."""
     files = []
-    for path in sorted(results_dir.glob("*.json"), key=lambda p: (_date_of(p), p.name)):
+    for path in _dated(results_dir, "*.json"):
         data = json.loads(path.read_text())
         if isinstance(data, dict) and "targets" in data and isinstance(data.get("machine"), dict):
             files.append((path, data))
@@ -270,9 +270,14 @@ def fill_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> bool:
     return new != text
 
 
+def _dated(results_dir: Path, pattern: str) -> list[Path]:
+    """The results files matching `pattern`, oldest first: by their recorded date, then by name."""
+    return sorted(results_dir.glob(pattern), key=lambda p: (_date_of(p), p.name))
+
+
 def _newest(results_dir: Path, pattern: str) -> Path | None:
     """The results file matching `pattern` with the latest date (then name), or None."""
-    files = sorted(results_dir.glob(pattern), key=lambda p: (_date_of(p), p.name))
+    files = _dated(results_dir, pattern)
     return files[-1] if files else None
 
 
@@ -285,7 +290,7 @@ def _date_of(path: Path) -> str:
 
 def render(results_dir: Path = RESULTS_DIR) -> str:
     """Every results file, newest date first, as one Markdown document (no top heading)."""
-    files = sorted(results_dir.glob("*.json"), key=lambda p: (_date_of(p), p.name), reverse=True)
+    files = _dated(results_dir, "*.json")[::-1]
     if not files:
         return f"No results files in `{results_dir.name}/` yet.\n"
     lines = ["## One row per bench run", "", machines_table(results_dir),
