@@ -55,12 +55,7 @@ from fmnist_tl.extraction import extraction_settings  # noqa: E402
 from fmnist_tl.features import features_cache_dir  # noqa: E402
 from fmnist_tl.onnx_backend import onnxruntime_version  # noqa: E402
 from fmnist_tl.probe import Planner  # noqa: E402
-from fmnist_tl.runtime import (  # noqa: E402
-    build,
-    compose_config,
-    resolve_precision,
-    skip_nvml_retries_without_a_driver,
-)
+from fmnist_tl.runtime import build, compose_config, resolve_precision  # noqa: E402
 from fmnist_tl.utils import atomic_write_json, cpu_flags, cpu_model, module_sha256, sha256_file  # noqa: E402
 
 TARGETS = {
@@ -390,7 +385,6 @@ def head_epoch_time(data_dir: Path, cache_dir: Path, device: torch.device, epoch
         limit_val_batches=0,
         callbacks=[timer],
     )
-    skip_nvml_retries_without_a_driver()  # as train() does
     threads = torch.get_num_threads()
     head_threads = extraction_settings(cfg.features).head_threads  # as FeatureCache sets it
     if head_threads:

@@ -29,7 +29,7 @@ from fmnist_tl.schedule import (
     finetune_options,
     legacy_lr_plan,
 )
-from fmnist_tl.utils import FmnistError, to_container
+from fmnist_tl.utils import FmnistError, skip_nvml_retries_without_a_driver, to_container
 from fmnist_tl.weights import (
     backbone_key,
     backbone_sha256,
@@ -329,6 +329,7 @@ class TransferClassifier(L.LightningModule):
         return self.logits(x).float().softmax(-1)
 
     def configure_optimizers(self) -> Any:
+        skip_nvml_retries_without_a_driver()  # the optimizer checks for CUDA at every step
         head, stages = self.head.parameters(), [p for stage in self.finetune_stages for p in stage.parameters()]
         trainable = [p for p in self.parameters() if p.requires_grad]
         config, self.lr_plan = configure_model_optimization(

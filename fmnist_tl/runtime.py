@@ -210,28 +210,6 @@ def check_resume_schedule(cfg: DictConfig, path: str, checkpoint: dict[str, Any]
         )
 
 
-NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
-
-
-def skip_nvml_retries_without_a_driver() -> bool:
-    """Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 at import, so that checking for CUDA does not
-    initialise it in a process that will fork DDP workers. Where NVML cannot load (no NVIDIA driver),
-    torch then retries loading it at every `torch.cuda.is_available()`, and Adam/AdamW ask at every
-    step: a head epoch of small steps pays for it. Without a driver CUDA can never initialise, so
-    there is no fork to protect, and torch's plain check (a cheap call) is used instead.
-    True when it switched the check."""
-    if os.environ.get(NVML_CHECK_ENV) != "1":
-        return False
-    import ctypes
-
-    try:  # torch's own probe (torch.cuda._raw_device_count_nvml) loads this name
-        ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        os.environ[NVML_CHECK_ENV] = "0"
-        return True
-    return False
-
-
 def resolve_precision(trainer_cfg: DictConfig, measure: Callable[[], str] | None = None) -> str:
     """trainer.precision: explicit values are obeyed; auto is bf16-mixed on a CUDA GPU with bf16, and on
     a CPU whatever `measure()` finds faster (the extraction probe's torch fp32 vs bf16), or 32-true

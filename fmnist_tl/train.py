@@ -43,7 +43,6 @@ from fmnist_tl.runtime import (
     resolve_ckpt_path,
     resolve_precision,
     run_hydra_cli,
-    skip_nvml_retries_without_a_driver,
     validate_config,
 )
 from fmnist_tl.schedule import finetune_options
@@ -75,7 +74,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_resume_schedule(cfg, ckpt_path, check_checkpoint_file(ckpt_path))
         remove_stale_temp_files(Path(ckpt_path).parent)
     output_dir.mkdir(parents=True, exist_ok=True)
-    skip_nvml_retries_without_a_driver()
     L.seed_everything(cfg.seed, workers=True)
 
     # Weights and data problems surface here, before a Trainer exists, so they leave no checkpoint.

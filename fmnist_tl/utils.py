@@ -223,3 +223,25 @@ def exit_on_user_error(hydra_run: bool = False) -> Iterator[None]:
         message = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
+
+
+NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def skip_nvml_retries_without_a_driver() -> bool:
+    """Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 at import, so that checking for CUDA does not
+    initialise it in a process that will fork DDP workers. Where NVML cannot load (no NVIDIA driver),
+    torch then retries loading it at every `torch.cuda.is_available()`, and Adam/AdamW ask at every
+    step: a head epoch of small steps pays for it. Without a driver CUDA can never initialise, so
+    there is no fork to protect, and torch's plain check (a cheap call) is used instead.
+    TransferClassifier calls this when it makes its optimizer. True when it switched the check."""
+    if os.environ.get(NVML_CHECK_ENV) != "1":
+        return False
+    import ctypes
+
+    try:  # torch's own probe (torch.cuda._raw_device_count_nvml) loads this name
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        os.environ[NVML_CHECK_ENV] = "0"
+        return True
+    return False

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from fmnist_tl.model import TransferClassifier
-from fmnist_tl.runtime import NVML_CHECK_ENV, resolve_precision, skip_nvml_retries_without_a_driver
+from fmnist_tl.runtime import resolve_precision
 from fmnist_tl.train import train
+from fmnist_tl.utils import NVML_CHECK_ENV, skip_nvml_retries_without_a_driver
 from tests.helpers import DDP_SIM, run_cli, tiny_overrides, unreachable_network_env
 
 
@@ -104,7 +105,8 @@ def test_other_schedules_train(tiny_cfg, schedule):
 
 def test_without_an_nvidia_driver_the_cuda_check_stops_retrying_nvml(monkeypatch):
     # Lightning's fork-safe check (NVML) retries loading libnvidia-ml at every torch.cuda.is_available(),
-    # which AdamW calls at every step; without a driver train() switches to torch's plain check.
+    # which AdamW calls at every step; without a driver the model switches to torch's plain check
+    # when it makes its optimizer (in train(), a bench or anyone's own Trainer).
     monkeypatch.setenv(NVML_CHECK_ENV, "1")
     loaded = []
 
@@ -113,6 +115,12 @@ def test_without_an_nvidia_driver_the_cuda_check_stops_retrying_nvml(monkeypatch
         raise OSError(f"{name}: cannot open shared object file")
 
     monkeypatch.setattr(ctypes, "CDLL", no_driver)
+    model = TransferClassifier(backbone="resnet18", weights=None, image_size=32)
+    model.trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False)
+    model.configure_optimizers()  # (building the model and Trainer asks torch's own NVML probe too)
+    assert os.environ[NVML_CHECK_ENV] == "0" and "libnvidia-ml.so.1" in loaded
+    monkeypatch.setenv(NVML_CHECK_ENV, "1")
+    loaded.clear()
     assert skip_nvml_retries_without_a_driver() and os.environ[NVML_CHECK_ENV] == "0"
     assert loaded == ["libnvidia-ml.so.1"]
     assert not skip_nvml_retries_without_a_driver() and loaded == ["libnvidia-ml.so.1"]  # decided once
