@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from fmnist_tl.backbones import resolve_stages
+from fmnist_tl.schemas import FinetuneConfig, parse
 from fmnist_tl.utils import FmnistError, to_container
 
 
@@ -58,52 +60,20 @@ class FinetuneOptions:
         return dataclasses.asdict(self)
 
 
-FINETUNE_KEYS = tuple(f.name for f in dataclasses.fields(FinetuneOptions))
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
 def finetune_options(finetune: Mapping[str, Any] | FinetuneOptions | None, backbone: str) -> FinetuneOptions:
-    """model.finetune parsed and checked once; `unfreeze` spelled out as `backbone`'s stage names."""
+    """model.finetune parsed and checked once (schemas.FinetuneConfig); `unfreeze` spelled out as
+    `backbone`'s stage names."""
     if isinstance(finetune, FinetuneOptions):
         return finetune
-    given = to_container(finetune) or {}
-    unknown = sorted(set(given) - set(FINETUNE_KEYS))
-    if unknown:
-        raise FmnistError(
-            f"model.finetune.{unknown[0]} is not a fine-tune option; use one of {', '.join(FINETUNE_KEYS)}"
-        )
-    ft = {**FinetuneOptions().as_dict(), **given}
-
-    def bad(key: str, why: str) -> FmnistError:
-        return FmnistError(f"model.finetune.{key}={ft[key]!r} {why}")
-
-    if ft["start_epoch"] is not None and not (_is_int(ft["start_epoch"]) and ft["start_epoch"] >= 0):
-        raise bad("start_epoch", "must be null (no fine-tune phase) or an integer >= 0 (head-only epochs before it)")
-    if ft["init_from"] is not None and not isinstance(ft["init_from"], str):
-        raise bad("init_from", "must be null or the path of a checkpoint")
-    unfreeze = ft["unfreeze"]
-    names = [unfreeze] if isinstance(unfreeze, str) else unfreeze
+    given = {**FinetuneOptions().as_dict(), **(to_container(finetune) or {})}
+    ft = OmegaConf.to_container(parse(FinetuneConfig, given, "model.finetune.", "conf/model/resnet50.yaml"))
+    names = [ft["unfreeze"]] if isinstance(ft["unfreeze"], str) else ft["unfreeze"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise bad("unfreeze", f"must be a list of {backbone}'s stage names, last_K (its K top stages) or all")
-    ft["unfreeze"] = resolve_stages(backbone, names)
-    if not _is_positive(ft["backbone_lr_factor"]):
-        raise bad("backbone_lr_factor", "must be a positive number (backbone LR = head LR x factor), e.g. 0.1")
-    if ft["bn"] not in ("frozen", "train"):
-        raise bad("bn", "must be frozen (BatchNorm stays in eval mode) or train")
-    if ft["lr"] is not None and not _is_positive(ft["lr"]):
-        raise bad("lr", "must be null (model.optimizer.lr) or a positive number")
-    if not (_is_int(ft["warmup_epochs"]) and ft["warmup_epochs"] >= 0):
-        raise bad("warmup_epochs", "must be an integer >= 0")
-    if ft["schedule"] not in ("cosine", "constant"):
-        raise bad("schedule", "must be cosine or constant")
-    return FinetuneOptions(**ft)
+        raise FmnistError(
+            f"model.finetune.unfreeze={ft['unfreeze']!r} must be a list of {backbone}'s stage names, "
+            "last_K (its K top stages) or all"
+        )
+    return FinetuneOptions(**{**ft, "unfreeze": resolve_stages(backbone, names)})
 
 
 def check_finetune(

@@ -19,6 +19,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fmnist_tl.utils import FmnistError
 
@@ -43,6 +44,11 @@ def at_least(low: int, why: str = "", optional: bool = False) -> Rule:
 def positive(key: str, value: Any) -> None:
     if not _number(value) or value <= 0:
         raise FmnistError(f"{key}={value!r} must be a positive finite number")
+
+
+def optional(rule: Rule) -> Rule:
+    """`rule`, with null allowed."""
+    return lambda key, value: None if value is None else rule(key, value)
 
 
 def non_negative(key: str, value: Any) -> None:
@@ -167,7 +173,7 @@ class FinetuneConfig:
     unfreeze: Any = MISSING
     backbone_lr_factor: float = checked(MISSING, positive)
     bn: str = checked(MISSING, one_of("frozen", "train"))
-    lr: float | None = None
+    lr: float | None = checked(None, optional(positive))
     warmup_epochs: int = checked(0, at_least(0))
     schedule: str = checked(MISSING, one_of("cosine", "constant"))
 
@@ -365,3 +371,19 @@ def check(cfg: DictConfig, schema: type | None = None, prefix: str = "", entry: 
             value = OmegaConf.select(cfg, name, throw_on_missing=False)
             for rule in rules:
                 rule(f"{prefix}{name}", value)
+
+
+def parse(schema: type, given: DictConfig | dict | None, prefix: str, see: str) -> DictConfig:
+    """`given` (a group's values, also when built in Python rather than composed by Hydra) on `schema`:
+    unknown keys, wrong types and out-of-range values refused in one line that starts with `prefix`
+    and, for a wrong type, points at the YAML file `see`."""
+    try:
+        values = OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else given
+        node = OmegaConf.merge(OmegaConf.structured(schema), values or {})
+    except OmegaConfBaseException as e:
+        key = f"{prefix}{getattr(e, 'full_key', '') or ''}".rstrip(".")
+        if isinstance(e, ConfigKeyError):
+            raise FmnistError(unknown_key_message(key, [f.name for f in dataclasses.fields(schema)])) from e
+        raise FmnistError(f"{key}: {str(e).strip().splitlines()[0]} (see {see})") from e
+    check(node, schema, prefix)
+    return node

@@ -277,12 +277,22 @@ def test_init_from_wrong_architecture_is_clear(head_ckpt, tmp_path):
         (["model.finetune.bn=sometimes"], "model.finetune.bn='sometimes' must be one of frozen, train"),
         (["model.finetune.start_epoch=-1"], "model.finetune.start_epoch=-1 must be an integer >= 0 or null"),
         (["model.finetune.backbone_lr_factor=0"], "model.finetune.backbone_lr_factor=0.0 must be a positive"),
+        (["model.finetune.lr=-1"], "model.finetune.lr=-1.0 must be a positive"),
         (["model.finetune.init_from=/no/such.ckpt"], "model.finetune.init_from=/no/such.ckpt does not exist"),
     ],
 )
 def test_bad_finetune_values_rejected_before_training(tiny_cfg, overrides, message):
     with pytest.raises(FmnistError, match=re.escape(message)):
         validate_config(tiny_cfg(*overrides))
+
+
+def test_finetune_built_in_python_is_checked_by_the_same_schema():
+    with pytest.raises(FmnistError, match=re.escape("model.finetune.bn='x' must be one of frozen, train")):
+        TransferClassifier(backbone="resnet18", weights=None, finetune={"bn": "x"})
+    with pytest.raises(FmnistError, match=re.escape("'model.finetune.stat_epoch'; did you mean model.finetune.start")):
+        finetune_options({"stat_epoch": 1}, "resnet18")
+    with pytest.raises(FmnistError, match=re.escape("model.finetune.unfreeze=[] must be a list of resnet18's stage")):
+        finetune_options({"unfreeze": []}, "resnet18")
 
 
 def test_unfreeze_all_and_requires_grad_fixed_for_the_whole_run():
