@@ -136,17 +136,6 @@ def cosine_figures(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str
     return {"mean_cosine": round(float(cos.mean()), 6), "worst_cosine": round(float(cos.min()), 6)}
 
 
-def backbone_identity(backbone_name: str, weights_sha256: str, preprocess: nn.Module) -> dict[str, Any]:
-    """What every model and gate record made from a backbone depends on: network, weights, preprocessing."""
-    return {
-        "backbone": backbone_name,
-        "weights_sha256": weights_sha256,
-        "image_size": int(preprocess.image_size),
-        "mean": [round(float(m), 8) for m in preprocess.mean.flatten().tolist()],
-        "std": [round(float(s), 8) for s in preprocess.std.flatten().tolist()],
-    }
-
-
 class CandidateRunners:
     """Builds and keeps one extractor per candidate, for one backbone (weights) on one device.
 

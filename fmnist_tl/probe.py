@@ -39,14 +39,13 @@ from fmnist_tl import onnx_backend
 from fmnist_tl.candidates import (
     Candidate,
     CandidateRunners,
-    backbone_identity,
     candidates,
     cosine_figures,
     split_samples,
     time_runner,
     timing_sample,
 )
-from fmnist_tl.extraction import work_at_224
+from fmnist_tl.extraction import backbone_identity, work_at_224
 from fmnist_tl.utils import FmnistError, atomic_write_json, machine_name
 
 log = logging.getLogger(__name__)
