@@ -2,13 +2,11 @@
 
 - `extraction_settings` reads the `features` config group (declared by schemas.FeaturesConfig),
   checked once; `check_backend` refuses (backend, precision) pairs that cannot run, in one line.
-- `fingerprint` / `split_entry` name one split's features by everything that changes them, so the
-  store (fmnist_tl.feature_store) can tell a valid entry from a stale one.
-- `FeatureExtractor` runs the backbone as fast as torch allows: inference mode, the batched resize
-  on the device (`ImagePreprocess`), fp32/bf16/fp16 autocast, channels_last, and `torch.compile`
-  with inductor freezing when the job is big enough to repay the compile (eager fallback with one
-  log line if compile fails). Which extractor runs -- this one or ONNX Runtime's (fp32, int8) --
-  and in which precision is measured on the machine by `fmnist_tl.probe`.
+- `split_entry` names one split's features by a fingerprint of everything that changes them, so
+  the store (fmnist_tl.feature_store) can tell a valid entry from a stale one.
+- `FeatureExtractor` runs the backbone as fast as torch allows (autocast, channels_last, and
+  `torch.compile` when the job repays it); whether it or ONNX Runtime's extractor runs, and in
+  which precision, is measured on the machine by `fmnist_tl.probe`.
 """
 
 from __future__ import annotations
