@@ -90,10 +90,6 @@ def timing_sample(train_images: torch.Tensor, count: int, seed: int) -> torch.Te
     return train_images[order.repeat(-(-count // len(order)))[:count]]
 
 
-# --------------------------------------------------------------------------------------------
-# Measuring a runner: its speed, and its features against fp32 (the fidelity gate)
-
-
 def time_runner(
     run: Callable[[torch.Tensor], Any],
     images: torch.Tensor,
@@ -193,13 +189,7 @@ class CandidateRunners:
                 self._artefacts[c.id] = fp32
             else:
                 self._artefacts[c.id] = onnx_backend.int8_onnx(
-                    self.onnx_store,
-                    self.base,
-                    c.variant,
-                    self.calibration,
-                    self.cal_images,
-                    fp32[0],
-                    self._work_dir(),
+                    self.onnx_store, self.base, c.variant, self.calibration, self.cal_images, fp32[0], self._work_dir()
                 )
         return self._artefacts[c.id]
 
