@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmnist_tl.manifest_store import ManifestStore, fingerprint_key
+from fmnist_tl.manifest_store import ManifestStore, fingerprint_key, manifest_head
 from fmnist_tl.progress import progress_bar
 from fmnist_tl.utils import FmnistError
 
@@ -125,17 +125,7 @@ def cached_artefact(store: ArtefactStore, name: str, fp: dict[str, Any], build, 
         with tempfile.TemporaryDirectory(prefix=".build-", dir=store.root) as tmp:
             built, extra = build(Path(tmp))
             seconds = round(time.perf_counter() - start, 2)
-            manifest = store.commit(
-                name,
-                built.read_bytes(),
-                {
-                    "fingerprint": fp,
-                    "key": fingerprint_key(fp),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "build_seconds": seconds,
-                    **extra,
-                },
-            )
+            manifest = store.commit(name, built.read_bytes(), {**manifest_head(fp), "build_seconds": seconds, **extra})
         log.info("Built %s in %.1f s -> %s", what, seconds, store.paths(name)[0])
         return store.paths(name)[0], manifest
 
