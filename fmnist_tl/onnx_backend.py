@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import json
@@ -172,8 +173,6 @@ def backbone_onnx(
     name = f"{base['backbone']}-{base['image_size']}px-fp32-{fingerprint_key(fp)}"
 
     def build(tmp: Path) -> tuple[Path, dict[str, Any]]:
-        import copy
-
         module = UInt8Backbone(
             copy.deepcopy(backbone).to("cpu", memory_format=torch.contiguous_format).float().eval(),
             copy.deepcopy(preprocess).to("cpu"),
