@@ -90,10 +90,6 @@ def timing_sample(train_images: torch.Tensor, count: int, seed: int) -> torch.Te
     return train_images[order.repeat(-(-count // len(order)))[:count]]
 
 
-# --------------------------------------------------------------------------------------------
-# Measuring a runner: its speed, and its features against fp32 (the fidelity gate)
-
-
 def time_runner(
     run: Callable[[torch.Tensor], Any],
     images: torch.Tensor,
@@ -134,17 +130,6 @@ def time_runner(
 def cosine_figures(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
     cos = nn.functional.cosine_similarity(reference.double(), candidate.double(), dim=1)
     return {"mean_cosine": round(float(cos.mean()), 6), "worst_cosine": round(float(cos.min()), 6)}
-
-
-def backbone_identity(backbone_name: str, weights_sha256: str, preprocess: nn.Module) -> dict[str, Any]:
-    """What every model and gate record made from a backbone depends on: network, weights, preprocessing."""
-    return {
-        "backbone": backbone_name,
-        "weights_sha256": weights_sha256,
-        "image_size": int(preprocess.image_size),
-        "mean": [round(float(m), 8) for m in preprocess.mean.flatten().tolist()],
-        "std": [round(float(s), 8) for s in preprocess.std.flatten().tolist()],
-    }
 
 
 class CandidateRunners:
@@ -204,13 +189,7 @@ class CandidateRunners:
                 self._artefacts[c.id] = fp32
             else:
                 self._artefacts[c.id] = onnx_backend.int8_onnx(
-                    self.onnx_store,
-                    self.base,
-                    c.variant,
-                    self.calibration,
-                    self.cal_images,
-                    fp32[0],
-                    self._work_dir(),
+                    self.onnx_store, self.base, c.variant, self.calibration, self.cal_images, fp32[0], self._work_dir()
                 )
         return self._artefacts[c.id]
 

@@ -2,13 +2,11 @@
 
 - `extraction_settings` reads the `features` config group (declared by schemas.FeaturesConfig),
   checked once; `check_backend` refuses (backend, precision) pairs that cannot run, in one line.
-- `fingerprint` / `split_entry` name one split's features by everything that changes them, so the
-  store (fmnist_tl.feature_store) can tell a valid entry from a stale one.
-- `FeatureExtractor` runs the backbone as fast as torch allows: inference mode, the batched resize
-  on the device (`ImagePreprocess`), fp32/bf16/fp16 autocast, channels_last, and `torch.compile`
-  with inductor freezing when the job is big enough to repay the compile (eager fallback with one
-  log line if compile fails). Which extractor runs -- this one or ONNX Runtime's (fp32, int8) --
-  and in which precision is measured on the machine by `fmnist_tl.probe`.
+- `split_entry` names one split's features by a fingerprint of everything that changes them, so
+  the store (fmnist_tl.feature_store) can tell a valid entry from a stale one.
+- `FeatureExtractor` runs the backbone as fast as torch allows (autocast, channels_last, and
+  `torch.compile` when the job repays it); whether it or ONNX Runtime's extractor runs, and in
+  which precision, is measured on the machine by `fmnist_tl.probe`.
 """
 
 from __future__ import annotations
@@ -95,39 +93,15 @@ def store_dtype_for(setting: str, precision: str) -> str:
 # Fingerprints
 
 
-def fingerprint(
-    *,
-    backbone: str,
-    weights_sha256: str,
-    image_size: int,
-    mean: list[float],
-    std: list[float],
-    precision: str,
-    store_dtype: str,
-    split: str,
-    data_sha256: str,
-    count: int,
-    quantization: str | None = None,
-) -> dict[str, Any]:
-    """Everything that changes the stored features. The device, compile and the backend do not (beyond
-    float noise); an int8 model does, so int8 entries also hold its key (weights, calibration, settings)."""
-    fp = {
-        "format": CACHE_FORMAT,
-        "backbone": backbone,
+def backbone_identity(backbone_name: str, weights_sha256: str, preprocess: nn.Module) -> dict[str, Any]:
+    """What a model, feature entry or gate record made from a backbone depends on: network, weights, preprocessing."""
+    return {
+        "backbone": backbone_name,
         "weights_sha256": weights_sha256,
-        "image_size": int(image_size),
-        "mean": [round(float(m), 8) for m in mean],
-        "std": [round(float(s), 8) for s in std],
-        "precision": precision,
-        "store_dtype": store_dtype,
-        "split": split,
-        # The split's exact images and labels, after subset and train/val carving.
-        "data_sha256": data_sha256,
-        "count": int(count),
+        "image_size": int(preprocess.image_size),
+        "mean": [round(float(m), 8) for m in preprocess.mean.flatten().tolist()],
+        "std": [round(float(s), 8) for s in preprocess.std.flatten().tolist()],
     }
-    if quantization is not None:
-        fp["quantization"] = quantization
-    return fp
 
 
 def split_entry(
@@ -141,20 +115,24 @@ def split_entry(
     labels: torch.Tensor,
     quantization: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """(entry name, fingerprint) of one split's features; the name ends in the fingerprint's key."""
-    fp = fingerprint(
-        backbone=backbone_name,
-        weights_sha256=weights_sha256,
-        image_size=preprocess.image_size,
-        mean=preprocess.mean.flatten().tolist(),
-        std=preprocess.std.flatten().tolist(),
-        precision=precision,
-        store_dtype=store_dtype,
-        split=split,
-        data_sha256=tensors_sha256({"images": images, "labels": labels}),
-        count=len(labels),
-        quantization=quantization,
-    )
+    """(entry name, fingerprint) of one split's features; the name ends in the fingerprint's key.
+
+    The fingerprint holds everything that changes the stored features. The device, compile and the
+    backend do not (beyond float noise); an int8 model does, so int8 entries also hold its key
+    (weights, calibration, settings).
+    """
+    fp = {
+        "format": CACHE_FORMAT,
+        **backbone_identity(backbone_name, weights_sha256, preprocess),
+        "precision": precision,
+        "store_dtype": store_dtype,
+        "split": split,
+        # The split's exact images and labels, after subset and train/val carving.
+        "data_sha256": tensors_sha256({"images": images, "labels": labels}),
+        "count": len(labels),
+    }
+    if quantization is not None:
+        fp["quantization"] = quantization
     tag = "-int8" if quantization else ""
     return f"{split}-{backbone_name}-{preprocess.image_size}px{tag}-{fingerprint_key(fp)}", fp
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fmnist_tl.extraction import STORE_DTYPES, FeatureExtractor, split_entry, store_dtype_for
-from fmnist_tl.manifest_store import ManifestStore, fingerprint_key
+from fmnist_tl.manifest_store import ManifestStore, manifest_head
 from fmnist_tl.utils import FmnistError, module_sha256
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,7 @@ def load_or_extract(
             name,
             {"features": feats, "labels": labels.to(torch.int64)},
             {
-                "fingerprint": fp,
-                "key": fingerprint_key(fp),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **manifest_head(fp),
                 "extraction_seconds": round(seconds, 3),
                 "images_per_s": round(rate, 2) if rate else None,
                 "compiled": compiled,

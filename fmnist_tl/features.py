@@ -1,17 +1,12 @@
 """Training the head on cached backbone features: the Lightning callback and when it is on.
 
 With a frozen backbone and no train-time augmentation, the backbone's output for an image never
-changes, so running it in every epoch is wasted work (docs/feature-cache.md). Instead
-the backbone runs once per split (fmnist_tl.extraction, on the path fmnist_tl.probe measured
-fastest here), its pooled features are kept on disk (fmnist_tl.feature_store), and the head
-trains on them:
-
-- `FeatureCache` is a Lightning callback: in `setup` (in every process, after DDP is up) it
-  swaps the datamodule's image datasets for (features, labels) datasets. The model stays one
-  model: a 2-D batch goes straight to the head (fmnist_tl.data.holds_features), and checkpoints
-  still predict from images (head-only ones rebuild the backbone from the identity they record).
-- `feature_cache_for(cfg, model, datamodule)` decides whether a run uses the cache
-  (`data.cache_features`: auto/true/false) and says why in one log line when it does not.
+changes, so it runs once per split (fmnist_tl.extraction, on the path fmnist_tl.probe measured
+fastest here), its pooled features are kept on disk (fmnist_tl.feature_store), and the head trains
+on them (docs/feature-cache.md). `FeatureCache` swaps the datamodule's image datasets for
+(features, labels) ones; the model stays one model: a 2-D batch goes straight to the head
+(fmnist_tl.data.holds_features), and checkpoints still predict from images.
+`feature_cache_for` decides whether a run uses the cache (`data.cache_features`).
 """
 
 from __future__ import annotations
@@ -178,12 +173,11 @@ class FeatureCache(L.Callback):
                     job[-1].acquire()
                     held.append(job[-1])
             trainer.strategy.barrier("fmnist_tl.features.locks")
-        extractor = plan.extractor
+        plan.extractor.progress = self.settings.progress and trainer.is_global_zero
         try:
             for split, name, fp, images, labels, lock in jobs:
-                extractor.progress = self.settings.progress and trainer.is_global_zero
                 feats, result = load_or_extract(
-                    self.store, name, fp, images, labels, extractor, extra_manifest=extra, lock=lock
+                    self.store, name, fp, images, labels, plan.extractor, extra_manifest=extra, lock=lock
                 )
                 if lock in held:
                     lock.release()

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ _CHECKED: dict[tuple, str] = {}
 def fingerprint_key(fp: dict[str, Any]) -> str:
     """A short stable name for a fingerprint (a dict of everything that changes an entry)."""
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def manifest_head(fp: dict[str, Any]) -> dict[str, Any]:
+    """What every manifest starts with: the fingerprint, its key and when the entry was written."""
+    return {"fingerprint": fp, "key": fingerprint_key(fp), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 class ManifestStore:

@@ -2,21 +2,19 @@
 
 - `export_onnx` is the one torch -> ONNX export of the project (the export CLI uses it too).
 - `backbone_onnx` / `int8_onnx` build the fp32 and the int8 model of a backbone and keep them in an
-  `ArtefactStore` under the feature cache: one file + a JSON manifest (sha256, fingerprint) per
-  entry, written atomically under a file lock and validated before use, so a warm run pays nothing
+  `ArtefactStore` under the feature cache (fmnist_tl.manifest_store), so a warm run pays nothing
   and a truncated or foreign file is rebuilt, never run.
-- int8 is `onnxruntime.quantization.quantize_static`: QDQ, per-channel int8 weights, uint8
-  activations calibrated (MinMax) on training-split images only. `INT8_VARIANTS` are the settings
-  the probe may try: plain 8-bit weights, and 7-bit weights (`reduce_range`), which ONNX Runtime
-  recommends on x86 CPUs without VNNI, where the u8 x s8 AVX2 kernel (VPMADDUBSW) sums pairs of
-  products into int16 and can saturate with full-range weights. Which one is used is decided by the
-  probe (speed) and the fidelity gate (cosine to fp32 features), not by CPU flags.
+- int8 is `onnxruntime.quantization.quantize_static`, calibrated on training-split images only.
+  `INT8_VARIANTS` are the settings the probe may try: 8-bit weights, and 7-bit ones (`reduce_range`)
+  for x86 CPUs without VNNI, whose u8 x s8 kernel can saturate with full-range weights
+  (docs/feature-cache.md). The probe's speed and fidelity gate choose, not CPU flags.
 - `OnnxExtractor` runs a model over uint8 images; preprocessing (scale, resize, normalise) is
   inside the graph, so the whole extraction runs in ONNX Runtime's threads.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import json
@@ -30,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmnist_tl.manifest_store import ManifestStore, fingerprint_key
+from fmnist_tl.manifest_store import ManifestStore, fingerprint_key, manifest_head
 from fmnist_tl.progress import progress_bar
 from fmnist_tl.utils import FmnistError
 
@@ -94,12 +92,12 @@ def export_onnx(
     program.save(path, external_data=False)
 
 
-def session(path: str | Path, threads: int | None = None):
+def session(path: str | Path):
     """A CPU InferenceSession with as many intra-op threads as torch uses (the cores this process may use)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initialisers etc. are noise here
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -112,8 +110,8 @@ def session(path: str | Path, threads: int | None = None):
 class ArtefactStore(ManifestStore):
     """One model file + its manifest per entry (fmnist_tl.manifest_store), beside the feature cache."""
 
-    def __init__(self, root: str | Path, suffix: str = ".onnx") -> None:
-        super().__init__(root, suffix, "model cache", "set paths.cache_dir to a writable folder with space")
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root, ".onnx", "model cache", "set paths.cache_dir to a writable folder with space")
 
 
 def cached_artefact(store: ArtefactStore, name: str, fp: dict[str, Any], build, what: str) -> tuple[Path, dict]:
@@ -128,17 +126,7 @@ def cached_artefact(store: ArtefactStore, name: str, fp: dict[str, Any], build, 
         with tempfile.TemporaryDirectory(prefix=".build-", dir=store.root) as tmp:
             built, extra = build(Path(tmp))
             seconds = round(time.perf_counter() - start, 2)
-            manifest = store.commit(
-                name,
-                built.read_bytes(),
-                {
-                    "fingerprint": fp,
-                    "key": fingerprint_key(fp),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "build_seconds": seconds,
-                    **extra,
-                },
-            )
+            manifest = store.commit(name, built.read_bytes(), {**manifest_head(fp), "build_seconds": seconds, **extra})
         log.info("Built %s in %.1f s -> %s", what, seconds, store.paths(name)[0])
         return store.paths(name)[0], manifest
 
@@ -185,8 +173,6 @@ def backbone_onnx(
     name = f"{base['backbone']}-{base['image_size']}px-fp32-{fingerprint_key(fp)}"
 
     def build(tmp: Path) -> tuple[Path, dict[str, Any]]:
-        import copy
-
         module = UInt8Backbone(
             copy.deepcopy(backbone).to("cpu", memory_format=torch.contiguous_format).float().eval(),
             copy.deepcopy(preprocess).to("cpu"),
@@ -298,7 +284,6 @@ class OnnxExtractor:
         self.precision = precision
         self.batch_size = int(batch_size or 16)
         self.progress = progress
-        self.device = torch.device("cpu")
         self._session = None
 
     @property

@@ -1,27 +1,16 @@
 """Choosing the extraction path by measurement on this machine, and the int8 fidelity gate.
 
-`features.backend=auto` / `features.precision=auto` run a short probe: a few batches of each
-candidate (torch fp32/bf16/16, ONNX Runtime fp32 and int8 variants) on training images, timed on
-this machine. The fastest candidate that passes the fidelity gate is used:
-
-- **Probe cache.** The timings are kept per machine (CPU model and flags, or GPU name; threads), torch and
-  onnxruntime versions, backbone, image size and batch size in `probe-<key>.json` under the feature
-  cache: they do not depend on the weights. Deleting the file re-probes.
-- **Fidelity gate.** Before a reduced-precision candidate is used, its features on a seeded sample
-  of training images (disjoint from the int8 calibration images) are compared with fp32 features of
-  the same weights; the mean and the worst cosine similarity must clear `features.gate_mean_cosine`
-  and `features.gate_worst_cosine`. The figures are kept per (weights, candidate, quantiser,
-  calibration set, sample) in `gate-<key>.json`: they depend on the weights, the timings do not.
-- **Explicit settings** are obeyed: a single candidate is not timed; if it is a reduced precision
-  that fails the gate it is still used, with one warning line.
-
-`trainer.precision=auto` on a CPU reads the same probe (torch fp32 vs bf16): bf16 only where it is
-measured faster. The candidates and their extractors come from fmnist_tl.candidates.
+`features.backend=auto` / `features.precision=auto` time a few batches of each candidate
+(fmnist_tl.candidates) on training images, and use the fastest that passes the fidelity gate
+(cosine similarity to fp32 features of the same weights). An explicit single candidate is not
+timed, and is used even if it fails the gate, with one warning line. Timings are kept per machine
+and software in `probe-<key>.json` (they do not depend on the weights); gate figures per weights,
+candidate and sample in `gate-<key>.json`. `trainer.precision=auto` on a CPU reads the same probe.
+See docs/feature-cache.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,14 +28,14 @@ from fmnist_tl import onnx_backend
 from fmnist_tl.candidates import (
     Candidate,
     CandidateRunners,
-    backbone_identity,
     candidates,
     cosine_figures,
     split_samples,
     time_runner,
     timing_sample,
 )
-from fmnist_tl.extraction import work_at_224
+from fmnist_tl.extraction import backbone_identity, work_at_224
+from fmnist_tl.manifest_store import fingerprint_key
 from fmnist_tl.utils import FmnistError, atomic_write_json, machine_name
 
 log = logging.getLogger(__name__)
@@ -63,7 +52,7 @@ COMPILE_BOUND = 2.0
 
 
 def record_key(fields: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    return fingerprint_key(fields)[:20]  # 20 digits: existing probe and gate files keep their names
 
 
 def read_record(path: Path, fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -215,7 +204,6 @@ class Planner:
         self.timer = timer
         self._reference: torch.Tensor | None = None
 
-    # --- timing -----------------------------------------------------------------------------
     def measure(self, c: Candidate, best: float | None = None) -> dict[str, Any]:
         """Time `c`; `best`: the best rate measured so far (an eager torch candidate whose warm-up batch
         is already 4x slower stops there; an ONNX model's warm-up includes building it, so not those)."""
@@ -268,7 +256,6 @@ class Planner:
             return None
         return Candidate("torch", best_torch.precision, compiled=True)
 
-    # --- gate -------------------------------------------------------------------------------
     def gate(self, c: Candidate) -> dict[str, Any]:
         """Fidelity figures of a reduced-precision candidate (from its record, or measured now) and the verdict."""
         fields = {
@@ -298,7 +285,6 @@ class Planner:
             "passed": passed,
         }
 
-    # --- choice -----------------------------------------------------------------------------
     def choose(self, backend: str, precision: str, job_images: int | None = None) -> Plan:
         """The extraction path for (backend, precision); `job_images` (the job's size) decides whether a
         compiled torch candidate is in the running (as FeatureExtractor.should_compile would)."""

@@ -7,11 +7,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.callbacks.progress.rich_progress import (
-    BatchesProcessedColumn,
-    CustomBarColumn,
-    CustomTimeColumn,
-)
+from lightning.pytorch.callbacks.progress.rich_progress import BatchesProcessedColumn, CustomBarColumn, CustomTimeColumn
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
