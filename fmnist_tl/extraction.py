@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch import nn
 
 from fmnist_tl import onnx_backend, schemas
@@ -37,15 +36,7 @@ STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 def extraction_settings(cfg: DictConfig | dict | None) -> FeaturesConfig:
     """The `features` group as a FeaturesConfig, its keys, types and ranges checked by its schema
     (fmnist_tl/schemas.py) and its (backend, precision) pair by `check_backend`."""
-    try:
-        given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-        node = OmegaConf.merge(OmegaConf.structured(FeaturesConfig), given or {})
-    except OmegaConfBaseException as e:
-        key = f"features.{getattr(e, 'full_key', '') or ''}".rstrip(".")
-        if isinstance(e, ConfigKeyError):
-            raise FmnistError(schemas.unknown_key_message(key, list(FeaturesConfig.__dataclass_fields__))) from e
-        raise FmnistError(f"{key}: {str(e).strip().splitlines()[0]} (see conf/features/default.yaml)") from e
-    schemas.check(node, FeaturesConfig, "features.")
+    node = schemas.parse(FeaturesConfig, cfg, "features.", "conf/features/default.yaml")
     settings: FeaturesConfig = OmegaConf.to_object(node)
     check_backend(settings.backend, settings.precision)
     return settings
