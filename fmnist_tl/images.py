@@ -201,7 +201,3 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str | 
         else:
             out.append((text, "no such file or directory"))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Prediction

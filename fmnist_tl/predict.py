@@ -59,10 +59,6 @@ class Prediction:
         return self.top[0][1] if self.top else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading any image into the Fashion-MNIST convention
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
