@@ -85,12 +85,10 @@ def iter_predictions(
     top_k: int = 3,
     invert: str = "auto",
     batch_size: int = 64,
-    class_names: Sequence[str] | None = None,
 ) -> Iterator[Prediction]:
     """Predictions in input order, `batch_size` files at a time (images are loaded per batch)."""
-    names = tuple(class_names or CLASS_NAMES)
-    if not 1 <= top_k <= len(names):
-        raise FmnistError(f"top_k={top_k} must be between 1 and {len(names)}")
+    if not 1 <= top_k <= len(CLASS_NAMES):
+        raise FmnistError(f"top_k={top_k} must be between 1 and {len(CLASS_NAMES)}")
     if batch_size < 1:
         raise FmnistError(f"batch_size={batch_size} must be >= 1")
     files = expand_inputs(inputs)
@@ -108,7 +106,7 @@ def iter_predictions(
             probs = classify(model, torch.stack(images))
             values, indices = probs.topk(top_k, dim=-1)
             for slot, vals, idxs in zip(slots, values.tolist(), indices.tolist(), strict=True):
-                chunk[slot].top = [(names[i], v) for i, v in zip(idxs, vals, strict=True)]
+                chunk[slot].top = [(CLASS_NAMES[i], v) for i, v in zip(idxs, vals, strict=True)]
         yield from chunk
 
 
