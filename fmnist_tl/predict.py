@@ -1,19 +1,13 @@
-"""Classify your own images with a trained checkpoint.
+"""Classify your own images with a trained checkpoint (docs/evaluation.md has the details).
 
     python -m fmnist_tl.predict --checkpoint CKPT [--top-k 3] [--format table|json|csv]
                                 [--invert auto|yes|no] PATH...
 
-PATH is a file, a folder (its image files, recursively, sorted) or a glob. Each image is brought
-to the Fashion-MNIST convention -- grey, a light object on a dark background, the object fitted
-into 28x28 keeping its aspect ratio -- and then through the model's own preprocessing.
-
-A file that cannot be read costs one line on stderr naming it and the reason; the others are still
-predicted, in input order, and the exit code is 1 (0 when every file was predicted, 2 for a bad
-checkpoint or arguments). From code: `fmnist_tl.predict.predict(paths, checkpoint)`.
-
-Safety: the model is rebuilt from the checkpoint's stored hyper-parameters and only its tensors
-are loaded (`weights_only=True`), so a checkpoint cannot run code. Images are read by
-fmnist_tl.images, which refuses decompression bombs and never opens EPS.
+PATH is a file, a folder (its image files, recursively, sorted) or a glob; fmnist_tl.images brings
+each image to the Fashion-MNIST convention. A file that cannot be read costs one line on stderr and
+exit code 1, the others are still predicted, in input order (exit 2: bad checkpoint or arguments).
+The model is rebuilt from the checkpoint's hyper-parameters and only its tensors are loaded
+(`weights_only=True`), so a checkpoint cannot run code. From code: `predict(paths, checkpoint)`.
 """
 
 from __future__ import annotations
