@@ -236,18 +236,15 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     # -------------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader | DeviceBatches:
-        sampler = None
         distributed = self.trainer is not None and self.trainer.world_size > 1
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         cached = isinstance(dataset, TensorDataset) and holds_features(dataset.tensors[0])
         if cached and device is not None and not distributed:
             return self.device_batches(dataset, shuffle, batch_size, device)
-        if shuffle and not distributed:
-            sampler = EpochShuffleSampler(len(dataset), self.seed)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=sampler,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle and not distributed else None,
             shuffle=shuffle and distributed,  # Lightning swaps in a seeded DistributedSampler
             num_workers=self.num_workers,
             pin_memory=self._pin_memory(),
