@@ -114,10 +114,10 @@ def augment_batch(images: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
         dx = torch.randint(0, 2 * max_shift + 1, (b,), device=images.device)
         dy = torch.randint(0, 2 * max_shift + 1, (b,), device=images.device)
         h, w = x.shape[-2:]
-        rows = (dy.view(b, 1) + torch.arange(h, device=images.device)).view(b, 1, h, 1).expand(b, 1, h, w)
-        cols = (dx.view(b, 1) + torch.arange(w, device=images.device)).view(b, 1, 1, w).expand(b, 1, h, w)
-        batch_idx = torch.arange(b, device=images.device).view(b, 1, 1)
-        x = padded[:, 0][batch_idx, rows[:, 0], cols[:, 0]].unsqueeze(1)
+        # (b, h, w) index grids, broadcast: sample i's window starts at row dy[i], column dx[i].
+        rows = dy.view(b, 1, 1) + torch.arange(h, device=images.device).view(1, h, 1)
+        cols = dx.view(b, 1, 1) + torch.arange(w, device=images.device).view(1, 1, w)
+        x = padded[torch.arange(b, device=images.device).view(b, 1, 1), 0, rows, cols].unsqueeze(1)
     return x
 
 
