@@ -177,8 +177,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         **metadata,
     }
     atomic_write_json(output_dir / "export.json", record)
-    size_mb = target.stat().st_size / 1e6
-    print(f"wrote {target} ({size_mb:.1f} MB), {safetensors_path} and {output_dir / 'export.json'}")
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB), {safetensors_path} and {output_dir / 'export.json'}")
     return record
 
 
