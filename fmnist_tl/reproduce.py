@@ -208,12 +208,12 @@ def reproduce(
     runs: dict[str, dict[str, Any]] = {}
     for experiment in experiments:
         run_dir = runs_dir / experiment.name
-        command = train_command(experiment, run_dir, overrides)
-        print(f"reproduce: {experiment.name}: {shlex.join(command)}", file=sys.stderr, flush=True)
+        job = train_command(experiment, run_dir, overrides)
+        print(f"reproduce: {experiment.name}: {shlex.join(job)}", file=sys.stderr, flush=True)
         runs[experiment.name] = {
-            **run_job(command, run_dir),
+            **run_job(job, run_dir),
             "what": experiment.what,
-            "command": command,
+            "command": job,
             "run_dir": str(run_dir),
         }
     when = now.strftime("%Y-%m-%d %H:%M UTC")
