@@ -3,8 +3,7 @@
 Lightning's CSVLogger (logger=csv, the default) writes `csv/metrics.csv` in the run dir: one row per
 logging call, so an epoch's train and val values sit on different rows, between LR-monitor rows and
 the test row. `read_curves` gathers them per epoch; `plot_curves` draws them, with a line where the
-fine-tune phase starts (the run's `model.finetune`). The evaluation report (report.py) calls
-`write_curves` for the run its checkpoint came from.
+fine-tune phase starts (the run's `model.finetune`).
 """
 
 from __future__ import annotations

@@ -114,10 +114,10 @@ def augment_batch(images: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
         dx = torch.randint(0, 2 * max_shift + 1, (b,), device=images.device)
         dy = torch.randint(0, 2 * max_shift + 1, (b,), device=images.device)
         h, w = x.shape[-2:]
-        rows = (dy.view(b, 1) + torch.arange(h, device=images.device)).view(b, 1, h, 1).expand(b, 1, h, w)
-        cols = (dx.view(b, 1) + torch.arange(w, device=images.device)).view(b, 1, 1, w).expand(b, 1, h, w)
-        batch_idx = torch.arange(b, device=images.device).view(b, 1, 1)
-        x = padded[:, 0][batch_idx, rows[:, 0], cols[:, 0]].unsqueeze(1)
+        # (b, h, w) index grids, broadcast: sample i's window starts at row dy[i], column dx[i].
+        rows = dy.view(b, 1, 1) + torch.arange(h, device=images.device).view(1, h, 1)
+        cols = dx.view(b, 1, 1) + torch.arange(w, device=images.device).view(1, 1, w)
+        x = padded[torch.arange(b, device=images.device).view(b, 1, 1), 0, rows, cols].unsqueeze(1)
     return x
 
 
@@ -236,18 +236,15 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     # -------------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader | DeviceBatches:
-        sampler = None
         distributed = self.trainer is not None and self.trainer.world_size > 1
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         cached = isinstance(dataset, TensorDataset) and holds_features(dataset.tensors[0])
         if cached and device is not None and not distributed:
             return self.device_batches(dataset, shuffle, batch_size, device)
-        if shuffle and not distributed:
-            sampler = EpochShuffleSampler(len(dataset), self.seed)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=sampler,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle and not distributed else None,
             shuffle=shuffle and distributed,  # Lightning swaps in a seeded DistributedSampler
             num_workers=self.num_workers,
             pin_memory=self._pin_memory(),

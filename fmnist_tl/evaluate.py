@@ -1,10 +1,7 @@
 """Evaluation report for a checkpoint: `python -m fmnist_tl.evaluate ckpt_path=<ckpt> [hydra overrides]`.
 
-Writes the evaluation report (fmnist_tl/report.py: report.json/md, confusion_matrix.png,
-mistakes.png, and curves.png from the CSV log of the run the checkpoint lies in) into the run
-directory. The logits come from `trainer.test` itself (a callback records the head's output), so
-the report's numbers are computed from exactly what Lightning logged as test/acc and test/f1;
-`train` uses the same callback to write the report for its best checkpoint without a second pass over the test set.
+Tests the checkpoint on one device and writes fmnist_tl/report.py's report into the run directory,
+from the logits `trainer.test` itself produced (`train` writes the same report for its best checkpoint).
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Export a checkpoint for serving: `python -m fmnist_tl.export ckpt_path=<ckpt> format=onnx|torchscript`.
 
-The exported model takes what the data loaders hold -- a uint8 batch (N, 1, 28, 28), light object
-on a dark background -- and returns logits (N, 10): the model's own preprocessing (scale to
-[0, 1], resize, grey to 3 channels, normalise) is inside the graph, and N is dynamic.
-
-Before the file is moved into place it is checked against the PyTorch model on real test images
-(onnxruntime for ONNX, torch.jit.load for TorchScript): max |logit difference| and top-1 agreement
-are printed, and the export fails, writing nothing, if any top-1 prediction differs. The weights
-are also saved as safetensors (state_dict plus the hyper-parameters as metadata). All files are
-written atomically into the run directory, with export.json describing them.
+The exported model maps what the data loaders hold, uint8 (N, 1, 28, 28) with N dynamic, to logits
+(N, 10): the model's own preprocessing is inside the graph. Before the file is moved into place it
+is run on real test images and compared with the PyTorch model; any top-1 difference fails the
+export, writing nothing. model.safetensors and export.json go beside it (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -182,8 +177,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         **metadata,
     }
     atomic_write_json(output_dir / "export.json", record)
-    size_mb = target.stat().st_size / 1e6
-    print(f"wrote {target} ({size_mb:.1f} MB), {safetensors_path} and {output_dir / 'export.json'}")
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB), {safetensors_path} and {output_dir / 'export.json'}")
     return record
 
 

@@ -82,12 +82,10 @@ def grey_and_alpha(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         values = np.asarray(image, dtype=np.float32)
         if image.mode.startswith("I;16"):
             scale = 65535.0  # 16-bit grey: scaled to [0, 1], not clamped to white
-        else:  # 32-bit int or float: guess the range from the data
+        else:  # 32-bit int or float: the smallest usual range that holds the data ([0, 1] for float only)
             peak = float(values.max(initial=0.0))
-            if image.mode == "F" and peak <= 1.0:
-                scale = 1.0
-            else:
-                scale = next((s for s in (255.0, 65535.0) if peak <= s), peak)
+            ranges = (1.0, 255.0, 65535.0) if image.mode == "F" else (255.0, 65535.0)
+            scale = next((s for s in ranges if peak <= s), peak)
         grey = Image.fromarray(np.clip(values / scale, 0.0, 1.0).astype(np.float32), mode="F")
         return np.asarray(_reduce(grey), dtype=np.float32), None
     if image.mode in ALPHA_MODES or "transparency" in image.info:
@@ -201,7 +199,3 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str | 
         else:
             out.append((text, "no such file or directory"))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Prediction

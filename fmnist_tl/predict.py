@@ -1,19 +1,13 @@
-"""Classify your own images with a trained checkpoint.
+"""Classify your own images with a trained checkpoint (docs/evaluation.md has the details).
 
     python -m fmnist_tl.predict --checkpoint CKPT [--top-k 3] [--format table|json|csv]
                                 [--invert auto|yes|no] PATH...
 
-PATH is a file, a folder (its image files, recursively, sorted) or a glob. Each image is brought
-to the Fashion-MNIST convention -- grey, a light object on a dark background, the object fitted
-into 28x28 keeping its aspect ratio -- and then through the model's own preprocessing.
-
-A file that cannot be read costs one line on stderr naming it and the reason; the others are still
-predicted, in input order, and the exit code is 1 (0 when every file was predicted, 2 for a bad
-checkpoint or arguments). From code: `fmnist_tl.predict.predict(paths, checkpoint)`.
-
-Safety: the model is rebuilt from the checkpoint's stored hyper-parameters and only its tensors
-are loaded (`weights_only=True`), so a checkpoint cannot run code. Images are read by
-fmnist_tl.images, which refuses decompression bombs and never opens EPS.
+PATH is a file, a folder (its image files, recursively, sorted) or a glob; fmnist_tl.images brings
+each image to the Fashion-MNIST convention. A file that cannot be read costs one line on stderr and
+exit code 1, the others are still predicted, in input order (exit 2: bad checkpoint or arguments).
+The model is rebuilt from the checkpoint's hyper-parameters and only its tensors are loaded
+(`weights_only=True`), so a checkpoint cannot run code. From code: `predict(paths, checkpoint)`.
 """
 
 from __future__ import annotations
@@ -59,10 +53,6 @@ class Prediction:
         return self.top[0][1] if self.top else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading any image into the Fashion-MNIST convention
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,12 +79,10 @@ def iter_predictions(
     top_k: int = 3,
     invert: str = "auto",
     batch_size: int = 64,
-    class_names: Sequence[str] | None = None,
 ) -> Iterator[Prediction]:
     """Predictions in input order, `batch_size` files at a time (images are loaded per batch)."""
-    names = tuple(class_names or CLASS_NAMES)
-    if not 1 <= top_k <= len(names):
-        raise FmnistError(f"top_k={top_k} must be between 1 and {len(names)}")
+    if not 1 <= top_k <= len(CLASS_NAMES):
+        raise FmnistError(f"top_k={top_k} must be between 1 and {len(CLASS_NAMES)}")
     if batch_size < 1:
         raise FmnistError(f"batch_size={batch_size} must be >= 1")
     files = expand_inputs(inputs)
@@ -112,7 +100,7 @@ def iter_predictions(
             probs = classify(model, torch.stack(images))
             values, indices = probs.topk(top_k, dim=-1)
             for slot, vals, idxs in zip(slots, values.tolist(), indices.tolist(), strict=True):
-                chunk[slot].top = [(names[i], v) for i, v in zip(idxs, vals, strict=True)]
+                chunk[slot].top = [(CLASS_NAMES[i], v) for i, v in zip(idxs, vals, strict=True)]
         yield from chunk
 
 

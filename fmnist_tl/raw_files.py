@@ -165,9 +165,9 @@ def _install(raw_dir: Path, files: dict[str, tuple[str, bytes]], expected_sizes:
     counts = {}
     for stem, kind, split in IDX_FILES:
         source, raw = files[stem]
-        counts[(split, kind, source)] = len(parse_idx(raw, source, kind, expected_sizes.get(split)))
+        counts[split, kind] = source, len(parse_idx(raw, source, kind, expected_sizes.get(split)))
     for split in ("train", "test"):
-        (images_src, n_images), (labels_src, n_labels) = [(src, n) for (sp, _, src), n in counts.items() if sp == split]
+        (images_src, n_images), (labels_src, n_labels) = counts[split, "images"], counts[split, "labels"]
         if n_images != n_labels:
             raise FmnistError(f"{labels_src}: {n_labels} labels for {n_images} images in {images_src}; replace both")
     for stem, (_, raw) in files.items():

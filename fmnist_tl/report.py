@@ -1,13 +1,8 @@
-"""The evaluation report of a test run: metrics, plots and the report files.
+"""The evaluation report of a test run: report.json/md, confusion_matrix.png, mistakes.png, curves.png.
 
-From the logits and labels `trainer.test` produced (recorded by a callback on the model's head):
-- report.json / report.md: test accuracy, macro-F1, per-class precision/recall/F1/support and
-  the most confused class pairs;
-- confusion_matrix.png (rows normalised) and mistakes.png (the most confident wrong predictions);
-- curves.png: train/val loss and accuracy per epoch from the training run's CSV log (curves.py).
-
-The numbers come from the same logits and torchmetrics classes Lightning logged test/acc and
-test/f1 with, so they agree; `evaluate` (any checkpoint) and `train` (its best one) both write it.
+Computed from the logits and labels `trainer.test` produced (a callback on the model's head records
+them) with the torchmetrics classes Lightning logged test/acc and test/f1 with, so the numbers agree.
+`evaluate` (any checkpoint) and `train` (its best one) both write it; docs/evaluation.md describes each file.
 """
 
 from __future__ import annotations
@@ -57,13 +52,7 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: tupl
     confusion = values["confusion"].long()
     support = confusion.sum(1)
     per_class = [
-        {
-            "class": name,
-            "precision": float(values["precision"][i]),
-            "recall": float(values["recall"][i]),
-            "f1": float(values["f1"][i]),
-            "support": int(support[i]),
-        }
+        {"class": name, **{k: float(values[k][i]) for k in ("precision", "recall", "f1")}, "support": int(support[i])}
         for i, name in enumerate(class_names)
     ]
     off_diagonal = [
@@ -108,28 +97,14 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: tuple[str, ...],
         for p in range(n):
             value = float(normalised[t, p])
             if value >= 0.005:
-                ax.text(
-                    p,
-                    t,
-                    f"{value:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if value > 0.5 else "black",
-                )
+                color = "white" if value > 0.5 else "black"
+                ax.text(p, t, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
     return png_bytes(fig)
 
 
-def plot_mistakes(
-    images: torch.Tensor,
-    true: list[str],
-    predicted: list[str],
-    confidence: list[float],
-    title: str,
-    columns: int = 8,
-) -> bytes:
-    """Grid of 28x28 uint8 images, each titled with its true and predicted class."""
-    count = len(true)
+def plot_mistakes(images: torch.Tensor, mistakes: list[dict[str, Any]], title: str, columns: int = 8) -> bytes:
+    """Grid of 28x28 uint8 images, each titled with its mistake's true and predicted class and confidence."""
+    count = len(mistakes)
     rows = max(1, math.ceil(count / columns))
     fig = Figure(figsize=(columns * 1.7, rows * 1.8 + 0.5))
     fig.suptitle(title)
@@ -137,10 +112,10 @@ def plot_mistakes(
         ax = fig.add_subplot()
         ax.axis("off")
         ax.text(0.5, 0.5, "no wrong predictions", ha="center", va="center")
-    for i in range(count):
+    for i, m in enumerate(mistakes):
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.imshow(images[i].squeeze(0).numpy(), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"true: {true[i]}\npred: {predicted[i]} {confidence[i]:.1%}", fontsize=7.5)
+        ax.set_title(f"true: {m['true']}\npred: {m['predicted']} {m['confidence']:.1%}", fontsize=7.5)
         ax.axis("off")
     return png_bytes(fig)
 
@@ -236,35 +211,10 @@ def write_report(
             raise RuntimeError(f"report {ours}={report[ours]} differs from trainer.test {theirs}={logged[theirs]}")
 
     images = images_of_test_split(datamodule, labels)
-    probs = logits.softmax(-1)
-    confidence, predicted = probs.max(-1)
+    confidence, predicted = logits.softmax(-1).max(-1)
     wrong = (predicted != labels).nonzero().squeeze(1)
     worst = wrong[confidence[wrong].argsort(descending=True, stable=True)][:num_mistakes]
-
-    output_dir = Path(output_dir)
-    confusion = torch.tensor(report["confusion_matrix"]["counts"])
-    if plots:  # matplotlib: a second or more per report, which a sweep's trials skip
-        atomic_write_bytes(
-            output_dir / "confusion_matrix.png",
-            plot_confusion_matrix(
-                confusion,
-                class_names,
-                f"Confusion matrix, rows normalised (accuracy {report['accuracy']:.2%}, n={report['num_samples']})",
-            ),
-        )
-        atomic_write_bytes(
-            output_dir / "mistakes.png",
-            plot_mistakes(
-                images[worst],
-                [class_names[int(i)] for i in labels[worst]],
-                [class_names[int(i)] for i in predicted[worst]],
-                [float(c) for c in confidence[worst]],
-                f"Most confident wrong predictions ({len(worst)} of {len(wrong)} mistakes)",
-            ),
-        )
-        curves = write_curves(run_dir, output_dir, finetune_start) if run_dir is not None else None
-        report["curves"] = curves.name if curves else None
-    report["mistakes_shown"] = [
+    mistakes = [
         {
             "index": int(i),
             "true": class_names[int(labels[i])],
@@ -273,6 +223,17 @@ def write_report(
         }
         for i in worst
     ]
+
+    output_dir = Path(output_dir)
+    if plots:  # matplotlib: a second or more per report, which a sweep's trials skip
+        confusion = torch.tensor(report["confusion_matrix"]["counts"])
+        title = f"Confusion matrix, rows normalised (accuracy {report['accuracy']:.2%}, n={report['num_samples']})"
+        atomic_write_bytes(output_dir / "confusion_matrix.png", plot_confusion_matrix(confusion, class_names, title))
+        title = f"Most confident wrong predictions ({len(worst)} of {len(wrong)} mistakes)"
+        atomic_write_bytes(output_dir / "mistakes.png", plot_mistakes(images[worst], mistakes, title))
+        curves = write_curves(run_dir, output_dir, finetune_start) if run_dir is not None else None
+        report["curves"] = curves.name if curves else None
+    report["mistakes_shown"] = mistakes
     atomic_write_json(output_dir / "report.json", report)
     atomic_write_text(output_dir / "report.md", markdown_report(report, plots))
     log.info(

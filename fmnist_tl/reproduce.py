@@ -1,16 +1,9 @@
 """The project's headline results in one command: `python -m fmnist_tl.reproduce [OVERRIDES...]` (`make reproduce`).
 
-Runs three training jobs, each as its own `python -m fmnist_tl.train` process (a CLI, so nothing
-here imports it; each job gets Hydra's usual run dir, log and config):
-
-- notebook: `experiment=notebook`, the original notebook's frozen ImageNet ResNet50 with its head;
-- finetune: `experiment=finetune`, head epochs, then layer4 trains too;
-- default: what `make train` runs, no overrides.
-
-Then it writes docs/results.md (atomically) from their metrics.json and report.json: test accuracy,
-macro-F1, per-class F1, epochs, wall time, machine, weights identity and the exact commands; and
-the README's results table (between its `<!-- results:start -->` / `<!-- results:end -->` markers).
-OVERRIDES go to every job (e.g. `trainer=gpu`, or tiny settings in the tests).
+Runs each of EXPERIMENTS as its own `python -m fmnist_tl.train` process (a CLI, so nothing here
+imports it; each job gets Hydra's usual run dir, log and config), with the OVERRIDES (e.g.
+`trainer=gpu`). Then it writes docs/results.md from their metrics.json and report.json, and the
+README's results table between its README_MARKERS.
 
 Every config is composed and checked, and the ImageNet weights fetched, before the first job
 starts: offline without them it stops at once with train's one-line weights error (exit 2).
@@ -215,12 +208,12 @@ def reproduce(
     runs: dict[str, dict[str, Any]] = {}
     for experiment in experiments:
         run_dir = runs_dir / experiment.name
-        command = train_command(experiment, run_dir, overrides)
-        print(f"reproduce: {experiment.name}: {shlex.join(command)}", file=sys.stderr, flush=True)
+        job = train_command(experiment, run_dir, overrides)
+        print(f"reproduce: {experiment.name}: {shlex.join(job)}", file=sys.stderr, flush=True)
         runs[experiment.name] = {
-            **run_job(command, run_dir),
+            **run_job(job, run_dir),
             "what": experiment.what,
-            "command": command,
+            "command": job,
             "run_dir": str(run_dir),
         }
     when = now.strftime("%Y-%m-%d %H:%M UTC")

@@ -38,6 +38,8 @@ def test_reproduce_writes_results_from_the_runs_it_made(tiny_mirror, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     page = output.read_text()
+    # The page names the command that wrote it, not the last training job's.
+    assert page.startswith(f"# Results\n\nWritten by `python -m fmnist_tl.reproduce --output {output} ")
     assert "Random-init backbone" in page  # never passed off as ImageNet results
     per_class = page.split("## Per-class F1")[1].split("## Commands")[0]
     for experiment in EXPERIMENTS:
