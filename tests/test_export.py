@@ -102,6 +102,20 @@ def test_export_that_disagrees_with_pytorch_fails_and_writes_nothing(tiny_mirror
     assert not (tmp_path / "export").exists() or not list((tmp_path / "export").iterdir())
 
 
+def test_export_whose_odd_batch_alone_disagrees_says_so(tiny_mirror, tmp_path, checkpoint, monkeypatch):
+    real = export_module.run_torchscript
+
+    def odd_batch_wrong(path, images):
+        logits = real(path, images)
+        return logits.roll(1, dims=-1) if len(images) == export_module.ODD_BATCH else logits
+
+    monkeypatch.setattr(export_module, "run_torchscript", odd_batch_wrong)
+    cfg = export_cfg(tiny_mirror, tmp_path, f"ckpt_path={checkpoint}", "format=torchscript")
+    message = r"top-1 agreement 100\.00% with PyTorch on \d+ images and [0-2]/3 in a batch of 3"
+    with pytest.raises(FmnistError, match=message):
+        export(cfg)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
