@@ -132,16 +132,13 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown(summary: SweepSummary, plot: Path | None) -> str:
-    counts = summary.counts()
     direction = "maximised" if summary.maximize else "minimised"
     job_time = sum(j.value("wall_time_s") or 0.0 for j in summary.jobs)
     out = [
         f"# Sweep summary: `{summary.sweep_dir}`",
         "",
-        f"{len(summary.jobs)} jobs: "
-        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        + f". Ranked by `{summary.objective}` ({direction}); test metrics are shown, never used to rank."
-        + f" Time in jobs: {job_time:.0f} s.",
+        f"{len(summary.jobs)} jobs: {summary.counts_text()}. Ranked by `{summary.objective}` ({direction});"
+        f" test metrics are shown, never used to rank. Time in jobs: {job_time:.0f} s.",
         "",
     ]
     if summary.common:
@@ -275,8 +272,7 @@ def plot_objective(summary: SweepSummary, path: Path) -> bool:
     for ax in list(axes.flat)[len(params) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    counts = summary.counts()
-    fig.suptitle(f"{summary.sweep_dir.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), fontsize=10)
+    fig.suptitle(f"{summary.sweep_dir.name}: {summary.counts_text()}", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
