@@ -141,38 +141,36 @@ def markdown(summary: SweepSummary, plot: Path | None) -> str:
     extraction = any(job.extraction_images_per_s() is not None for job in summary.jobs)
     header = ["rank", "best", "job", "status", "overrides", *metric_cols, "epochs"]
     header += ["extract img/s"] * extraction + ["wall s", "error"]
-    rows = []
-    for rank, job in enumerate(summary.jobs, start=1):
-        rows.append(
-            [
-                str(rank),
-                "**best**" if job is summary.best else "",
-                job.name,
-                job.status,
-                f"`{_overrides_text(job.overrides, summary.swept, short=True)}`" if summary.swept else "",
-                *[_fmt(job.value(m)) for m in metric_cols],
-                _fmt(job.metrics.get("epochs")),
-                *[_fmt(job.extraction_images_per_s(), 1)] * extraction,
-                _fmt(job.value("wall_time_s"), 1),
-                str(job.metrics.get("error", "")),
-            ]
-        )
+    rows = [
+        [
+            str(rank),
+            "**best**" if job is summary.best else "",
+            job.name,
+            job.status,
+            f"`{_overrides_text(job.overrides, summary.swept, short=True)}`" if summary.swept else "",
+            *[_fmt(job.value(m)) for m in metric_cols],
+            _fmt(job.metrics.get("epochs")),
+            *[_fmt(job.extraction_images_per_s(), 1)] * extraction,
+            _fmt(job.value("wall_time_s"), 1),
+            str(job.metrics.get("error", "")),
+        ]
+        for rank, job in enumerate(summary.jobs, start=1)
+    ]
     out += [_md_table(header, rows), ""]
     if summary.groups:
         out += [f"## By configuration: mean ± std over seeds (sample std), ranked by mean `{summary.objective}`", ""]
         gheader = ["rank", "best", "overrides", "seeds", "completed", *metric_cols]
-        grows = []
-        for row, group in zip(group_rows(summary), summary.groups, strict=True):
-            grows.append(
-                [
-                    str(row["rank"]),
-                    "**best**" if row["best"] else "",
-                    f"`{_overrides_text(group.overrides, list(group.overrides), short=True)}`",
-                    str(row["seeds"]),
-                    str(row["completed"]),
-                    *[_mean_std(group.values(m)) for m in metric_cols],
-                ]
-            )
+        grows = [
+            [
+                str(row["rank"]),
+                "**best**" if row["best"] else "",
+                f"`{_overrides_text(group.overrides, list(group.overrides), short=True)}`",
+                str(row["seeds"]),
+                str(row["completed"]),
+                *[_mean_std(group.values(m)) for m in metric_cols],
+            ]
+            for row, group in zip(group_rows(summary), summary.groups, strict=True)
+        ]
         out += [_md_table(gheader, grows), ""]
     if plot is not None:
         out += [f"![{summary.objective} against each swept parameter]({plot.name})", ""]
