@@ -79,11 +79,8 @@ class SweepSummary:
 
 def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
     """`key=value` strings (as Hydra stores them) -> {key: value}; `+key` / `++key` count as key."""
-    out = {}
-    for line in lines:
-        key, _, value = str(line).partition("=")
-        out[key.lstrip("+")] = value
-    return out
+    pairs = (str(line).partition("=") for line in lines)
+    return {key.lstrip("+"): value for key, _, value in pairs}
 
 
 def _load_yaml_list(path: Path) -> list[str]:

@@ -34,11 +34,9 @@ BY_CONFIG_NAME = "sweep_summary_by_config.csv"
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
-    return str(v)
+    if isinstance(v, float) and math.isfinite(v):
+        return f"{v:.{digits}f}"
+    return "" if v is None else str(v)
 
 
 def _short(value: str) -> str:
