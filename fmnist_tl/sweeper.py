@@ -79,10 +79,10 @@ class SweepSettings:
     grace_period: float
 
     def check(self) -> None:
-        for key, low in (("n_trials", 1), ("n_jobs", 1)):
+        for key in ("n_trials", "n_jobs"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise FmnistError(f"hydra.sweeper.{key}={value!r} must be an integer >= {low}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FmnistError(f"hydra.sweeper.{key}={value!r} must be an integer >= 1")
         if not 0.0 <= float(self.max_failure_rate) <= 1.0:
             raise FmnistError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate} must be in [0, 1]")
         if not 0 < float(self.heartbeat_interval) < float(self.grace_period):
