@@ -138,11 +138,8 @@ class SamplerFactory:
         if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
             extra = sorted(k for k in self.cfg if not k.startswith("_") and k not in accepted)
             if extra:
-                log.warning(
-                    "%s takes no %s: left out",
-                    self.cls.__name__,
-                    ", ".join(f"hydra.sweeper.sampler.{k}" for k in extra),
-                )
+                settings = ", ".join(f"hydra.sweeper.sampler.{k}" for k in extra)
+                log.warning("%s takes no %s: left out", self.cls.__name__, settings)
                 for key in extra:
                     del self.cfg[key]
         seed = self.cfg.get("seed")

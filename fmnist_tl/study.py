@@ -1,18 +1,14 @@
-"""An Optuna study in its storage, shared by any number of sweeper workers.
+"""An Optuna study in its storage, shared by any number of sweeper workers (docs/sweeps.md).
 
-- **Persistent by default.** `hydra.sweeper.storage`: null is a SQLite file in the sweep dir named
-  by the study (`<sweep dir>/<study_name>.db`); any SQLAlchemy URL; `journal:<path>` (Optuna's
-  journal file, fit for shared file systems); `memory` for a throw-away study (`StudyStore`).
-- **One worker at a time counts and asks** (`StudyStore.lock`), so n_trials holds as the study's
-  total across workers.
+- **Storage** (`StudyStore`): `hydra.sweeper.storage` null is `<sweep dir>/<study_name>.db`
+  (SQLite); else any SQLAlchemy URL, `journal:<path>` (Optuna's journal file) or `memory`.
+- **One worker at a time counts and asks** (`StudyStore.lock`), so n_trials holds across workers.
 - **Lost trials.** A trial left RUNNING by a worker that is gone is told FAIL by the next worker
   that takes the lock (`mark_lost`). On the same machine (same host name, boot and pid namespace)
-  the worker's pid and process start time decide exactly, so a rerun right after a kill recovers at
-  once and a live worker's trial is never touched. A worker elsewhere is judged by its heartbeat: a
-  user attr (`heartbeat`, Unix time) its sweeper refreshes every `heartbeat_interval` seconds while
-  the trial runs (`Heartbeat`); it is lost after `grace_period` seconds without one. User attrs work
-  the same in every storage (Optuna's own heartbeat is RDB-only); hosts' clocks must agree to well
-  within the grace period (NTP).
+  the worker's pid and process start time decide exactly, so a live worker's trial is never
+  touched. A worker elsewhere is lost after `grace_period` seconds without a `heartbeat` user attr
+  (Unix time, refreshed by `Heartbeat`): user attrs work in every storage (Optuna's own heartbeat
+  is RDB-only); hosts' clocks must agree to well within the grace period (NTP).
 """
 
 from __future__ import annotations
@@ -104,7 +100,8 @@ class StudyStore:
         import optuna
 
         self._lock: Any = None
-        self._advisory: tuple[Any, str, str, Any] | None = None
+        self._advisory: str | None = None  # postgresql, mysql or mariadb: the lock is in the database
+        self._engine: Any = None
         self._lock_key = f"fmnist_tl.sweeper:{study_name}"
         spec = None if spec is None else str(spec)
         if spec in ("memory", ":memory:"):
@@ -128,6 +125,7 @@ class StudyStore:
         self._open_rdb(spec)
 
     def _open_rdb(self, url: str) -> None:
+        import filelock
         import optuna
         import sqlalchemy
 
@@ -142,15 +140,15 @@ class StudyStore:
         if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
             db = Path(parsed.database)
             db.parent.mkdir(parents=True, exist_ok=True)
-            self._lock = _FileLock(f"{db}.lock")
+            self._lock = filelock.FileLock(f"{db}.lock")
             # Several processes on one file: wait for SQLite's write lock instead of failing at once.
             engine_kwargs = {"connect_args": {"timeout": 60}}
         elif backend in ("postgresql", "mysql", "mariadb"):
-            self._advisory = (sqlalchemy, url, backend, None)
+            self._advisory = backend
         with self.lock():  # the first workers on a new database race to create its tables otherwise
             try:
                 self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-            except (ImportError, ModuleNotFoundError) as e:
+            except ImportError as e:
                 raise FmnistError(
                     f"hydra.sweeper.storage={hide_password(url)} needs a database driver ({e}); "
                     "pip install it (psycopg for PostgreSQL, PyMySQL for MySQL)"
@@ -164,25 +162,24 @@ class StudyStore:
         if self._advisory is not None:
             with self._advisory_lock():
                 yield
-            return
-        if self._lock is None:
+        elif self._lock is None:
             yield
-            return
-        self._lock.acquire()
-        try:
-            yield
-        finally:
-            self._lock.release()
+        else:
+            self._lock.acquire()
+            try:
+                yield
+            finally:
+                self._lock.release()
 
     @contextlib.contextmanager
     def _advisory_lock(self) -> Iterator[None]:
-        sqlalchemy, url, backend, engine = self._advisory
-        if engine is None:
-            engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-            self._advisory = (sqlalchemy, url, backend, engine)
+        import sqlalchemy
+
+        if self._engine is None:
+            self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
         key, text = self._lock_key, sqlalchemy.text
-        with engine.connect() as conn:
-            if backend == "postgresql":
+        with self._engine.connect() as conn:
+            if self._advisory == "postgresql":
                 number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
                 conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": number})
                 release = (text("SELECT pg_advisory_unlock(:k)"), {"k": number})
@@ -193,22 +190,6 @@ class StudyStore:
                 yield
             finally:
                 conn.execute(*release)
-
-
-class _FileLock:
-    """filelock's FileLock behind the acquire/release interface of Optuna's journal locks."""
-
-    def __init__(self, path: str) -> None:
-        import filelock
-
-        self._lock = filelock.FileLock(path)
-
-    def acquire(self) -> bool:
-        self._lock.acquire()
-        return True
-
-    def release(self) -> None:
-        self._lock.release()
 
 
 class Heartbeat:
@@ -240,9 +221,7 @@ def counts_toward_total(trial: Any) -> bool:
     """Completed, pruned, running, or failed by its own outcome; lost trials (worker gone) do not count."""
     from optuna.trial import TrialState
 
-    if trial.state == TrialState.FAIL:
-        return FAILURE in trial.user_attrs
-    return True
+    return trial.state != TrialState.FAIL or FAILURE in trial.user_attrs
 
 
 def mark_lost(study: Any, here: Mapping[str, Any], grace: float, sweep_dir: Path) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,20 +72,15 @@ class SweepSummary:
     def best(self) -> Job | None:
         return self.jobs[0] if self.jobs and self.jobs[0].value(self.objective) is not None else None
 
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for job in self.jobs:
-            out[job.status] = out.get(job.status, 0) + 1
-        return out
+    def counts_text(self) -> str:
+        """How many jobs ended each way, e.g. "3 completed, 1 failed"."""
+        return ", ".join(f"{n} {s}" for s, n in sorted(Counter(j.status for j in self.jobs).items()))
 
 
 def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
     """`key=value` strings (as Hydra stores them) -> {key: value}; `+key` / `++key` count as key."""
-    out = {}
-    for line in lines:
-        key, _, value = str(line).partition("=")
-        out[key.lstrip("+")] = value
-    return out
+    pairs = (str(line).partition("=") for line in lines)
+    return {key.lstrip("+"): value for key, _, value in pairs}
 
 
 def _load_yaml_list(path: Path) -> list[str]:
@@ -168,13 +164,11 @@ def summarize(sweep_dir: str | Path) -> SweepSummary:
     swept = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
     common = {k: jobs[0].overrides[k] for k in keys if k not in swept}
 
-    def rank_key(job: Job) -> tuple:
-        v = job.value(objective)
-        if v is None:
-            return (1, 0.0, job_sort_key(job.name))
-        return (0, -v if maximize else v, job_sort_key(job.name))
+    def best_first(value: float | None) -> tuple[int, float]:
+        """Sort key: the best value first, None last."""
+        return (1, 0.0) if value is None else (0, -value if maximize else value)
 
-    jobs.sort(key=rank_key)
+    jobs.sort(key=lambda job: (*best_first(job.value(objective)), job_sort_key(job.name)))
 
     by_config: dict[tuple, Group] = {}
     for job in jobs:
@@ -183,12 +177,9 @@ def summarize(sweep_dir: str | Path) -> SweepSummary:
     groups: list[Group] = []
     if SEED_KEY in swept and any(len(g.jobs) > 1 for g in by_config.values()):
 
-        def group_key(g: Group) -> tuple:
+        def group_key(g: Group) -> tuple[int, float]:
             vals = g.values(objective)
-            if not vals:
-                return (1, 0.0)
-            mean = statistics.fmean(vals)
-            return (0, -mean if maximize else mean)
+            return best_first(statistics.fmean(vals) if vals else None)
 
         groups = sorted(by_config.values(), key=group_key)
     return SweepSummary(sweep_dir, objective, maximize, jobs, swept, common, groups)

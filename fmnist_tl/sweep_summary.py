@@ -1,16 +1,10 @@
-"""One table for a whole sweep: sweep_summary.{csv,md,png} in the sweep dir.
+"""One table for a whole sweep: sweep_summary.{csv,md,png} in the sweep dir (docs/sweeps.md lists their columns).
 
 Every Hydra multirun ends with this summary (`SweepSummaryCallback`, registered in
 conf/hydra/default.yaml); `python -m fmnist_tl.summarize` writes it for any sweep dir, including
-one still running or interrupted. From the jobs as fmnist_tl/sweep_results.py reads and ranks
-them, it writes into the sweep dir:
-
-- `sweep_summary.csv`: one row per job: rank, best, job, status, each swept parameter, the
-  overrides, val/test metrics, epochs, feature extraction img/s, wall time (per trial), error,
-  run dir; sorted by the objective;
-- `sweep_summary.md`: the same as a table, plus mean +- std over seeds for configurations that
-  were run with several seeds (also in `sweep_summary_by_config.csv`);
-- `sweep_summary.png`: the objective against each swept parameter.
+one still running or interrupted. The jobs are read and ranked by fmnist_tl/sweep_results.py; the
+md adds mean ± std over seeds per configuration (also `sweep_summary_by_config.csv`) when some
+configurations were run with several seeds.
 """
 
 from __future__ import annotations
@@ -33,20 +27,16 @@ from fmnist_tl.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CSV_NAME, MD_NAME, PNG_NAME, BY_CONFIG_NAME = (
-    "sweep_summary.csv",
-    "sweep_summary.md",
-    "sweep_summary.png",
-    "sweep_summary_by_config.csv",
-)
+CSV_NAME = "sweep_summary.csv"
+MD_NAME = "sweep_summary.md"
+PNG_NAME = "sweep_summary.png"
+BY_CONFIG_NAME = "sweep_summary_by_config.csv"
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
-    return str(v)
+    if isinstance(v, float) and math.isfinite(v):
+        return f"{v:.{digits}f}"
+    return "" if v is None else str(v)
 
 
 def _short(value: str) -> str:
@@ -70,28 +60,30 @@ def _mean_std(values: list[float], digits: int = 4) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _metric_cols(summary: SweepSummary) -> list[str]:
+    """The val/test metrics, and the objective when it is none of them."""
+    return list(METRICS) + ([summary.objective] if summary.objective not in METRICS else [])
+
+
 def job_rows(summary: SweepSummary) -> list[dict[str, Any]]:
-    rows = []
-    best = summary.best
-    for rank, job in enumerate(summary.jobs, start=1):
-        row: dict[str, Any] = {
+    metric_cols = _metric_cols(summary)
+    return [
+        {
             "rank": rank,
-            "best": "*" if job is best else "",
+            "best": "*" if job is summary.best else "",
             "job": job.name,
             "status": job.status,
+            **{k: job.overrides.get(k, "") for k in summary.swept},
+            "overrides": _overrides_text(job.overrides, summary.swept),
+            **{m: job.value(m) for m in metric_cols},
+            "epochs": job.metrics.get("epochs"),
+            "extraction_img_per_s": job.extraction_images_per_s(),
+            "wall_time_s": job.value("wall_time_s"),
+            "error": job.metrics.get("error", ""),
+            "run_dir": str(job.run_dir),
         }
-        row.update({k: job.overrides.get(k, "") for k in summary.swept})
-        row["overrides"] = _overrides_text(job.overrides, summary.swept)
-        row.update({m: job.value(m) for m in METRICS})
-        if summary.objective not in METRICS:
-            row[summary.objective] = job.value(summary.objective)
-        row["epochs"] = job.metrics.get("epochs")
-        row["extraction_img_per_s"] = job.extraction_images_per_s()
-        row["wall_time_s"] = job.value("wall_time_s")
-        row["error"] = job.metrics.get("error", "")
-        row["run_dir"] = str(job.run_dir)
-        rows.append(row)
-    return rows
+        for rank, job in enumerate(summary.jobs, start=1)
+    ]
 
 
 def group_rows(summary: SweepSummary) -> list[dict[str, Any]]:
@@ -104,8 +96,7 @@ def group_rows(summary: SweepSummary) -> list[dict[str, Any]]:
             "seeds": len(group.jobs),
             "completed": sum(j.status == "completed" for j in group.jobs),
         }
-        metrics = list(METRICS) + ([summary.objective] if summary.objective not in METRICS else [])
-        for m in metrics:
+        for m in _metric_cols(summary):
             vals = group.values(m)
             row[f"{m} mean"] = statistics.fmean(vals) if vals else None
             row[f"{m} std"] = statistics.stdev(vals) if len(vals) > 1 else None
@@ -132,57 +123,52 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown(summary: SweepSummary, plot: Path | None) -> str:
-    counts = summary.counts()
     direction = "maximised" if summary.maximize else "minimised"
     job_time = sum(j.value("wall_time_s") or 0.0 for j in summary.jobs)
     out = [
         f"# Sweep summary: `{summary.sweep_dir}`",
         "",
-        f"{len(summary.jobs)} jobs: "
-        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        + f". Ranked by `{summary.objective}` ({direction}); test metrics are shown, never used to rank."
-        + f" Time in jobs: {job_time:.0f} s.",
+        f"{len(summary.jobs)} jobs: {summary.counts_text()}. Ranked by `{summary.objective}` ({direction});"
+        f" test metrics are shown, never used to rank. Time in jobs: {job_time:.0f} s.",
         "",
     ]
     if summary.common:
         out += [f"Common overrides: `{_overrides_text(summary.common, list(summary.common))}`", ""]
-    metric_cols = list(METRICS) + ([summary.objective] if summary.objective not in METRICS else [])
+    metric_cols = _metric_cols(summary)
     # A backbone sweep compares extraction speed too (the feature cache's img/s, when a job extracted).
     extraction = any(job.extraction_images_per_s() is not None for job in summary.jobs)
     header = ["rank", "best", "job", "status", "overrides", *metric_cols, "epochs"]
     header += ["extract img/s"] * extraction + ["wall s", "error"]
-    rows = []
-    for rank, job in enumerate(summary.jobs, start=1):
-        rows.append(
-            [
-                str(rank),
-                "**best**" if job is summary.best else "",
-                job.name,
-                job.status,
-                f"`{_overrides_text(job.overrides, summary.swept, short=True)}`" if summary.swept else "",
-                *[_fmt(job.value(m)) for m in metric_cols],
-                _fmt(job.metrics.get("epochs")),
-                *[_fmt(job.extraction_images_per_s(), 1)] * extraction,
-                _fmt(job.value("wall_time_s"), 1),
-                str(job.metrics.get("error", "")),
-            ]
-        )
+    rows = [
+        [
+            str(rank),
+            "**best**" if job is summary.best else "",
+            job.name,
+            job.status,
+            f"`{_overrides_text(job.overrides, summary.swept, short=True)}`" if summary.swept else "",
+            *[_fmt(job.value(m)) for m in metric_cols],
+            _fmt(job.metrics.get("epochs")),
+            *[_fmt(job.extraction_images_per_s(), 1)] * extraction,
+            _fmt(job.value("wall_time_s"), 1),
+            str(job.metrics.get("error", "")),
+        ]
+        for rank, job in enumerate(summary.jobs, start=1)
+    ]
     out += [_md_table(header, rows), ""]
     if summary.groups:
         out += [f"## By configuration: mean ± std over seeds (sample std), ranked by mean `{summary.objective}`", ""]
         gheader = ["rank", "best", "overrides", "seeds", "completed", *metric_cols]
-        grows = []
-        for row, group in zip(group_rows(summary), summary.groups, strict=True):
-            grows.append(
-                [
-                    str(row["rank"]),
-                    "**best**" if row["best"] else "",
-                    f"`{_overrides_text(group.overrides, list(group.overrides), short=True)}`",
-                    str(row["seeds"]),
-                    str(row["completed"]),
-                    *[_mean_std(group.values(m)) for m in metric_cols],
-                ]
-            )
+        grows = [
+            [
+                str(row["rank"]),
+                "**best**" if row["best"] else "",
+                f"`{_overrides_text(group.overrides, list(group.overrides), short=True)}`",
+                str(row["seeds"]),
+                str(row["completed"]),
+                *[_mean_std(group.values(m)) for m in metric_cols],
+            ]
+            for row, group in zip(group_rows(summary), summary.groups, strict=True)
+        ]
         out += [_md_table(gheader, grows), ""]
     if plot is not None:
         out += [f"![{summary.objective} against each swept parameter]({plot.name})", ""]
@@ -227,7 +213,7 @@ def _category_order(labels: list[str]) -> list[str]:
 
 def plot_objective(summary: SweepSummary, path: Path) -> bool:
     """Objective against each swept parameter; failed jobs as red crosses along the bottom."""
-    params = [k for k in summary.swept if k != SEED_KEY] or [k for k in summary.swept]
+    params = [k for k in summary.swept if k != SEED_KEY] or list(summary.swept)
     done = [j for j in summary.jobs if j.value(summary.objective) is not None]
     if not params or not done:
         return False
@@ -249,7 +235,7 @@ def plot_objective(summary: SweepSummary, path: Path) -> bool:
         every = [j.overrides.get(key, "") for j in summary.jobs]
         numbers = _numeric(every)
         if numbers is not None:
-            positions = {v: n for v, n in zip(every, numbers, strict=True)}
+            positions = dict(zip(every, numbers, strict=True))
             if min(numbers) > 0 and (key in log_keys or max(numbers) / min(numbers) >= 100):
                 ax.set_xscale("log")
             elif all(n.is_integer() for n in numbers):  # epochs, widths: no 2.5 ticks
@@ -275,8 +261,7 @@ def plot_objective(summary: SweepSummary, path: Path) -> bool:
     for ax in list(axes.flat)[len(params) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    counts = summary.counts()
-    fig.suptitle(f"{summary.sweep_dir.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), fontsize=10)
+    fig.suptitle(f"{summary.sweep_dir.name}: {summary.counts_text()}", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

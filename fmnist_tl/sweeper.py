@@ -1,20 +1,17 @@
-"""fmnist_tl's Optuna sweeper for Hydra multiruns: ask/tell on Optuna >= 4, persistent and shared studies.
+"""fmnist_tl's Optuna sweeper for Hydra multiruns (docs/sweeps.md): `run_study` is the whole sweep.
 
 The Hydra plugin class is `hydra_plugins.fmnist_tl_sweeper.FmnistOptunaSweeper` (Hydra only
-instantiates plugins defined under `hydra_plugins`); `run_study` here is the whole sweep.
+instantiates plugins defined under `hydra_plugins`). Search space and sampler: search_space.py;
+the study, its storage, lock and lost trials: study.py.
 
-- **Search space and sampler.** fmnist_tl/search_space.py.
-- **Direction.** `hydra.sweeper.direction`, by default from the app's `objective.mode`
-  (max -> maximize, min -> minimize; see conf/train.yaml), so the study, the checkpoint and early
-  stopping rank trials the same way.
+- **Direction.** `hydra.sweeper.direction`, by default from the app's `objective.mode`, so the
+  study, the checkpoint and early stopping rank trials the same way.
 - **Outcomes.** A trial that raised, or returned NaN/inf or nothing, is told FAIL (user attr
   `failure` says why) and the study goes on. Ctrl-C or SIGTERM stops the sweep; the trials it hit
   are told FAIL without `failure`, so they count as lost, not as tried.
-- **n_trials is the study's total.** Every worker (this command started again, on this machine or
-  others) counts the study's trials under the study's lock: completed, pruned, failed with a
-  `failure`, and running ones. It asks only for what is missing and stops at the total. Lost
-  trials (their worker is gone) are not counted, so a rerun replaces them.
-- **The study**, its storage, lock and lost-trial recovery: fmnist_tl/study.py.
+- **n_trials is the study's total.** Every worker counts, under the study's lock, the trials that
+  completed, were pruned, failed with a `failure`, or are running, and asks only for what is
+  missing. Lost trials (their worker is gone) are not counted, so a rerun replaces them.
 """
 
 from __future__ import annotations
@@ -82,10 +79,10 @@ class SweepSettings:
     grace_period: float
 
     def check(self) -> None:
-        for key, low in (("n_trials", 1), ("n_jobs", 1)):
+        for key in ("n_trials", "n_jobs"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise FmnistError(f"hydra.sweeper.{key}={value!r} must be an integer >= {low}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FmnistError(f"hydra.sweeper.{key}={value!r} must be an integer >= 1")
         if not 0.0 <= float(self.max_failure_rate) <= 1.0:
             raise FmnistError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate} must be in [0, 1]")
         if not 0 < float(self.heartbeat_interval) < float(self.grace_period):
@@ -154,10 +151,9 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
     return [d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit() and (d / ".hydra").is_dir()]
 
 
-def trial_overrides(trial: Any, pinned: Mapping[str, str]) -> list[str]:
-    """The job's overrides: the trial's values, the pinned keys, and its own job dir (the trial number)."""
-    values = [f"{k}={v}" for k, v in trial.params.items()]
-    return [*values, *(f"{k}={v}" for k, v in pinned.items()), f"hydra.sweep.subdir={trial.number}"]
+def trial_overrides(trial: Any, pinned: Sequence[str]) -> list[str]:
+    """The job's overrides: the trial's values, the pinned ones, and its own job dir (the trial number)."""
+    return [*(f"{k}={v}" for k, v in trial.params.items()), *pinned, f"hydra.sweep.subdir={trial.number}"]
 
 
 def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
@@ -172,7 +168,8 @@ def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
     settings.check()
     config = sweeper.config
     direction = settings.one_direction(OmegaConf.select(config, "objective.mode"))
-    distributions, pinned = search_space(settings.params, arguments)
+    distributions, pinned_keys = search_space(settings.params, arguments)
+    pinned = [f"{k}={v}" for k, v in pinned_keys.items()]
     sweep_dir = Path(str(config.hydra.sweep.dir))
     study_name = str(settings.study_name or config.hydra.job.name)
     make_sampler = SamplerFactory(settings.sampler, distributions)
@@ -231,7 +228,7 @@ def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
                 trial.set_user_attr(WORKER, here)
                 trial.set_user_attr(HEARTBEAT, time.time())
                 trial.set_user_attr(JOB_DIR, str(sweep_dir / str(trial.number)))
-                trial.set_user_attr(PINNED, [f"{k}={v}" for k, v in pinned.items()])
+                trial.set_user_attr(PINNED, pinned)
                 batch.append(trial)
         batch = _drop_surplus(study, batch, n_trials)
         if not batch:
@@ -271,7 +268,6 @@ def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
 def _drop_surplus(study: Any, batch: list[Any], n_trials: int) -> list[Any]:
     """Without a lock (an RDB other than SQLite/PostgreSQL/MySQL), two workers may ask at once: keep
     only trials whose number is within the total, and tell the others FAIL before they run."""
-
     earlier = [t.number for t in study.get_trials(deepcopy=False) if counts_toward_total(t)]
     keep = []
     for trial in batch:
