@@ -293,6 +293,9 @@ def _summary_lock(sweep_dir: Path) -> Iterator[None]:
 
     lock = filelock.FileLock(sweep_dir / ".sweep_summary.lock")
     try:
+        # filelock creates a missing folder for its lock file: a mistyped sweep dir must not be made.
+        if not sweep_dir.is_dir():
+            raise FileNotFoundError(sweep_dir)
         lock.acquire()
     except OSError:  # a missing or read-only sweep dir: summarize() says what is wrong, or nothing to guard
         yield

@@ -149,6 +149,8 @@ def test_summarize_cli_rejects_a_dir_that_is_not_a_sweep(tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and str(target) in err[0]
+        if target.name == "missing":  # named as missing, and not made by the summary's lock file
+            assert "is not a directory" in err[0] and not target.exists()
 
 
 # ---- train's main() in a multirun: any failure is recorded, the sweep goes on --------------------
