@@ -291,19 +291,17 @@ def write_summary(sweep_dir: str | Path, plot: bool = True) -> SweepSummary:
 def _summary_lock(sweep_dir: Path) -> Iterator[None]:
     import filelock
 
-    lock = filelock.FileLock(sweep_dir / ".sweep_summary.lock")
-    try:
-        # filelock creates a missing folder for its lock file: a mistyped sweep dir must not be made.
-        if not sweep_dir.is_dir():
-            raise FileNotFoundError(sweep_dir)
-        lock.acquire()
-    except OSError:  # a missing or read-only sweep dir: summarize() says what is wrong, or nothing to guard
-        yield
-        return
+    lock, held = filelock.FileLock(sweep_dir / ".sweep_summary.lock"), False
+    # Not for a missing dir: filelock would create it for its lock file; summarize() says what is wrong.
+    if sweep_dir.is_dir():
+        with contextlib.suppress(OSError):  # a read-only sweep dir: nothing to guard
+            lock.acquire()
+            held = True
     try:
         yield
     finally:
-        lock.release()
+        if held:
+            lock.release()
 
 
 class SweepSummaryCallback(Callback):
