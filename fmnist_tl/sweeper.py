@@ -27,6 +27,7 @@ from typing import Any
 from hydra.core.utils import JobReturn
 from omegaconf import ListConfig, OmegaConf
 
+from fmnist_tl.schemas import at_least, in_range
 from fmnist_tl.search_space import SamplerFactory, search_space
 from fmnist_tl.study import (
     FAILURE,
@@ -80,11 +81,8 @@ class SweepSettings:
 
     def check(self) -> None:
         for key in ("n_trials", "n_jobs"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FmnistError(f"hydra.sweeper.{key}={value!r} must be an integer >= 1")
-        if not 0.0 <= float(self.max_failure_rate) <= 1.0:
-            raise FmnistError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate} must be in [0, 1]")
+            at_least(1)(f"hydra.sweeper.{key}", getattr(self, key))
+        in_range(0, 1)("hydra.sweeper.max_failure_rate", self.max_failure_rate)
         if not 0 < float(self.heartbeat_interval) < float(self.grace_period):
             raise FmnistError(
                 f"hydra.sweeper.heartbeat_interval={self.heartbeat_interval} must be positive and below "

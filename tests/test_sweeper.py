@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,6 +40,7 @@ from fmnist_tl.study import (
     worker_identity,
 )
 from fmnist_tl.sweep_summary import write_summary
+from fmnist_tl.sweeper import SweepSettings
 from fmnist_tl.utils import FmnistError
 from tests.helpers import compose_cfg, start_cli
 
@@ -173,6 +175,34 @@ def test_a_study_where_every_trial_failed_ends_normally(tmp_path):
     assert len(sweeper.launcher.launched) == 3
     results = OmegaConf.load(tmp_path / "optimization_results.yaml")
     assert results.n_failed == 3 and "best_value" not in results
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"n_trials": 0}, "hydra.sweeper.n_trials=0 must be an integer >= 1"),
+        ({"n_jobs": True}, "hydra.sweeper.n_jobs=True must be an integer >= 1"),
+        ({"max_failure_rate": 1.5}, "hydra.sweeper.max_failure_rate=1.5 must be in [0, 1]"),
+        ({"max_failure_rate": "half"}, "hydra.sweeper.max_failure_rate='half' must be in [0, 1]"),
+        ({"heartbeat_interval": 60}, "hydra.sweeper.heartbeat_interval=60 must be positive and below"),
+    ],
+)
+def test_bad_sweeper_settings_are_one_line_errors(bad, message):
+    settings = {
+        "sampler": None,
+        "direction": None,
+        "study_name": None,
+        "storage": None,
+        "n_trials": 4,
+        "n_jobs": 1,
+        "max_failure_rate": 0.5,
+        "params": None,
+        "heartbeat_interval": 30,
+        "grace_period": 60,
+    }
+    SweepSettings(**settings).check()
+    with pytest.raises(FmnistError, match=re.escape(message)):
+        SweepSettings(**{**settings, **bad}).check()
 
 
 def test_a_worker_stops_early_only_past_max_failure_rate(tmp_path):
