@@ -3,7 +3,7 @@
 
 Runs `python -m fmnist_tl.train -m model=<names> <overrides>` in a scratch root (removed afterwards
 unless --workdir is given), reads the sweep's summary the way `sweep_summary.csv` is written
-(fmnist_tl.sweep_summary.job_rows), and writes bench/results/<date>-backbone-sweep.json: the date,
+(fmnist_tl.sweeps.summary.job_rows), and writes bench/results/<date>-backbone-sweep.json: the date,
 this command, the sweep command, the machine, the load average at start and end, and one row per
 job (rank, backbone, val/test metrics, epochs, extraction img/s, wall time). The README and the
 backbones page render their sweep table from the newest such file (bench/render.py).
@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.backbones import machine
-from fmnist_tl.sweep_results import summarize
-from fmnist_tl.sweep_summary import job_rows
-from fmnist_tl.utils import FmnistError, atomic_write_json
+from fmnist_tl.core import FmnistError, atomic_write_json
+from fmnist_tl.sweeps import job_rows, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 # The summary's columns that describe the run; run_dir is a scratch path and says nothing here.

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fmnist_tl.utils import atomic_write_json
+from fmnist_tl.core import atomic_write_json
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 16
@@ -36,7 +36,7 @@ def measure(name: str, images: int) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fmnist_tl.model import TransferClassifier
+    from fmnist_tl.training import TransferClassifier
 
     torch.manual_seed(0)
     model = TransferClassifier(backbone=name, weights=None).eval()
@@ -70,7 +70,7 @@ def measure(name: str, images: int) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     import torch
 
-    from fmnist_tl.utils import cpu_model
+    from fmnist_tl.core import cpu_model
 
     return {
         "cpu": cpu_model(),

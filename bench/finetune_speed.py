@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from fmnist_tl.model import TransferClassifier
+from fmnist_tl.training import TransferClassifier
 
 
 def steps_per_second(model: TransferClassifier, x: torch.Tensor, y: torch.Tensor, bf16: bool, steps: int) -> float:

@@ -11,7 +11,7 @@ Fashion-MNIST images, measures for every int8 variant of fmnist_tl's ONNX Runtim
 3. with `--full` (a whole TransferClassifier state_dict), the trained model's own head on int8
    vs fp32 features.
 
-The int8 models are built exactly as training builds them (fmnist_tl.probe.Planner: calibration on
+The int8 models are built exactly as training builds them (fmnist_tl.features.probe.Planner: calibration on
 seeded training-split images, QDQ per-channel static quantisation) and are cached under --workdir.
 fp32 features come from ONNX Runtime's fp32 model (checked against torch on the gate sample).
 Results: printed as markdown and written to bench/results/int8-fidelity-<date>.json.
@@ -34,14 +34,17 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fmnist_tl.candidates import Candidate, cosine_figures  # noqa: E402
+from fmnist_tl.backbones import load_state_dict_file  # noqa: E402
+from fmnist_tl.config import FeaturesConfig  # noqa: E402
+from fmnist_tl.core import atomic_write_json, cpu_model, module_sha256, sha256_file  # noqa: E402
 from fmnist_tl.data import FashionMNISTDataModule  # noqa: E402
-from fmnist_tl.model import TransferClassifier, build_head  # noqa: E402
-from fmnist_tl.onnx_backend import INT8_VARIANTS  # noqa: E402
-from fmnist_tl.probe import Planner  # noqa: E402
-from fmnist_tl.schemas import FeaturesConfig  # noqa: E402
-from fmnist_tl.utils import atomic_write_json, cpu_model, module_sha256, sha256_file  # noqa: E402
-from fmnist_tl.weights import load_state_dict_file  # noqa: E402
+from fmnist_tl.features import (  # noqa: E402
+    INT8_VARIANTS,
+    Candidate,
+    Planner,
+    cosine_figures,
+)
+from fmnist_tl.training import TransferClassifier, build_head  # noqa: E402
 
 
 def log(msg: str) -> None:

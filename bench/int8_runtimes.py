@@ -28,9 +28,9 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from fmnist_tl.backbones import build_backbone  # noqa: E402
 from fmnist_tl.data import ImagePreprocess  # noqa: E402
-from fmnist_tl.onnx_backend import UInt8Backbone, session  # noqa: E402
-from fmnist_tl.weights import build_backbone  # noqa: E402
+from fmnist_tl.features import UInt8Backbone, session  # noqa: E402
 
 BATCH = 16
 

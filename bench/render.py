@@ -180,25 +180,40 @@ def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False, pe
         targets = {k: v for k, v in data["targets"].items() if v is not None}
         missed = [k for k, v in targets.items() if not v]
         extraction = get("runs.cold.extraction.candidate") or get("runs.cold.precision")
-        rows.append([
-            f"[`{path.stem}`]({f'bench/results/{path.name}' if link_files else f'#{path.stem.lower()}'})",
-            machine_label(data["machine"]),
-            data.get("mode"),
-            round((get("machine.load_average_start") or [math.nan])[0], 1),
-            extraction,
-            get("throughput.tutorial.img_per_s"),
-            get("throughput.ours.img_per_s"),
-            data.get("ratio"),
-            get("end_to_end.ratio"),
-            get("ceiling.fraction"),
-            get("runs.cold.wall_s"),
-            get("runs.warm.wall_s"),
-            get("head_epoch.seconds"),
-            f"{len(targets) - len(missed)} of {len(targets)}" + (f"; not: {', '.join(missed)}" if missed else ""),
-        ])
-    header = ["results file", "machine", "mode", "load", "extraction", "tutorial img/s", "extraction img/s",
-              "vs tutorial", "vs tutorial, end to end", "of ceiling", "cold run s", "warm run s", "head epoch s",
-              "targets met"]
+        rows.append(
+            [
+                f"[`{path.stem}`]({f'bench/results/{path.name}' if link_files else f'#{path.stem.lower()}'})",
+                machine_label(data["machine"]),
+                data.get("mode"),
+                round((get("machine.load_average_start") or [math.nan])[0], 1),
+                extraction,
+                get("throughput.tutorial.img_per_s"),
+                get("throughput.ours.img_per_s"),
+                data.get("ratio"),
+                get("end_to_end.ratio"),
+                get("ceiling.fraction"),
+                get("runs.cold.wall_s"),
+                get("runs.warm.wall_s"),
+                get("head_epoch.seconds"),
+                f"{len(targets) - len(missed)} of {len(targets)}" + (f"; not: {', '.join(missed)}" if missed else ""),
+            ]
+        )
+    header = [
+        "results file",
+        "machine",
+        "mode",
+        "load",
+        "extraction",
+        "tutorial img/s",
+        "extraction img/s",
+        "vs tutorial",
+        "vs tutorial, end to end",
+        "of ceiling",
+        "cold run s",
+        "warm run s",
+        "head epoch s",
+        "targets met",
+    ]
     return "\n".join(table(header, rows))
 
 
@@ -235,8 +250,16 @@ def backbone_sweep_table(results_dir: Path = RESULTS_DIR, link: str = "bench/res
 
     header = ["rank", "backbone", "status", objective, "test/acc", "epochs", "extract img/s", "wall s"]
     rows = [
-        [r.get("rank"), r.get("model"), r.get("status"), fixed(r.get(objective), 4), fixed(r.get("test/acc"), 4),
-         r.get("epochs"), fixed(r.get("extraction_img_per_s"), 1), fixed(r.get("wall_time_s"), 1)]
+        [
+            r.get("rank"),
+            r.get("model"),
+            r.get("status"),
+            fixed(r.get(objective), 4),
+            fixed(r.get("test/acc"), 4),
+            r.get("epochs"),
+            fixed(r.get("extraction_img_per_s"), 1),
+            fixed(r.get("wall_time_s"), 1),
+        ]
         for r in data["rows"]
     ]
     lines = [
@@ -252,7 +275,7 @@ def backbone_sweep_table(results_dir: Path = RESULTS_DIR, link: str = "bench/res
 def fill_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> bool:
     """Put machines_table(), backbones_table() and backbone_sweep_table() between the README's markers;
     True when the file changed."""
-    from fmnist_tl.utils import atomic_write_text, replace_between  # not for render(): it imports torch
+    from fmnist_tl.core import atomic_write_text, replace_between  # not for render(): it imports torch
 
     text = new = readme.read_text()
     blocks = (
@@ -293,8 +316,13 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     files = _dated(results_dir, "*.json")[::-1]
     if not files:
         return f"No results files in `{results_dir.name}/` yet.\n"
-    lines = ["## One row per bench run", "", machines_table(results_dir),
-             "Files: " + ", ".join(f"[`{p.name}`](#{p.stem.lower()})" for p in files), ""]
+    lines = [
+        "## One row per bench run",
+        "",
+        machines_table(results_dir),
+        "Files: " + ", ".join(f"[`{p.name}`](#{p.stem.lower()})" for p in files),
+        "",
+    ]
     for path in files:
         lines += render_file(path)
     return "\n".join(lines)

@@ -50,13 +50,17 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset, TensorDataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
+from fmnist_tl.config import compose_config  # noqa: E402
+from fmnist_tl.core import atomic_write_json, cpu_flags, cpu_model, module_sha256, sha256_file  # noqa: E402
 from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD, FashionMNISTDataModule  # noqa: E402
-from fmnist_tl.extraction import extraction_settings  # noqa: E402
-from fmnist_tl.features import features_cache_dir  # noqa: E402
-from fmnist_tl.onnx_backend import onnxruntime_version  # noqa: E402
-from fmnist_tl.probe import Planner  # noqa: E402
-from fmnist_tl.runtime import build, compose_config, resolve_precision  # noqa: E402
-from fmnist_tl.utils import atomic_write_json, cpu_flags, cpu_model, module_sha256, sha256_file  # noqa: E402
+from fmnist_tl.features import (  # noqa: E402
+    Planner,
+    extraction_settings,
+    features_cache_dir,
+    onnxruntime_version,
+)
+from fmnist_tl.runtime import build  # noqa: E402
+from fmnist_tl.training import resolve_precision  # noqa: E402
 
 TARGETS = {
     "extraction_ratio": 9.0,  # end-to-end extraction (probe, export, quantisation, compile included) / (a)
@@ -122,7 +126,7 @@ def _ort_gemm(kind: str, n: int) -> float | None:
         import onnx
         from onnx import TensorProto, helper
 
-        from fmnist_tl.onnx_backend import session
+        from fmnist_tl.features import session
     except ImportError:
         return None
     rng = np.random.default_rng(0)

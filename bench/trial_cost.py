@@ -103,10 +103,10 @@ def instrument(phases: Phases) -> Callable[[], Any]:
     """Wrap the functions a trial spends its time in; returns the epoch-timing callback class."""
     import lightning as L
 
-    import fmnist_tl.callbacks as callbacks
-    import fmnist_tl.features as features
+    import fmnist_tl.backbones.weights as weights_module
+    import fmnist_tl.features.cache as features
     import fmnist_tl.train as train_module
-    import fmnist_tl.weights as weights_module
+    import fmnist_tl.training.callbacks as callbacks
     from fmnist_tl.data import FashionMNISTDataModule
 
     phases.wrap(train_module, "validate_config", "config checks")
@@ -154,7 +154,7 @@ def synthetic_features(width: int = 2048) -> None:
     trials, as a warm cache would be; the "feature cache" phase is then not the real one."""
     import torch
 
-    import fmnist_tl.features as features
+    import fmnist_tl.features.cache as features
 
     made: dict[int, torch.Tensor] = {}
 
@@ -176,7 +176,7 @@ def run_phases(n_trials: int, overrides: list[str], root: Path, synthetic: bool 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from fmnist_tl.runtime import compose_config
+    from fmnist_tl.config import compose_config
     from fmnist_tl.train import train
 
     phases = Phases()
@@ -226,8 +226,8 @@ def head_floor(overrides: list[str], steps: int, epochs: int = 2) -> dict[str, A
     from torch import nn
 
     from fmnist_tl.backbones import feature_dim, preprocessing
-    from fmnist_tl.model import build_head
-    from fmnist_tl.runtime import compose_config
+    from fmnist_tl.config import compose_config
+    from fmnist_tl.training import build_head
 
     cfg = compose_config("train", overrides)
     # The width the trials' head reads, found as TransferClassifier finds it (image size from the weights).
@@ -438,7 +438,7 @@ def write_results(path: Path, report: dict[str, Any], label: str, argv: list[str
     """Write (or, for a file of the same shape, extend) a flat results file; rows carry `label`."""
     import torch
 
-    from fmnist_tl.utils import atomic_write_text
+    from fmnist_tl.core import atomic_write_text
 
     doc: dict[str, Any] = {}
     if path.is_file():

@@ -1,6 +1,6 @@
 """Evaluation report for a checkpoint: `python -m fmnist_tl.evaluate ckpt_path=<ckpt> [hydra overrides]`.
 
-Tests the checkpoint on one device and writes fmnist_tl/report.py's report into the run directory,
+Tests the checkpoint on one device and writes fmnist_tl/evaluation/report.py's report into the run directory,
 from the logits `trainer.test` itself produced (`train` writes the same report for its best checkpoint).
 """
 
@@ -15,20 +15,17 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from fmnist_tl import schemas
-from fmnist_tl.callbacks import RecordTestOutputs
-from fmnist_tl.curves import finetune_start_of, run_dir_of_checkpoint, saved_config
-from fmnist_tl.model import TransferClassifier
-from fmnist_tl.progress import EpochProgressBar
-from fmnist_tl.report import write_report
-from fmnist_tl.runtime import CONFIG_PATH, build, cpu_precision_probe, resolve_precision, run_hydra_cli
-from fmnist_tl.utils import FmnistError, exit_on_user_error
+from fmnist_tl.config import CONFIG_PATH, check_config
+from fmnist_tl.core import EpochProgressBar, FmnistError
+from fmnist_tl.evaluation import finetune_start_of, run_dir_of_checkpoint, saved_config, write_report
+from fmnist_tl.runtime import build, cpu_precision_probe, exit_on_user_error, run_hydra_cli
+from fmnist_tl.training import RecordTestOutputs, TransferClassifier, resolve_precision
 
 log = logging.getLogger(__name__)
 
 
 def _check_config(cfg: DictConfig) -> str:
-    schemas.check(cfg)
+    check_config(cfg)
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
         raise FmnistError("ckpt_path is required: python -m fmnist_tl.evaluate ckpt_path=PATH/TO/checkpoint.ckpt")

@@ -21,21 +21,12 @@ from omegaconf import DictConfig
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from fmnist_tl import schemas
+from fmnist_tl.config import CONFIG_PATH, ODD_BATCH, check_config
+from fmnist_tl.core import FmnistError, atomic_path, atomic_write_bytes, atomic_write_json, require_modules, sha256_file
 from fmnist_tl.data import CLASS_NAMES
-from fmnist_tl.model import TransferClassifier
-from fmnist_tl.onnx_backend import export_onnx
-from fmnist_tl.runtime import CONFIG_PATH, build, run_hydra_cli
-from fmnist_tl.schemas import ODD_BATCH
-from fmnist_tl.utils import (
-    FmnistError,
-    atomic_path,
-    atomic_write_bytes,
-    atomic_write_json,
-    exit_on_user_error,
-    require_modules,
-    sha256_file,
-)
+from fmnist_tl.features import export_onnx
+from fmnist_tl.runtime import build, exit_on_user_error, run_hydra_cli
+from fmnist_tl.training import TransferClassifier
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +125,7 @@ def load_test_images(cfg: DictConfig, count: int) -> torch.Tensor:
 
 
 def _check_config(cfg: DictConfig) -> str:
-    schemas.check(cfg)
+    check_config(cfg)
     if not cfg.get("ckpt_path"):
         raise FmnistError("ckpt_path is required: python -m fmnist_tl.export ckpt_path=PATH/TO/checkpoint.ckpt")
     if cfg.format == "onnx":  # torch.onnx's exporter needs onnxscript (and onnx); onnxruntime verifies

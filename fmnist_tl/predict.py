@@ -3,7 +3,7 @@
     python -m fmnist_tl.predict --checkpoint CKPT [--top-k 3] [--format table|json|csv]
                                 [--invert auto|yes|no] PATH...
 
-PATH is a file, a folder (its image files, recursively, sorted) or a glob; fmnist_tl.images brings
+PATH is a file, a folder (its image files, recursively, sorted) or a glob; fmnist_tl.data.images brings
 each image to the Fashion-MNIST convention. A file that cannot be read costs one line on stderr and
 exit code 1, the others are still predicted, in input order (exit 2: bad checkpoint or arguments).
 The model is rebuilt from the checkpoint's hyper-parameters and only its tensors are loaded
@@ -26,10 +26,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fmnist_tl.data import CLASS_NAMES
-from fmnist_tl.images import BadImage, expand_inputs, load_image
-from fmnist_tl.model import TransferClassifier
-from fmnist_tl.utils import FmnistError, exit_on_user_error
+from fmnist_tl.core import FmnistError
+from fmnist_tl.data import CLASS_NAMES, BadImage, expand_inputs, load_image
+from fmnist_tl.runtime import exit_on_user_error
+from fmnist_tl.training import TransferClassifier
 
 
 @dataclass

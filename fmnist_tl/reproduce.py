@@ -28,9 +28,10 @@ import torch
 import torchvision
 from omegaconf import DictConfig
 
-from fmnist_tl.runtime import compose_config, validate_config
-from fmnist_tl.utils import FmnistError, atomic_write_text, cpu_model, exit_on_user_error, replace_between
-from fmnist_tl.weights import fetch_torchvision_weights
+from fmnist_tl.backbones import fetch_torchvision_weights
+from fmnist_tl.config import compose_config
+from fmnist_tl.core import FmnistError, atomic_write_text, cpu_model, replace_between
+from fmnist_tl.runtime import exit_on_user_error, validate_config
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """One table for a whole sweep: `python -m fmnist_tl.summarize [SWEEP_DIR]`.
 
-Writes sweep_summary.{csv,md,png} (fmnist_tl/sweep_summary.py) for a sweep dir, including one still
+Writes sweep_summary.{csv,md,png} (fmnist_tl/sweeps/summary.py) for a sweep dir, including one still
 running or interrupted, and prints the markdown table; without SWEEP_DIR, for the sweep started
 last under paths.log_dir. Every multirun also writes it when it ends (SweepSummaryCallback).
 """
@@ -15,8 +15,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fmnist_tl.sweep_summary import MD_NAME, write_summary
-from fmnist_tl.utils import FmnistError, exit_on_user_error
+from fmnist_tl.core import FmnistError
+from fmnist_tl.runtime import exit_on_user_error
+from fmnist_tl.sweeps import MD_NAME, write_summary
 
 # How conf/hydra/default.yaml names a sweep dir: the time the sweep started (older runs: no %f).
 SWEEP_DIR_TIMES = ("%Y-%m-%d_%H-%M-%S_%f", "%Y-%m-%d_%H-%M-%S")

@@ -27,33 +27,33 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist_tl.callbacks import AtomicCheckpointIO, ModelCheckpoint, RecordTestOutputs, ReseedEachEpoch
+from fmnist_tl.config import CONFIG_PATH
+from fmnist_tl.core import FmnistError, atomic_write_json, atomic_write_text, remove_stale_temp_files
+from fmnist_tl.evaluation import write_report
 from fmnist_tl.features import feature_cache_for
-from fmnist_tl.model import TransferClassifier
-from fmnist_tl.report import write_report
 from fmnist_tl.runtime import (
-    CONFIG_PATH,
     build,
-    check_checkpoint_file,
-    check_resume_schedule,
     config_hash,
     cpu_precision_probe,
+    exit_on_user_error,
     finetune_trainer_overrides,
+    full_error_wanted,
     instantiate_group,
-    resolve_ckpt_path,
-    resolve_precision,
     run_hydra_cli,
     validate_config,
 )
-from fmnist_tl.schedule import finetune_options
-from fmnist_tl.sweep_summary import write_summary
-from fmnist_tl.utils import (
-    FmnistError,
-    atomic_write_json,
-    atomic_write_text,
-    exit_on_user_error,
-    full_error_wanted,
-    remove_stale_temp_files,
+from fmnist_tl.sweeps import write_summary
+from fmnist_tl.training import (
+    AtomicCheckpointIO,
+    ModelCheckpoint,
+    RecordTestOutputs,
+    ReseedEachEpoch,
+    TransferClassifier,
+    check_checkpoint_file,
+    check_resume_schedule,
+    finetune_options,
+    resolve_ckpt_path,
+    resolve_precision,
 )
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from fmnist_tl.raw_files import IDX_FILES, IDX_MAGIC
-from fmnist_tl.runtime import compose_config
+from fmnist_tl.config.compose import compose_config
+from fmnist_tl.data.raw_files import IDX_FILES, IDX_MAGIC
 
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN_MIRROR = Path("/usr/share/datasets/fashion-mnist")

@@ -153,8 +153,10 @@ def test_trial_cost_results_are_flat_rows_and_a_second_run_extends_the_file(tmp_
     assert set(doc) == {"date", "command", "commands", "machine", "load_average", "rows", "notes"}
     assert doc["command"] == "python -m bench.trial_cost --trials 2" and doc["machine"]["cores"] == 2
     # Rows appended later keep their own command.
-    assert doc["commands"] == {"before": "python -m bench.trial_cost --trials 2",
-                               "after": "python -m bench.trial_cost --trials 3"}
+    assert doc["commands"] == {
+        "before": "python -m bench.trial_cost --trials 2",
+        "after": "python -m bench.trial_cost --trials 3",
+    }
     assert all(not isinstance(v, (dict, list)) for row in doc["rows"] for v in row.values())  # one level
     assert [r["code"] for r in doc["rows"]] == ["before"] * 4 + ["after"] * 4  # 2 trials, 1 phase, 1 sweep each
     second = doc["rows"][1]

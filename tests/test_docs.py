@@ -95,8 +95,13 @@ def test_the_readmes_per_machine_and_per_backbone_tables_are_the_rendered_ones(t
     results = tmp_path / "results"
     results.mkdir()
     machine = {"cpu": "Some CPU 9000", "cpu_flags_of_note": ["avx2", "avx512f"], "load_average_start": [0.25]}
-    report = {"date": "2031-01-02", "mode": "full", "machine": machine, "ratio": 9.5,
-              "targets": {"extraction_ratio": True, "cold_run_s": False, "warm_rss": None}}
+    report = {
+        "date": "2031-01-02",
+        "mode": "full",
+        "machine": machine,
+        "ratio": 9.5,
+        "targets": {"extraction_ratio": True, "cold_run_s": False, "warm_rss": None},
+    }
     (results / "2031-01-02.json").write_text(json.dumps(report))
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\nrest\n")

@@ -82,9 +82,9 @@ def test_uninstalled_source_tree_reads_its_own_conf(tmp_path):
     """A clone run from its root without an install mapping conf/ (python -S: no .pth, no editable finder)."""
     clone = copy_sources(tmp_path / "clone")
     deps = os.pathsep.join(sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}))
-    show = "import fmnist_tl.runtime as r; print(r.__file__); print(r.CONFIG_PATH)"
+    show = "import fmnist_tl.config.compose as c; print(c.__file__); print(c.CONFIG_PATH)"
     where = run_from_elsewhere(deps, clone, "-S", "-c", show)
     assert where.returncode == 0, where.stderr[-2000:]
-    assert where.stdout.split() == [str(clone / "fmnist_tl" / "runtime.py"), str(clone / "conf")]
+    assert where.stdout.split() == [str(clone / "fmnist_tl" / "config" / "compose.py"), str(clone / "conf")]
     train = run_from_elsewhere(deps, clone, "-S", "-m", "fmnist_tl.train", "--cfg", "job", "model=resnet18")
     assert train.returncode == 0 and "backbone: resnet18" in train.stdout, train.stderr[-2000:]

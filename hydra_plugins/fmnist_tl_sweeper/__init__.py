@@ -1,7 +1,7 @@
 """Hydra plugin: fmnist_tl's Optuna sweeper (`hydra/sweeper=optuna`) and its samplers (`hydra/sweeper/sampler=...`).
 
 The same config keys and search-space syntax as hydra-optuna-sweeper, on current Optuna (ask/tell);
-the sweep itself is `fmnist_tl.sweeper.run_study`. Hydra imports every module under `hydra_plugins`
+the sweep itself is `fmnist_tl.sweeps.sweeper.run_study`. Hydra imports every module under `hydra_plugins`
 at start-up, which registers the configs below; Optuna takes a second or two to import, so it is
 imported only when this sweeper actually runs.
 
@@ -24,7 +24,7 @@ APP_SEED = "${oc.select:seed,null}"
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.fmnist_tl_sweeper.FmnistOptunaSweeper"
     # The sweeper gets the sampler's config, not a sampler: it builds one per trial
-    # (fmnist_tl.search_space.SamplerFactory).
+    # (fmnist_tl.sweeps.search_space.SamplerFactory).
     _recursive_: bool = False
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     # An Optuna sampler as a _target_ config (hydra/sweeper/sampler=tpe|random|cmaes|gp|qmc|nsgaii|grid).
@@ -77,7 +77,7 @@ class FmnistOptunaSweeper(Sweeper):
     """Optuna study over Hydra jobs: persistent, shareable by many workers, failed trials never fatal."""
 
     def __init__(self, **config: Any) -> None:
-        from fmnist_tl.sweeper import SweepSettings
+        from fmnist_tl.sweeps import SweepSettings
 
         self.settings = SweepSettings(**config)
         self.config: DictConfig | None = None
@@ -92,8 +92,8 @@ class FmnistOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        from fmnist_tl.sweeper import run_study
-        from fmnist_tl.utils import exit_on_user_error
+        from fmnist_tl.runtime import exit_on_user_error
+        from fmnist_tl.sweeps import run_study
 
         with exit_on_user_error():  # a bad sweeper setting: one line, exit 2, like train's own errors
             run_study(self, arguments)

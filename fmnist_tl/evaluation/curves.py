@@ -1,0 +1,138 @@
+"""Training curves of a run: train/val loss and accuracy per epoch, from its CSV log, as curves.png.
+
+Lightning's CSVLogger (logger=csv, the default) writes `csv/metrics.csv` in the run dir: one row per
+logging call, so an epoch's train and val values sit on different rows, between LR-monitor rows and
+the test row. `read_curves` gathers them per epoch; `plot_curves` draws them, with a line where the
+fine-tune phase starts (the run's `model.finetune`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from fmnist_tl.core import atomic_write_bytes
+from fmnist_tl.training import finetune_options
+
+log = logging.getLogger(__name__)
+
+# The per-epoch columns the model logs (model.py); train/loss_step is per step and left out.
+CURVE_COLUMNS = ("train/loss_epoch", "val/loss", "train/acc", "val/acc")
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """A matplotlib Figure as PNG bytes, on an explicit Agg canvas: no GUI backend, no pyplot state."""
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def find_csv_log(run_dir: str | Path) -> Path | None:
+    """The run's CSVLogger file: `csv/metrics.csv`, else the newest `csv/**/metrics.csv` (versioned logs)."""
+    run_dir = Path(run_dir)
+    direct = run_dir / "csv" / "metrics.csv"
+    if direct.is_file():
+        return direct
+    found = sorted((run_dir / "csv").glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def read_curves(csv_path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """{column: [(epoch, value), ...]} for each of CURVE_COLUMNS present, in epoch order.
+
+    Rows without an epoch (LR monitor) and empty cells are skipped; when a column has two values
+    for one epoch (a resumed run re-logging it), the last one written wins.
+    """
+    per_column: dict[str, dict[int, float]] = {name: {} for name in CURVE_COLUMNS}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            epoch = (row.get("epoch") or "").strip()
+            if not epoch:
+                continue
+            for name in CURVE_COLUMNS:
+                cell = (row.get(name) or "").strip()
+                if cell:
+                    value = float(cell)
+                    if math.isfinite(value):
+                        per_column[name][int(float(epoch))] = value
+    return {name: sorted(values.items()) for name, values in per_column.items() if values}
+
+
+def finetune_start_of(config: Mapping[str, Any] | None) -> int | None:
+    """First epoch (0-based) that trains the backbone in a run with this config, or None."""
+    if not config:
+        return None
+    config = OmegaConf.create(dict(config))
+    finetune = OmegaConf.select(config, "model.finetune", default=None)
+    if finetune is None:
+        return None
+    backbone = OmegaConf.select(config, "model.backbone", default="resnet50")
+    return finetune_options(OmegaConf.to_container(finetune, resolve=True), backbone).first_epoch
+
+
+def saved_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's resolved config.yaml (train writes it), else Hydra's .hydra/config.yaml; None if neither."""
+    for path in (Path(run_dir) / "config.yaml", Path(run_dir) / ".hydra" / "config.yaml"):
+        if path.is_file():
+            return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return None
+
+
+def run_dir_of_checkpoint(checkpoint: str | Path) -> Path | None:
+    """The training run dir a checkpoint lies in (`<run>/checkpoints/x.ckpt`), or None for a file elsewhere."""
+    parent = Path(checkpoint).resolve().parent
+    return parent.parent if parent.name == "checkpoints" else None
+
+
+def plot_curves(curves: Mapping[str, list[tuple[int, float]]], finetune_start: int | None, title: str) -> bytes:
+    """Loss and accuracy per epoch (epochs counted from 1, as the progress bar does), side by side."""
+    fig = Figure(figsize=(11, 4.2))
+    fig.suptitle(title)
+    panels = (("loss", ("train/loss_epoch", "val/loss")), ("accuracy", ("train/acc", "val/acc")))
+    for i, (ylabel, names) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for name in names:
+            points = curves.get(name, [])
+            if points:
+                label = "train" if name.startswith("train") else "val"
+                ax.plot([e + 1 for e, _ in points], [v for _, v in points], marker="o", markersize=3, label=label)
+        if finetune_start is not None:
+            # Epoch k (0-based) is the first to train the backbone: the line sits just before it.
+            ax.axvline(
+                finetune_start + 0.5, color="grey", linestyle="--", label=f"fine-tune from epoch {finetune_start + 1}"
+            )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    return png_bytes(fig)
+
+
+def write_curves(run_dir: str | Path, output_dir: str | Path, finetune_start: int | None) -> Path | None:
+    """curves.png in output_dir from run_dir's CSV log; None (and one log line) when there is none to plot."""
+    csv_path = find_csv_log(run_dir)
+    if csv_path is None:
+        log.info("no curves.png: %s has no CSV log (csv/metrics.csv; logger=csv writes it)", run_dir)
+        return None
+    curves = read_curves(csv_path)
+    if not curves:
+        log.info("no curves.png: %s holds no per-epoch train/val metrics", csv_path)
+        return None
+    epochs = max(e for points in curves.values() for e, _ in points) + 1
+    out = Path(output_dir) / "curves.png"
+    atomic_write_bytes(
+        out, plot_curves(curves, finetune_start, f"Training curves of {Path(run_dir).name} ({epochs} epochs)")
+    )
+    return out

@@ -1,0 +1,241 @@
+"""The evaluation report of a test run: report.json/md, confusion_matrix.png, mistakes.png, curves.png.
+
+Computed from the logits and labels `trainer.test` produced (a callback on the model's head records
+them) with the torchmetrics classes Lightning logged test/acc and test/f1 with, so the numbers agree.
+`evaluate` (any checkpoint) and `train` (its best one) both write it; docs/evaluation.md describes each file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from matplotlib.figure import Figure
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from fmnist_tl.core import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fmnist_tl.evaluation.curves import png_bytes, write_curves
+from fmnist_tl.training import RecordTestOutputs, TransferClassifier
+
+log = logging.getLogger(__name__)
+
+# The report must agree with what trainer.test logged for the same logits.
+AGREEMENT_TOLERANCE = 1e-6
+
+
+def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...], top_pairs: int = 5):
+    """Metrics from logits with torchmetrics (the same classes the model logs test/acc and test/f1 with)."""
+    n = len(class_names)
+    metrics = MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(n, average="micro"),
+            "macro_f1": MulticlassF1Score(n, average="macro"),
+            "precision": MulticlassPrecision(n, average=None),
+            "recall": MulticlassRecall(n, average=None),
+            "f1": MulticlassF1Score(n, average=None),
+            "confusion": MulticlassConfusionMatrix(n),
+        }
+    )
+    values = metrics(logits, labels)
+    confusion = values["confusion"].long()
+    support = confusion.sum(1)
+    per_class = [
+        {"class": name, **{k: float(values[k][i]) for k in ("precision", "recall", "f1")}, "support": int(support[i])}
+        for i, name in enumerate(class_names)
+    ]
+    off_diagonal = [
+        (int(confusion[t, p]), t, p) for t in range(n) for p in range(n) if t != p and int(confusion[t, p]) > 0
+    ]
+    off_diagonal.sort(key=lambda c: (-c[0], c[1], c[2]))
+    most_confused = [
+        {
+            "true": class_names[t],
+            "predicted": class_names[p],
+            "count": count,
+            "share_of_true_class": count / max(1, int(support[t])),
+        }
+        for count, t, p in off_diagonal[:top_pairs]
+    ]
+    return {
+        "num_samples": len(labels),
+        "accuracy": float(values["accuracy"]),
+        "macro_f1": float(values["macro_f1"]),
+        "loss": float(torch.nn.functional.cross_entropy(logits, labels)),
+        "per_class": per_class,
+        "most_confused": most_confused,
+        "confusion_matrix": {"rows": "true class", "columns": "predicted class", "counts": confusion.tolist()},
+        "class_names": list(class_names),
+    }
+
+
+def plot_confusion_matrix(confusion: torch.Tensor, class_names: tuple[str, ...], title: str) -> bytes:
+    counts = confusion.double()
+    normalised = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    n = len(class_names)
+    fig = Figure(figsize=(8.5, 7.5))
+    ax = fig.add_subplot()
+    image = ax.imshow(normalised.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), class_names, rotation=40, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    for t in range(n):
+        for p in range(n):
+            value = float(normalised[t, p])
+            if value >= 0.005:
+                color = "white" if value > 0.5 else "black"
+                ax.text(p, t, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
+    return png_bytes(fig)
+
+
+def plot_mistakes(images: torch.Tensor, mistakes: list[dict[str, Any]], title: str, columns: int = 8) -> bytes:
+    """Grid of 28x28 uint8 images, each titled with its mistake's true and predicted class and confidence."""
+    count = len(mistakes)
+    rows = max(1, math.ceil(count / columns))
+    fig = Figure(figsize=(columns * 1.7, rows * 1.8 + 0.5))
+    fig.suptitle(title)
+    if count == 0:
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no wrong predictions", ha="center", va="center")
+    for i, m in enumerate(mistakes):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.imshow(images[i].squeeze(0).numpy(), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"true: {m['true']}\npred: {m['predicted']} {m['confidence']:.1%}", fontsize=7.5)
+        ax.axis("off")
+    return png_bytes(fig)
+
+
+def images_of_test_split(datamodule: L.LightningDataModule, labels: torch.Tensor) -> torch.Tensor:
+    """The uint8 test images behind the collected outputs (the test loader is never shuffled)."""
+    splits = getattr(datamodule, "image_splits", None)
+    if not splits or "test" not in splits or splits["test"][0].dtype != torch.uint8:
+        raise RuntimeError("the datamodule holds no uint8 test images (call setup first)")
+    images, split_labels = splits["test"]
+    if len(labels) > len(split_labels) or not torch.equal(split_labels[: len(labels)].long(), labels.long()):
+        raise RuntimeError("test outputs do not line up with the datamodule's test split")
+    return images[: len(labels)]
+
+
+def markdown_report(report: dict[str, Any], plots: bool = True) -> str:
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Checkpoint: `{report['checkpoint']}`  ",
+        f"Backbone {report['backbone']} at {report['image_size']} px, precision {report['precision']}  ",
+        f"Test images: {report['num_samples']} · accuracy **{report['accuracy']:.2%}** · "
+        f"macro-F1 **{report['macro_f1']:.4f}** · loss {report['loss']:.4f}",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["per_class"]:
+        lines.append(
+            f"| {row['class']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |"
+        )
+    rows = report["per_class"]
+    macro = {k: sum(r[k] for r in rows) / len(rows) for k in ("precision", "recall", "f1")}
+    lines.append(
+        f"| **macro avg** | {macro['precision']:.4f} | {macro['recall']:.4f} | {macro['f1']:.4f} | "
+        f"{sum(r['support'] for r in rows)} |"
+    )
+    lines += ["", "## Most confused pairs", ""]
+    if report["most_confused"]:
+        lines += ["| true class | predicted as | count | share of true class |", "| --- | --- | ---: | ---: |"]
+        for pair in report["most_confused"]:
+            lines.append(
+                f"| {pair['true']} | {pair['predicted']} | {pair['count']} | {pair['share_of_true_class']:.1%} |"
+            )
+    else:
+        lines.append("No wrong predictions.")
+    if plots:
+        lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![most confident mistakes](mistakes.png)"]
+        if report.get("curves"):
+            lines += ["", "## Training curves", "", f"![training curves]({report['curves']})"]
+    else:
+        lines += [
+            "",
+            "No plots (report.plots=false); draw them with: "
+            f"python -m fmnist_tl.evaluate ckpt_path={report['checkpoint']}",
+        ]
+    return "\n".join([*lines, ""])
+
+
+def write_report(
+    collector: RecordTestOutputs,
+    datamodule: L.LightningDataModule,
+    model: TransferClassifier,
+    checkpoint: str,
+    output_dir: str | Path,
+    logged: dict[str, float | None],
+    precision: str,
+    top_pairs: int = 5,
+    num_mistakes: int = 24,
+    plots: bool = True,
+    run_dir: str | Path | None = None,
+    finetune_start: int | None = None,
+) -> dict[str, Any]:
+    """Turn what `trainer.test` just ran into report.json, report.md and (with `plots`) the PNGs in output_dir.
+
+    `run_dir`: the training run the checkpoint came from; its CSV log gives curves.png, with the
+    fine-tune phase marked from `finetune_start` (0-based epoch, None: no fine-tune phase).
+    """
+    logits, labels = collector.result()
+    class_names = tuple(datamodule.class_names)
+    report = {
+        "checkpoint": str(checkpoint),
+        "split": "test",
+        "backbone": model.hparams.backbone,
+        "image_size": model.hparams.image_size,
+        "weights_id": model.weights_id,
+        "precision": precision,
+        **compute_report(logits, labels, class_names, top_pairs),
+    }
+    # Same logits, same torchmetrics classes: a mismatch here is a bug, not a user error.
+    for ours, theirs in (("accuracy", "test/acc"), ("macro_f1", "test/f1")):
+        if logged.get(theirs) is not None and abs(report[ours] - float(logged[theirs])) > AGREEMENT_TOLERANCE:
+            raise RuntimeError(f"report {ours}={report[ours]} differs from trainer.test {theirs}={logged[theirs]}")
+
+    images = images_of_test_split(datamodule, labels)
+    confidence, predicted = logits.softmax(-1).max(-1)
+    wrong = (predicted != labels).nonzero().squeeze(1)
+    worst = wrong[confidence[wrong].argsort(descending=True, stable=True)][:num_mistakes]
+    mistakes = [
+        {
+            "index": int(i),
+            "true": class_names[int(labels[i])],
+            "predicted": class_names[int(predicted[i])],
+            "confidence": float(confidence[i]),
+        }
+        for i in worst
+    ]
+
+    output_dir = Path(output_dir)
+    if plots:  # matplotlib: a second or more per report, which a sweep's trials skip
+        confusion = torch.tensor(report["confusion_matrix"]["counts"])
+        title = f"Confusion matrix, rows normalised (accuracy {report['accuracy']:.2%}, n={report['num_samples']})"
+        atomic_write_bytes(output_dir / "confusion_matrix.png", plot_confusion_matrix(confusion, class_names, title))
+        title = f"Most confident wrong predictions ({len(worst)} of {len(wrong)} mistakes)"
+        atomic_write_bytes(output_dir / "mistakes.png", plot_mistakes(images[worst], mistakes, title))
+        curves = write_curves(run_dir, output_dir, finetune_start) if run_dir is not None else None
+        report["curves"] = curves.name if curves else None
+    report["mistakes_shown"] = mistakes
+    atomic_write_json(output_dir / "report.json", report)
+    atomic_write_text(output_dir / "report.md", markdown_report(report, plots))
+    log.info(
+        "test accuracy %.4f, macro-F1 %.4f -> %s", report["accuracy"], report["macro_f1"], output_dir / "report.md"
+    )
+    return report

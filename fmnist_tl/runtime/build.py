@@ -1,0 +1,73 @@
+"""Instantiating config groups, and the trainer settings that depend on more than one group."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from fmnist_tl.core import FmnistError
+from fmnist_tl.features import extraction_settings, features_cache_dir, measured_trainer_precision
+from fmnist_tl.training import finetune_options
+
+log = logging.getLogger(__name__)
+
+
+def cpu_precision_probe(cfg: DictConfig, model: Any) -> Callable[[], str]:
+    """trainer.precision=auto on a CPU for a run whose backbone runs in the trainer: measured, cached."""
+
+    def measure() -> str:
+        settings = extraction_settings(cfg.get("features") or {})
+        chosen, rates = measured_trainer_precision(
+            features_cache_dir(cfg),
+            settings,
+            model.backbone,
+            model.hparams.get("backbone", "backbone"),
+            model.preprocess,
+        )
+        log.info(
+            "trainer.precision=auto: %s (measured here: torch fp32 %.1f img/s, bf16 %.1f img/s)",
+            chosen,
+            rates["torch:32"],
+            rates["torch:bf16"],
+        )
+        return chosen
+
+    return measure
+
+
+def finetune_trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """DDP for a run with head-only epochs before its fine-tune phase.
+
+    The stages to unfreeze require grad from the first step (so every rank's DDP registers the same
+    parameters) but get no gradient until model.finetune.start_epoch; DDP accepts that only with
+    find_unused_parameters=True. Such parameters keep grad None, so the optimizer leaves them alone.
+    """
+    start = finetune_options(cfg.model.get("finetune"), cfg.model.backbone).first_epoch
+    strategy = cfg.trainer.get("strategy")
+    if not start or not isinstance(strategy, str) or not strategy.startswith("ddp") or "find_unused" in strategy:
+        return {}
+    return {"strategy": f"{strategy}_find_unused_parameters_true"}
+
+
+def build(cfg: DictConfig, **kwargs: Any) -> Any:
+    """hydra's instantiate, but our own one-line errors come out unwrapped."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, FmnistError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from e
+        raise
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [build(c) for c in group.values() if c is not None and "_target_" in c]

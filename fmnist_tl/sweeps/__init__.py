@@ -1,0 +1,15 @@
+"""The Optuna sweeper's loop and studies, the search space, and the sweep summary."""
+
+from fmnist_tl.sweeps.results import summarize
+from fmnist_tl.sweeps.summary import MD_NAME, SweepSummaryCallback, job_rows, write_summary
+from fmnist_tl.sweeps.sweeper import SweepSettings, run_study
+
+__all__ = [
+    "job_rows",
+    "MD_NAME",
+    "run_study",
+    "summarize",
+    "SweepSettings",
+    "SweepSummaryCallback",
+    "write_summary",
+]

@@ -1,0 +1,107 @@
+"""curves.png: train/val loss and accuracy per epoch from a run's CSV log, in the evaluation report."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+
+import pytest
+from PIL import Image
+
+from fmnist_tl.evaluate import evaluate
+from fmnist_tl.evaluation import curves
+from tests.helpers import make_entry_cfg, tiny_data_overrides
+
+# The layout Lightning's CSVLogger writes: LR-monitor rows without an epoch, the epoch's step loss,
+# val and train metrics on separate rows, and the test row after the last epoch.
+LIGHTNING_CSV = """epoch,lr-AdamW/head,step,test/acc,train/acc,train/loss_epoch,train/loss_step,val/acc,val/loss
+,0.001,0,,,,,,
+0,,9,,,,2.31,,
+0,,9,,,,,0.45,2.10
+0,,9,,0.24,2.23,,,
+,0.0005,10,,,,,,
+1,,19,,,,,0.90,1.69
+1,,19,,0.59,1.88,,,
+2,,20,1.0,,,,,
+"""
+
+
+def test_read_curves_gathers_each_epoch_from_lightning_rows(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text(LIGHTNING_CSV)
+    assert curves.read_curves(path) == {
+        "train/loss_epoch": [(0, 2.23), (1, 1.88)],
+        "val/loss": [(0, 2.10), (1, 1.69)],
+        "train/acc": [(0, 0.24), (1, 0.59)],
+        "val/acc": [(0, 0.45), (1, 0.90)],
+    }
+
+
+@pytest.mark.parametrize(
+    "finetune, start",
+    [
+        (None, None),
+        ({"start_epoch": None, "init_from": None}, None),
+        ({"start_epoch": 3, "init_from": None, "unfreeze": ["layer4"]}, 3),
+        ({"start_epoch": None, "init_from": "head.ckpt"}, 0),
+    ],
+)
+def test_finetune_start_from_the_run_config(finetune, start):
+    assert curves.finetune_start_of({"model": {"backbone": "resnet18", "finetune": finetune}}) == start
+
+
+def _column(csv_path, name):
+    """The per-epoch values of one column, read here with the csv module alone."""
+    with open(csv_path, newline="") as f:
+        return [(int(r["epoch"]), float(r[name])) for r in csv.DictReader(f) if r["epoch"] and r.get(name)]
+
+
+def test_train_report_has_curves_from_the_csv_log(trained_run):
+    png = trained_run / "curves.png"
+    assert png.is_file() and Image.open(png).size[0] > 300
+    assert "![training curves](curves.png)" in (trained_run / "report.md").read_text()
+    log_file = trained_run / "csv" / "metrics.csv"
+    data = curves.read_curves(log_file)
+    for name in ("val/acc", "val/loss", "train/acc", "train/loss_epoch"):
+        assert data[name] == _column(log_file, name) and [e for e, _ in data[name]] == [0, 1]
+
+
+def test_evaluate_plots_the_checkpoint_runs_csv_with_its_finetune_start(
+    trained_run, tiny_mirror, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = run / "config.yaml"
+    # As if the run had fine-tuned from its second epoch: the marker comes from the run's saved config.
+    config.write_text(config.read_text().replace("start_epoch: null", "start_epoch: 1", 1))
+    plotted = {}
+
+    def spy(data, finetune_start, title):
+        plotted.update(data=data, start=finetune_start)
+        return real(data, finetune_start, title)
+
+    real = curves.plot_curves
+    monkeypatch.setattr(curves, "plot_curves", spy)
+    ckpt = next((run / "checkpoints").glob("epoch_*.ckpt"))
+    cfg = make_entry_cfg(
+        "evaluate",
+        [
+            *tiny_data_overrides(tiny_mirror, tmp_path),
+            "trainer.accelerator=cpu",
+            "trainer.precision=32-true",
+            f"ckpt_path={ckpt}",
+        ],
+        tmp_path / "eval",
+    )
+    report = evaluate(cfg)
+    assert report["curves"] == "curves.png" and (tmp_path / "eval" / "curves.png").is_file()
+    assert plotted["start"] == 1
+    assert plotted["data"]["val/acc"] == _column(run / "csv" / "metrics.csv", "val/acc")
+
+
+def test_missing_csv_log_means_no_curves_and_one_line(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="fmnist_tl.evaluation.curves"):
+        assert curves.write_curves(tmp_path, tmp_path, None) is None
+    assert not (tmp_path / "curves.png").exists()
+    assert [r.getMessage() for r in caplog.records if "no curves.png" in r.getMessage()]
