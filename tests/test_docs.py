@@ -125,3 +125,22 @@ def test_the_readmes_per_machine_and_per_backbone_tables_are_the_rendered_ones(t
     assert rows == ["2031-01-01-other", "2031-01-02"]
     assert machines_table(results).count("| [`") == 4
     assert readme.read_text().endswith(f"{SWEEP_END}\nrest\n") and "\nold\n" not in readme.read_text()
+
+
+NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
+
+
+def test_the_docs_name_every_shipped_backbone_config_and_count_them_right():
+    shipped = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+    assert "resnet50" in shipped and "resnet18" in shipped
+    readme = (REPO / "README.md").read_text()
+    assert f"{NUMBER_WORDS[len(shipped)]} ship as configs" in readme
+    # docs/backbones.md: the table of shipped configs, a row each.
+    page = (REPO / "docs" / "backbones.md").read_text()
+    table = page.split("| config | why |")[1].split("\n\n")[0]
+    assert sorted(re.findall(r"^\| `(\w+)` \|", table, flags=re.M)) == shipped
+    # The configuration tables (README and docs/configuration.md): the model group's options.
+    for text in (readme, (REPO / "docs" / "configuration.md").read_text()):
+        (row,) = [line for line in text.splitlines() if line.startswith("| `model` |")]
+        options = row.split("; or any torchvision classifier")[0]
+        assert sorted(re.findall(r"`(\w+)`", options)[1:]) == shipped, options
