@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -144,3 +147,35 @@ def test_the_docs_name_every_shipped_backbone_config_and_count_them_right():
         (row,) = [line for line in text.splitlines() if line.startswith("| `model` |")]
         options = row.split("; or any torchvision classifier")[0]
         assert sorted(re.findall(r"`(\w+)`", options)[1:]) == shipped, options
+
+
+# A page loads nothing from another host: a tag that fetches (a stylesheet, a font preconnect, a script,
+# an image) or a stylesheet's url(). Links a reader may follow (<a href>) are fine.
+EXTERNAL_LOAD = re.compile(r"<(?:link|script|img|iframe|source)\b[^>]*\b(?:href|src)=[\"']?(?:https?:)?//[^\"' >]+")
+EXTERNAL_CSS = re.compile(r"(?:url\(|@import)\s*[\"']?(?:https?:)?//[^\"')]+")
+
+
+def test_the_docs_theme_uses_system_fonts():
+    import yaml
+
+    theme = yaml.safe_load((REPO / "mkdocs.yml").read_text())["theme"]
+    assert theme["name"] == "material" and theme["font"] is False  # no Google Fonts
+
+
+@pytest.mark.slow
+def test_the_built_site_loads_nothing_from_another_host(tmp_path):
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "--site-dir", str(site)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    pages = list(site.rglob("*.html"))
+    assert len(pages) > 10
+    for path in pages + list(site.rglob("*.css")):
+        text = path.read_text(errors="replace")
+        found = EXTERNAL_LOAD.findall(text) + (EXTERNAL_CSS.findall(text) if path.suffix == ".css" else [])
+        assert not found, (path.relative_to(site), found[:3])
+        assert "fonts.googleapis.com" not in text and "fonts.gstatic.com" not in text, path
