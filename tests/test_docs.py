@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-from bench import docs_hook
 from bench.render import RESULTS_DIR, cell, flatten, render
 from tests.helpers import REPO
 
@@ -48,15 +47,50 @@ def test_every_figure_of_every_results_file_is_on_the_page():
                 assert cell(value) in page, (path.name, key)
 
 
-def test_the_hook_fills_only_the_marked_page():
-    assert docs_hook.on_page_markdown("no marker", page=None) == "no marker"
-    filled = docs_hook.on_page_markdown(f"# Benchmarks\n\n{docs_hook.MARKER}\n", page=None)
-    assert docs_hook.MARKER not in filled and "bench/results/" in filled
-    assert docs_hook.MARKER in (REPO / "docs" / "benchmarks.md").read_text()
-    # The backbones page: the newest backbone sweep, linked to its section of the benchmarks page.
-    sweep = docs_hook.on_page_markdown(f"# Backbones\n\n{docs_hook.SWEEP_MARKER}\n", page=None)
-    assert "-backbone-sweep.json`](benchmarks.md#" in sweep and "| rank | backbone |" in sweep
-    assert docs_hook.SWEEP_MARKER in (REPO / "docs" / "backbones.md").read_text()
+def test_the_committed_pages_hold_the_tables_the_renderer_makes_from_bench_results():
+    """GitHub shows the Markdown as committed: the benchmarks and backbones pages (and the README) must
+    hold what `python -m bench.render` renders from bench/results now."""
+    from bench.render import markdown_blocks, rendered
+
+    blocks = markdown_blocks()
+    assert sorted(blocks) == ["README.md", "docs/backbones.md", "docs/benchmarks.md"]
+    for name, file_blocks in blocks.items():
+        path = REPO / name
+        assert path.read_text() == rendered(path, file_blocks), f"{name} is stale: run python -m bench.render"
+    benchmarks = (REPO / "docs" / "benchmarks.md").read_text()
+    assert all(f"## {p.stem}" in benchmarks for p in RESULTS_DIR.glob("*.json"))
+    backbones = (REPO / "docs" / "backbones.md").read_text()
+    assert "| rank | backbone |" in backbones and "| backbone | image px |" in backbones
+    # Links go to the results file's section of the benchmarks page: a file outside docs/ is not on the site.
+    assert "-backbone-sweep.json`](benchmarks.md#" in backbones and "](bench/results/" not in backbones
+
+
+def test_the_renderer_writes_a_page_and_names_a_missing_block(tmp_path, capsys, monkeypatch):
+    from bench import render as bench_render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "2031-01-02-trial-cost.json").write_text(json.dumps({"date": "2031-01-02", "rows": [{"s": 1.5}]}))
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# B\n\n{bench_render.RESULTS_START}\nold\n{bench_render.RESULTS_END}\n\nrest\n")
+    blocks = bench_render.markdown_blocks(results)["docs/benchmarks.md"]
+    assert bench_render.fill(page, blocks) and not bench_render.fill(page, blocks)
+    text = page.read_text()
+    assert "## 2031-01-02-trial-cost" in text and "| 1.5 |" in text and "\nold\n" not in text
+    assert text.endswith(f"{bench_render.RESULTS_END}\n\nrest\n")
+    page.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="has no <!-- bench results:start -->"):
+        bench_render.fill(page, blocks)
+    # `python -m bench.render` writes every page it knows, from the results dir it is given.
+    for name in ("README.md", "docs/benchmarks.md", "docs/backbones.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text((REPO / name).read_text())
+    monkeypatch.setattr(bench_render, "REPO", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench.render", "--results-dir", str(results)])
+    bench_render.main()
+    out = capsys.readouterr().out
+    assert "docs/benchmarks.md: updated" in out and "docs/backbones.md: updated" in out
+    assert "No `python -m bench.backbone_sweep` results yet." in (tmp_path / "docs" / "backbones.md").read_text()
 
 
 def test_readme_is_short_and_its_links_resolve():
