@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.targets import cold_run_limit, end_to_end_of_ceiling, judge
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = RESULTS_DIR.parent.parent
 HEADER_KEYS = ("date", "command", "machine", "cpu")
@@ -180,14 +182,15 @@ def _newest_per_class(files: list[tuple[Path, dict[str, Any]]]) -> list[tuple[Pa
 
 def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False, per_class: bool = False) -> str:
     """One row per `python -m bench` results file (`per_class`: per machine class, its newest full
-    run): the figures its targets are judged on. Each row links to its file's section of the
-    benchmarks page, or (`link_files`) to the file."""
+    run): the figures its targets are judged on, judged against the targets in force
+    (bench/targets.py; a file's own `targets` are what it was judged against when it ran). Each row
+    links to its file's section of the benchmarks page, or (`link_files`) to the file."""
 
     rows = []
     files = _bench_files(results_dir)
     for path, data in _newest_per_class(files) if per_class else files:
         get = flatten(data).get
-        targets = {k: v for k, v in data["targets"].items() if v is not None}
+        targets = {k: v for k, v in judge(data).items() if v is not None}
         missed = [k for k, v in targets.items() if not v]
         extraction = get("runs.cold.extraction.candidate") or get("runs.cold.precision")
         rows.append(
@@ -202,7 +205,9 @@ def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False, pe
                 data.get("ratio"),
                 get("end_to_end.ratio"),
                 get("ceiling.fraction"),
+                end_to_end_of_ceiling(data),
                 get("runs.cold.wall_s"),
+                cold_run_limit(data),
                 get("runs.warm.wall_s"),
                 get("head_epoch.seconds"),
                 f"{len(targets) - len(missed)} of {len(targets)}" + (f"; not: {', '.join(missed)}" if missed else ""),
@@ -219,7 +224,9 @@ def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False, pe
         "vs tutorial",
         "vs tutorial, end to end",
         "of ceiling",
+        "of ceiling, end to end",
         "cold run s",
+        "cold run target s",
         "warm run s",
         "head epoch s",
         "targets met",
