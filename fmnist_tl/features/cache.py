@@ -101,7 +101,7 @@ class FeatureCache(L.Callback):
             # Said in the plan's one "Extraction:" line and recorded in metrics.json: the setting was auto.
             single_reason = (
                 f"auto: below features.probe_min_images={s.probe_min_images}"
-                f" ({work} images' worth of work at 224 px), probe skipped"
+                f" ({work:.0f} images' worth of work at 224 px), probe skipped"
             )
         self._planner = Planner(
             root=self.store.root,
