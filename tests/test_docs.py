@@ -230,3 +230,19 @@ def test_the_benchmarks_page_states_the_targets_bench_judges():
     assert f"head epoch < {TARGETS['head_epoch_s']:.0f} s" in page and f"< {TARGETS['peak_rss_gb']:.0f} GB" in page
     for dropped in ("9x the tutorial", "60% of the ceiling", "15 min"):
         assert dropped not in page
+
+
+def test_every_figure_in_the_docs_is_shown_and_made_by_the_command_beside_it():
+    from bench.docs_figures import FIGURES
+
+    pages = {p.name: p.read_text() for p in (REPO / "docs").glob("*.md")}
+    shown = {name for text in pages.values() for name in re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", text)}
+    assert shown == {p.name for p in (REPO / "docs").glob("*.png")}, "a figure in docs/ no page shows, or one missing"
+    for figure in FIGURES.values():
+        page = (REPO / figure.page).read_text()
+        name = figure.target.rsplit("/", 1)[-1]
+        assert (REPO / figure.target).is_file() and f"]({name})" in page
+        # The command in the code block right before the figure, word for word.
+        before = page.split(f"]({name})")[0]
+        assert before.rsplit("```bash\n", 1)[1].split("\n```")[0] == figure.command
+        assert "python -m bench.docs_figures" in before.rsplit("```", 1)[1]
