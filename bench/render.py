@@ -1,4 +1,9 @@
-"""Render every bench/results/*.json as Markdown: the docs' benchmarks page (`python -m bench.render`).
+"""Render bench/results/*.json into the committed Markdown: `python -m bench.render`.
+
+The README's per-machine and per-backbone tables, the benchmarks page (every results file) and the
+backbones page (the newest backbone sweep and per-backbone cost) are written between markers
+(`<!-- bench NAME:start -->` ... `<!-- bench NAME:end -->`) in the Markdown itself, so GitHub and the
+docs site show the same figures; tests/test_docs.py fails while a page differs from what this renders.
 
 Generic on purpose, so a results file of a new shape appears without new code. Per file: its date,
 command and machine, then its figures as tables:
@@ -10,7 +15,7 @@ command and machine, then its figures as tables:
 - `notes`, `note`, `status` and other prose strings as text; a list of strings (log lines) as a
   text block; `table` (what `python -m bench` printed, Markdown) inside a collapsed block.
 
-mkdocs builds the page through the hook in docs/hooks.py; nothing in the docs copies a figure by hand.
+Nothing in the docs copies a figure by hand.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.targets import cold_run_limit, end_to_end_of_ceiling, judge
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = RESULTS_DIR.parent.parent
 HEADER_KEYS = ("date", "command", "machine", "cpu")
 PROSE_KEYS = ("status", "note", "notes", "description")
 
@@ -133,6 +141,10 @@ CPU_CLASSES = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", 
 README_START, README_END = "<!-- bench machines:start -->", "<!-- bench machines:end -->"
 BACKBONES_START, BACKBONES_END = "<!-- bench backbones:start -->", "<!-- bench backbones:end -->"
 SWEEP_START, SWEEP_END = "<!-- bench backbone-sweep:start -->", "<!-- bench backbone-sweep:end -->"
+RESULTS_START, RESULTS_END = "<!-- bench results:start -->", "<!-- bench results:end -->"
+# A docs page links a results file to its section of the benchmarks page (files outside docs/ are
+# not part of the site); the README links the file itself.
+PAGE_LINK = "benchmarks.md#{stem}"
 
 
 def machine_label(machine: Mapping[str, Any]) -> str:
@@ -170,14 +182,15 @@ def _newest_per_class(files: list[tuple[Path, dict[str, Any]]]) -> list[tuple[Pa
 
 def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False, per_class: bool = False) -> str:
     """One row per `python -m bench` results file (`per_class`: per machine class, its newest full
-    run): the figures its targets are judged on. Each row links to its file's section of the
-    benchmarks page, or (`link_files`) to the file."""
+    run): the figures its targets are judged on, judged against the targets in force
+    (bench/targets.py; a file's own `targets` are what it was judged against when it ran). Each row
+    links to its file's section of the benchmarks page, or (`link_files`) to the file."""
 
     rows = []
     files = _bench_files(results_dir)
     for path, data in _newest_per_class(files) if per_class else files:
         get = flatten(data).get
-        targets = {k: v for k, v in data["targets"].items() if v is not None}
+        targets = {k: v for k, v in judge(data).items() if v is not None}
         missed = [k for k, v in targets.items() if not v]
         extraction = get("runs.cold.extraction.candidate") or get("runs.cold.precision")
         rows.append(
@@ -192,7 +205,9 @@ def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False, pe
                 data.get("ratio"),
                 get("end_to_end.ratio"),
                 get("ceiling.fraction"),
+                end_to_end_of_ceiling(data),
                 get("runs.cold.wall_s"),
+                cold_run_limit(data),
                 get("runs.warm.wall_s"),
                 get("head_epoch.seconds"),
                 f"{len(targets) - len(missed)} of {len(targets)}" + (f"; not: {', '.join(missed)}" if missed else ""),
@@ -209,7 +224,9 @@ def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False, pe
         "vs tutorial",
         "vs tutorial, end to end",
         "of ceiling",
+        "of ceiling, end to end",
         "cold run s",
+        "cold run target s",
         "warm run s",
         "head epoch s",
         "targets met",
@@ -217,8 +234,9 @@ def machines_table(results_dir: Path = RESULTS_DIR, link_files: bool = False, pe
     return "\n".join(table(header, rows))
 
 
-def backbones_table(results_dir: Path = RESULTS_DIR) -> str:
-    """The newest `python -m bench --backbones` file as a table, with the machine and command it ran under."""
+def backbones_table(results_dir: Path = RESULTS_DIR, link: str = "bench/results/{name}") -> str:
+    """The newest `python -m bench --backbones` file as a table, with the machine and command it ran under.
+    `link` formats the file's link ({name}: the file name, {stem}: without .json, lower case)."""
     path = _newest(results_dir, "*-backbones.json")
     if path is None:
         return "No `python -m bench --backbones` results yet."
@@ -228,7 +246,7 @@ def backbones_table(results_dir: Path = RESULTS_DIR) -> str:
     keys = ["backbone", "image_size", "feature_dim", "params_m", "gflop_per_image", "img_per_s", "peak_rss_gb"]
     lines = [
         f"Measured {data.get('date', '?')} on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores "
-        f"([`{path.name}`](bench/results/{path.name})): `{data.get('command', '?')}`",
+        f"([`{path.name}`]({link.format(name=path.name, stem=path.stem.lower())})): `{data.get('command', '?')}`",
         "",
         *table(header, ([row.get(k) for k in keys] for row in data["rows"])),
     ]
@@ -272,25 +290,54 @@ def backbone_sweep_table(results_dir: Path = RESULTS_DIR, link: str = "bench/res
     return "\n".join(lines)
 
 
-def fill_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> bool:
-    """Put machines_table(), backbones_table() and backbone_sweep_table() between the README's markers;
-    True when the file changed."""
-    from fmnist_tl.core import atomic_write_text, replace_between  # not for render(): it imports torch
+def markdown_blocks(results_dir: Path = RESULTS_DIR) -> dict[str, list[tuple[str, str, Callable[[], str]]]]:
+    """Per committed Markdown file (relative to the repository), its rendered blocks: (start, end, body)."""
+    return {
+        "README.md": readme_blocks(results_dir),
+        "docs/benchmarks.md": [(RESULTS_START, RESULTS_END, lambda: render(results_dir))],
+        "docs/backbones.md": [
+            (SWEEP_START, SWEEP_END, lambda: backbone_sweep_table(results_dir, link=PAGE_LINK)),
+            (BACKBONES_START, BACKBONES_END, lambda: backbones_table(results_dir, link=PAGE_LINK)),
+        ],
+    }
 
-    text = new = readme.read_text()
-    blocks = (
+
+def readme_blocks(results_dir: Path = RESULTS_DIR) -> list[tuple[str, str, Callable[[], str]]]:
+    return [
         (README_START, README_END, lambda: machines_table(results_dir, link_files=True, per_class=True)),
         (BACKBONES_START, BACKBONES_END, lambda: backbones_table(results_dir)),
         (SWEEP_START, SWEEP_END, lambda: backbone_sweep_table(results_dir)),
-    )
+    ]
+
+
+def rendered(path: Path, blocks: list[tuple[str, str, Callable[[], str]]]) -> str:
+    """The text of `path` with each block's body between its markers."""
+    from fmnist_tl.core import replace_between  # not for render(): it imports torch
+
+    text = path.read_text()
     for start, end, body in blocks:
-        filled = replace_between(new, start, end, f"\n{body()}")
+        filled = replace_between(text, start, end, f"\n{body()}")
         if filled is None:
-            raise SystemExit(f"error: {readme} has no {start} ... {end} block; add one where the table goes")
-        new = filled
-    if new != text:
-        atomic_write_text(readme, new)
-    return new != text
+            raise SystemExit(f"error: {path} has no {start} ... {end} block; add one where the table goes")
+        text = filled
+    return text
+
+
+def fill(path: Path, blocks: list[tuple[str, str, Callable[[], str]]]) -> bool:
+    """Write the rendered blocks into `path`; True when the file changed."""
+    from fmnist_tl.core import atomic_write_text
+
+    new = rendered(path, blocks)
+    if new == path.read_text():
+        return False
+    atomic_write_text(path, new)
+    return True
+
+
+def fill_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> bool:
+    """Put machines_table(), backbones_table() and backbone_sweep_table() between the README's markers;
+    True when the file changed."""
+    return fill(readme, readme_blocks(results_dir))
 
 
 def _dated(results_dir: Path, pattern: str) -> list[Path]:
@@ -331,12 +378,16 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.render", description=__doc__.splitlines()[0])
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--readme", type=Path, help="instead: fill this README's per-machine and per-backbone tables")
+    parser.add_argument("--readme", type=Path, help="instead: fill only this README's tables")
+    parser.add_argument("--print", action="store_true", help="instead: print the benchmarks page's Markdown")
     args = parser.parse_args()
-    if args.readme:
-        print(f"{args.readme}: {'updated' if fill_readme(args.readme, args.results_dir) else 'already current'}")
-    else:
+    if args.print:
         print(render(args.results_dir))
+        return
+    files = {args.readme: readme_blocks(args.results_dir)} if args.readme else None
+    for path, blocks in (files or {REPO / k: v for k, v in markdown_blocks(args.results_dir).items()}).items():
+        name = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+        print(f"{name}: {'updated' if fill(path, blocks) else 'already current'}")
 
 
 if __name__ == "__main__":

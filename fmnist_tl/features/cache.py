@@ -94,13 +94,14 @@ class FeatureCache(L.Callback):
         backend, precision = s.backend, s.precision
         n_images = sum(len(dm.split_tensors(split)[1]) for split in splits)
         work = work_at_224(n_images, pre.image_size)
+        single_reason = "set explicitly"
         if work < s.probe_min_images and "auto" in (backend, precision):
             precision = "32" if precision == "auto" else precision
             backend = "torch" if backend == "auto" and precision != "int8" else backend
-            log.info(
-                "Extraction probe skipped: %d images' worth of work at 224 px is below features.probe_min_images=%d",
-                work,
-                s.probe_min_images,
+            # Said in the plan's one "Extraction:" line and recorded in metrics.json: the setting was auto.
+            single_reason = (
+                f"auto: below features.probe_min_images={s.probe_min_images}"
+                f" ({work:.0f} images' worth of work at 224 px), probe skipped"
             )
         self._planner = Planner(
             root=self.store.root,
@@ -120,7 +121,7 @@ class FeatureCache(L.Callback):
         try:
             started = time.perf_counter()
             with lock:
-                self.plan = self._planner.choose(backend, precision, job_images=n_images)
+                self.plan = self._planner.choose(backend, precision, job_images=n_images, single_reason=single_reason)
             # The choice's own cost (probe, export, calibration, quantisation, gate): nothing when cached.
             self.plan.seconds = round(time.perf_counter() - started, 2)
         finally:

@@ -45,6 +45,11 @@ PROBE_FORMAT = 1
 # candidate: compiling is a large fixed cost, and inductor's gain over eager has been measured
 # well below this bound (docs/benchmarks.md: the compiled and eager bf16 rows of bench/results/2026-11-28*.json).
 COMPILE_BOUND = 2.0
+# Timings this close to the fastest are a tie: the probe's few batches differ by about this much
+# from run to run (two fresh probes on one machine ranked onnxruntime:int8 and int8-r7 either way,
+# 856 vs 827 and 1076 vs 1024 img/s). A tie goes to the most faithful candidate, then to the first
+# in candidates()' order, so one machine makes one choice.
+PROBE_NOISE = 0.05
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +110,7 @@ class Plan:
     quantization: dict[str, Any] | None = None  # int8: the model's identity (cache key) and settings
     probe_file: str | None = None
     seconds: float | None = None  # what choosing cost (set by the caller that timed it)
+    tie: dict[str, Any] | None = None  # candidates within PROBE_NOISE of the fastest, and what broke the tie
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -116,6 +122,7 @@ class Plan:
             "probe": {k: v.get("img_per_s") for k, v in self.timings.items()},
             "probe_file": self.probe_file,
             "gate": self.gates,
+            "tie": self.tie,
             "quantization": self.quantization,
             "seconds": self.seconds,
         }
@@ -153,6 +160,23 @@ def gate_failure(g: dict[str, Any]) -> str:
         f"cosine to fp32 features: mean {g['mean_cosine']:.4f}, worst {g['worst_cosine']:.4f}; "
         f"need {g['thresholds']['mean']:.4f} / {g['thresholds']['worst']:.4f}"
     )
+
+
+def break_tie(tied: list[str], gates: dict[str, dict[str, Any]], fixed_order: list[str]) -> tuple[str, dict[str, Any]]:
+    """The candidate to use among `tied` (ids, fastest first, all passing the gate), and the record of the
+    tie: the higher worst cosine to fp32 (fp32 itself, ungated, counts as 1), then the first in `fixed_order`."""
+
+    def worst(cid: str) -> float:
+        return gates[cid]["worst_cosine"] if cid in gates else 1.0
+
+    best = max(worst(cid) for cid in tied)
+    faithful = [cid for cid in tied if worst(cid) == best]
+    winner = min(faithful, key=fixed_order.index)
+    if len(faithful) == 1:
+        by, reason = "fidelity", f"the most faithful wins (worst cosine to fp32 {best:.4f})"
+    else:
+        by, reason = "order", f"equally faithful, the first in the fixed order wins ({', '.join(fixed_order)})"
+    return winner, {"within": PROBE_NOISE, "candidates": tied, "chosen": winner, "by": by, "reason": reason}
 
 
 class Planner:
@@ -285,14 +309,17 @@ class Planner:
             "passed": passed,
         }
 
-    def choose(self, backend: str, precision: str, job_images: int | None = None) -> Plan:
+    def choose(
+        self, backend: str, precision: str, job_images: int | None = None, single_reason: str = "set explicitly"
+    ) -> Plan:
         """The extraction path for (backend, precision); `job_images` (the job's size) decides whether a
-        compiled torch candidate is in the running (as FeatureExtractor.should_compile would)."""
+        compiled torch candidate is in the running (as FeatureExtractor.should_compile would).
+        `single_reason`: what the plan records when the setting leaves one candidate (no probe)."""
         cands = candidates(backend, precision, self.device)
         if not cands:
             raise FmnistError(f"features.backend={backend} features.precision={precision}: nothing can run it here")
         if len(cands) == 1:
-            return self._explicit(cands[0])
+            return self._explicit(cands[0], single_reason)
         compile_ok = self.settings.compile is True or (
             self.settings.compile == "auto"
             and job_images is not None
@@ -305,33 +332,43 @@ class Planner:
         if compiled is not None:
             by_id[compiled.id] = compiled
         gates: dict[str, dict[str, Any]] = {}
-        rejected: list[str] = []
-        chosen = None
+        rejected: list[str] = []  # failed the gate, faster than every passing candidate
+        passing: list[str] = []  # the fastest passing candidate and those within PROBE_NOISE of it
         for cid in order:
+            if passing and timings[cid]["img_per_s"] < (1 - PROBE_NOISE) * timings[passing[0]]["img_per_s"]:
+                break
             c = by_id[cid]
             if c.reduced:
                 gates[cid] = self.gate(c)
                 if not gates[cid]["passed"]:
-                    log.warning(
-                        "Extraction candidate %s fails the fidelity gate (%s); falling back to the next fastest",
-                        cid,
-                        gate_failure(gates[cid]),
-                    )
-                    rejected.append(cid)
+                    if not passing:  # a tied candidate that fails is simply left out of the tie
+                        log.warning(
+                            "Extraction candidate %s fails the fidelity gate (%s); falling back to the next fastest",
+                            cid,
+                            gate_failure(gates[cid]),
+                        )
+                        rejected.append(cid)
                     continue
-            chosen = c
-            why = (
-                "fastest measured"
-                if not rejected
-                else f"fastest that passes the fidelity gate ({', '.join(rejected)} failed)"
-            )
-            break
-        if chosen is None:
+            passing.append(cid)
+        tie = None
+        if not passing:
             # Only a reduced precision was allowed (features.precision=int8) and every variant of it
             # fails: obeyed, as a single explicit candidate is, with the most faithful variant.
             chosen = by_id[max(rejected, key=lambda cid: gates[cid]["mean_cosine"])]
             why = f"most faithful of {', '.join(rejected)}, all failing the fidelity gate; set explicitly, so used"
             log.warning("features.precision=%s: %s", precision, why)
+        else:
+            why = (
+                "fastest measured"
+                if not rejected
+                else f"fastest that passes the fidelity gate ({', '.join(rejected)} failed)"
+            )
+            winner = passing[0]
+            if len(passing) > 1:
+                winner, tie = break_tie(passing, gates, list(by_id))
+                failed = f"; {', '.join(rejected)} failed the fidelity gate" if rejected else ""
+                why = f"{', '.join(passing)} measured within {PROBE_NOISE:.0%}, a tie: {tie['reason']}{failed}"
+            chosen = by_id[winner]
         plan = Plan(
             chosen,
             self.runners.extractor(chosen),
@@ -340,6 +377,7 @@ class Planner:
             gates,
             self.runners.quantization(chosen),
             str(probe_path),
+            tie=tie,
         )
         # The losers' extractors go: their ONNX Runtime sessions hold the model and an arena.
         self.runners.keep_only(chosen)
@@ -347,7 +385,7 @@ class Planner:
         plan.log(self.device)
         return plan
 
-    def _explicit(self, c: Candidate) -> Plan:
+    def _explicit(self, c: Candidate, reason: str) -> Plan:
         gates = {}
         if c.reduced:
             gates[c.id] = g = self.gate(c)
@@ -357,7 +395,7 @@ class Planner:
                     c.id,
                     gate_failure(g),
                 )
-        plan = Plan(c, self.runners.extractor(c), "set explicitly", {}, gates, self.runners.quantization(c))
+        plan = Plan(c, self.runners.extractor(c), reason, {}, gates, self.runners.quantization(c))
         plan.log(self.device)
         return plan
 

@@ -27,7 +27,7 @@ from fmnist_tl.features.probe import Planner
 from fmnist_tl.runtime.build import build
 from fmnist_tl.train import train
 from fmnist_tl.training.precision import resolve_precision
-from tests.helpers import make_cfg, run_cli, tiny_overrides, tiny_split
+from tests.helpers import attached, make_cfg, run_cli, tiny_overrides, tiny_split
 
 RATES = {
     "torch:32": 10.0,
@@ -171,6 +171,61 @@ def test_a_candidate_failing_the_gate_is_never_used(tmp_path, net, train_images,
     assert again.candidate.id == "onnxruntime:32" and calls == []
 
 
+def noisier(variant: str, ref: list[Planner]):
+    """An injected quantiser: both int8 variants pass the gate, `variant` with the lower worst cosine."""
+
+    def run(c: Candidate, images: torch.Tensor) -> torch.Tensor:
+        good = faithful(ref)(c, images)
+        scale = 3e-2 if c.variant == variant else 1e-3
+        return good + scale * good.std() * torch.randn(good.shape, generator=torch.Generator().manual_seed(3))
+
+    return run
+
+
+@pytest.mark.parametrize("less_faithful, expected", [("int8-r7", "onnxruntime:int8"), ("int8", "onnxruntime:int8-r7")])
+def test_near_equal_timings_are_a_tie_that_fidelity_breaks(
+    tmp_path, net, train_images, caplog, less_faithful, expected
+):
+    """Two fresh probes on one machine that rank the int8 variants either way (the rates of issue #30,
+    within the probe's noise) give one choice: the more faithful variant, and the plan says why."""
+    chosen = []
+    for i, (int8, r7) in enumerate(((856.0, 827.0), (1024.0, 1076.0))):
+        ref: list[Planner] = []
+        rates = {**RATES, "onnxruntime:int8": int8, "onnxruntime:int8-r7": r7}
+        p = planner(tmp_path / str(i), net, train_images, recording_timer(rates, []), noisier(less_faithful, ref))
+        ref.append(p)
+        with caplog.at_level(logging.INFO, logger="fmnist_tl.features.probe"):
+            plan = p.choose("auto", "auto")
+        gates = plan.gates
+        assert gates["onnxruntime:int8"]["passed"] and gates["onnxruntime:int8-r7"]["passed"]
+        assert gates[expected]["worst_cosine"] > min(g["worst_cosine"] for g in gates.values())
+        tie = plan.summary()["tie"]
+        assert tie["by"] == "fidelity" and tie["chosen"] == expected and tie["within"] == probe.PROBE_NOISE
+        assert sorted(tie["candidates"]) == ["onnxruntime:int8", "onnxruntime:int8-r7"]
+        assert "within 5%, a tie: the most faithful wins (worst cosine to fp32" in plan.reason
+        chosen.append(plan.candidate.id)
+    assert chosen == [expected, expected]
+    assert f"Extraction: {expected} (onnxruntime:" in caplog.text
+
+
+def test_a_tie_prefers_fp32_then_the_fixed_order_and_a_clear_lead_still_wins(tmp_path, net, train_images):
+    # int8 1% ahead of fp32: a tie, and fp32 (worst cosine 1 by definition) is the more faithful.
+    rates = {**RATES, "onnxruntime:int8": 101.0, "onnxruntime:32": 100.0, "torch:32": 99.0}
+    plan, _ = choose(tmp_path / "a", net, train_images, rates)
+    assert plan.candidate.id == "torch:32" and plan.tie["by"] == "order"
+    assert plan.tie["candidates"] == ["onnxruntime:int8", "onnxruntime:32", "torch:32"]
+    assert "equally faithful, the first in the fixed order wins (torch:32, " in plan.reason
+    # 8% apart is a measured difference, not noise: the fastest, however faithful the other is.
+    rates = {**RATES, "onnxruntime:int8": 900.0, "onnxruntime:int8-r7": 827.0}
+    plan, _ = choose(tmp_path / "b", net, train_images, rates)
+    assert plan.candidate.id == "onnxruntime:int8" and plan.tie is None and plan.reason == "fastest measured"
+    # A candidate within the noise that fails the gate is left out of the tie, without a warning.
+    rates = {**RATES, "torch:32": 100.0, "onnxruntime:int8": 99.0, "onnxruntime:int8-r7": 98.0}
+    plan, _ = choose(tmp_path / "c", net, train_images, rates, quantiser=broken)
+    assert plan.candidate.id == "torch:32" and plan.tie is None and plan.reason == "fastest measured"
+    assert not plan.gates["onnxruntime:int8"]["passed"]
+
+
 @pytest.mark.parametrize(
     "backend, precision, expected",
     [
@@ -183,6 +238,32 @@ def test_a_candidate_failing_the_gate_is_never_used(tmp_path, net, train_images,
 def test_an_explicit_setting_is_obeyed_without_timing(tmp_path, net, train_images, backend, precision, expected):
     plan, calls = choose(tmp_path, net, train_images, RATES, backend=backend, precision=precision)
     assert plan.candidate.id == expected and calls == [] and plan.reason == "set explicitly"
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        ([], "auto: below features.probe_min_images=4000 ("),
+        (["features.backend=onnxruntime"], "auto: below features.probe_min_images=4000 ("),
+        (["features.backend=torch", "features.precision=32"], "set explicitly"),
+    ],
+)
+def test_a_small_job_says_auto_skipped_the_probe_not_set_explicitly(tiny_cfg, caplog, overrides, reason):
+    from fmnist_tl.features.cache import feature_cache_for
+
+    cfg = tiny_cfg(*overrides)
+    model, dm = build(cfg.model, _recursive_=False), build(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    trainer = attached(dm, model)
+    trainer.datamodule = dm  # what fit() sets: the callback reads the splits from it
+    cache = feature_cache_for(cfg, model, dm)
+    with caplog.at_level(logging.INFO, logger="fmnist_tl.features"):
+        cache.setup(trainer, model, "fit")
+    summary = cache.extraction_summary()
+    assert summary["reason"].startswith(reason) and summary["probe"] == {}
+    lines = [r.getMessage() for r in caplog.records if "Extraction" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(f"Extraction: {summary['candidate']} ({reason}")
 
 
 def test_explicit_precision_is_obeyed_even_when_it_fails_the_gate(tmp_path, net, train_images, caplog):
