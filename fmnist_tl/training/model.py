@@ -5,8 +5,8 @@ The model owns its preprocessing (image size, mean/std, channels_last), as timm'
 configs travel with their weights: its hyper-parameters, and so every checkpoint, carry it, and
 the datamodule, the feature cache, prediction and export all run `model.preprocess`. They carry
 what it was trained on as well: `class_names` and `input_spec` (the datamodule's uint8 images:
-kind, channels, height, width), taken from the datamodule in `setup`; the report, `predict` and
-`export` read them from the checkpoint.
+kind, channels, height, width), taken from the datamodule in `setup` (fmnist_tl/training/trained_on.py);
+the report, `predict` and `export` read them from the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from torchvision.datasets import FashionMNIST
 
 from fmnist_tl.backbones import (
     backbone_key,
@@ -43,6 +42,7 @@ from fmnist_tl.core import FmnistError, skip_nvml_retries_without_a_driver
 from fmnist_tl.data import ImagePreprocess, holds_features
 from fmnist_tl.training.finetune import check_finetune, finetune_options
 from fmnist_tl.training.lr_plan import LRPlan, configure_model_optimization, legacy_lr_plan
+from fmnist_tl.training.trained_on import TrainedOn, check_resumed, checked_identity, with_legacy_identity
 
 log = logging.getLogger(__name__)
 # DDP warns when find_unused_parameters=True finds none; in a fine-tune run that is the fine-tune
@@ -53,11 +53,6 @@ warnings.filterwarnings("ignore", message=r".*find_unused_parameters=True was sp
 warnings.filterwarnings(
     "ignore", message=r"It is recommended to use `self.log\('(train|val|test)/(acc|f1|loss_epoch)', \.\.\., sync_dist"
 )
-
-# What a model that has not seen a datamodule, and a checkpoint written before class names and the
-# input spec travelled in it, were trained on: Fashion-MNIST (FashionMNISTDataModule's own values).
-FASHION_MNIST_CLASS_NAMES: tuple[str, ...] = tuple(FashionMNIST.classes)
-FASHION_MNIST_INPUT_SPEC: dict[str, Any] = {"kind": "fashion_mnist", "channels": 1, "height": 28, "width": 28}
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 1e-4}
 
@@ -141,7 +136,7 @@ class StageMetrics(nn.Module):
         return value
 
 
-class TransferClassifier(L.LightningModule):
+class TransferClassifier(TrainedOn, L.LightningModule):
     def __init__(
         self,
         backbone: str = "resnet50",
@@ -164,14 +159,9 @@ class TransferClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         head = to_container(head) or {}
-        # None until a datamodule gives them (setup); plain containers, as every hyper-parameter here.
-        class_names = None if class_names is None else [str(c) for c in class_names]
-        input_spec = None if input_spec is None else dict(to_container(input_spec))
-        if class_names is not None and len(class_names) != num_classes:
-            raise FmnistError(f"model.num_classes={num_classes} but {len(class_names)} class names were given")
+        class_names, input_spec = checked_identity(class_names, to_container(input_spec), num_classes)
         self.finetune = finetune_options(finetune, backbone)
-        # First epoch that trains the backbone stages in finetune.unfreeze; None: the backbone never trains.
-        self.finetune_start = self.finetune.first_epoch
+        self.finetune_start = self.finetune.first_epoch  # first epoch that trains finetune.unfreeze; None: never
         # No file check: a model rebuilt from its checkpoint (load_weights=False) never reads init_from.
         check_finetune(self.finetune, freeze_backbone, max_epochs=None, check_files=False)
         optimizer, scheduler = to_container(optimizer) or DEFAULT_OPTIMIZER, to_container(scheduler)
@@ -219,76 +209,6 @@ class TransferClassifier(L.LightningModule):
         return rebuild_from_checkpoint(cls, path, map_location)
 
     @property
-    def class_names(self) -> tuple[str, ...]:
-        """The classes the head's outputs stand for, in order (Fashion-MNIST's until a datamodule gives them)."""
-        names = self.hparams.get("class_names")
-        return FASHION_MNIST_CLASS_NAMES if names is None else tuple(names)
-
-    @property
-    def input_spec(self) -> dict[str, Any]:
-        """The uint8 images the model was trained on: {"kind", "channels", "height", "width"} (Fashion-MNIST's
-        until a datamodule gives them). `predict` loads images, and `export` shapes its input, by it."""
-        spec = self.hparams.get("input_spec")
-        return dict(FASHION_MNIST_INPUT_SPEC if spec is None else spec)
-
-    def setup(self, stage: str) -> None:
-        """Take the class names and input spec from the trainer's datamodule (a fresh model), or check that
-        the datamodule holds the data this model was trained on (a model from a checkpoint)."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if getattr(datamodule, "class_names", None) is None:
-            return
-        if self.hparams.get("class_names") is None:
-            self._adopt_classes(*data_identity(datamodule))
-        else:
-            self.check_data(datamodule)
-
-    def _adopt_classes(self, names: list[str], spec: dict[str, Any] | None) -> None:
-        if len(names) != self.hparams.num_classes:
-            if self.finetune.init_from:
-                raise FmnistError(
-                    f"model.finetune.init_from={self.finetune.init_from} has a head for {self.hparams.num_classes} "
-                    f"classes, the data {len(names)}: fine-tune from a checkpoint trained on this data"
-                )
-            # model.num_classes is Fashion-MNIST's 10 unless set: the data's classes decide. Nothing has
-            # trained or restored the head yet (setup comes before checkpoint loading and the optimizer).
-            log.info("head: %d classes, from the data (model.num_classes=%d)", len(names), self.hparams.num_classes)
-            old = self.head[-1]
-            self.head[-1] = nn.Linear(old.in_features, len(names)).to(old.weight.device, old.weight.dtype)
-            self.metrics = StageMetrics(len(names))
-            self.hparams.num_classes = len(names)
-        self.hparams.class_names = names
-        if spec is not None:
-            self.hparams.input_spec = spec
-
-    def check_data(self, datamodule: Any) -> None:
-        """Raise FmnistError unless `datamodule` holds the classes (and kind of images) this model was trained on."""
-        names, spec = data_identity(datamodule)
-        ours = list(self.class_names)
-        if names != ours:
-            raise FmnistError(
-                f"the model was trained on {len(ours)} classes ({', '.join(ours)}), the data has {len(names)} "
-                f"({', '.join(names)}): use the data config it was trained with"
-                + (" (data=image_folder data.root=...)" if self.input_spec["kind"] == "image_folder" else "")
-            )
-        if spec is None:
-            return
-        trained = self.input_spec
-        if (spec["kind"], spec["channels"]) != (trained["kind"], trained["channels"]):
-            raise FmnistError(
-                f"the model was trained on {describe_input(trained)} images, the data holds {describe_input(spec)}: "
-                "use the data config it was trained with"
-            )
-        if (spec["height"], spec["width"]) != (trained["height"], trained["width"]):
-            log.warning(
-                "the data's images are %dx%d, the model was trained on %dx%d: its preprocessing resizes them, "
-                "but the numbers can differ from a run at the trained size (data.stored_size)",
-                spec["height"],
-                spec["width"],
-                trained["height"],
-                trained["width"],
-            )
-
-    @property
     def finetune_stages(self) -> list[nn.Module]:
         """The backbone stages a fine-tune phase trains (empty for a head-only run)."""
         if self.finetune_start is None:
@@ -318,12 +238,7 @@ class TransferClassifier(L.LightningModule):
             strip_backbone(checkpoint, self.weights_id, self.backbone_sha256)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {}).get("class_names") or list(FASHION_MNIST_CLASS_NAMES)
-        if list(saved) != list(self.class_names):
-            raise FmnistError(
-                f"the checkpoint was trained on classes ({', '.join(saved)}), this run's data has "
-                f"({', '.join(self.class_names)}): resume with the data it was trained on"
-            )
+        check_resumed(checkpoint, self.class_names)
         self.weights_id = checkpoint.get("weights_id", self.weights_id)
         self._saved_lr_plan = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
         # A head-only checkpoint's backbone: this model's when it is the one the checkpoint was trained
@@ -404,8 +319,7 @@ class TransferClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.metrics.compute("val"), prog_bar=True)
         if not self.trainer.sanity_checking:
-            # Stop before ModelCheckpoint (which saves after this hook) once the weights are not finite:
-            # a diverged model never becomes last.ckpt.
+            # Stop before ModelCheckpoint saves (after this hook): a diverged model never becomes last.ckpt.
             check_finite_parameters(self, self.current_epoch)
 
     def test_step(self, batch, batch_idx: int) -> None:
@@ -434,17 +348,6 @@ class TransferClassifier(L.LightningModule):
         return config
 
 
-def data_identity(datamodule: Any) -> tuple[list[str], dict[str, Any] | None]:
-    """A datamodule's class names and input spec (None: it has no input_spec, as Fashion-MNIST's had not)."""
-    spec = datamodule.input_spec() if hasattr(datamodule, "input_spec") else None
-    return [str(c) for c in datamodule.class_names], None if spec is None else dict(spec)
-
-
-def describe_input(spec: dict[str, Any]) -> str:
-    """'image_folder 3x160x160': an input spec in words, for messages and export metadata."""
-    return f"{spec['kind']} {spec['channels']}x{spec['height']}x{spec['width']}"
-
-
 def rebuild_from_checkpoint(
     cls: type[TransferClassifier], path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> TransferClassifier:
@@ -452,12 +355,8 @@ def rebuild_from_checkpoint(
     names, then checked against the sha256 it recorded."""
     ckpt = read_checkpoint(path, map_location=map_location)
     head_only = "backbone_identity" in ckpt
-    # Written before class names and the input spec travelled in checkpoints: a Fashion-MNIST model.
-    hparams = dict(ckpt["hyper_parameters"])
-    if "class_names" not in hparams and hparams.get("num_classes") == len(FASHION_MNIST_CLASS_NAMES):
-        hparams.update(class_names=list(FASHION_MNIST_CLASS_NAMES), input_spec=dict(FASHION_MNIST_INPUT_SPEC))
     try:
-        model = cls(**hparams, load_weights=head_only)
+        model = cls(**with_legacy_identity(ckpt["hyper_parameters"]), load_weights=head_only)
     except FmnistError as e:
         if not head_only:
             raise
