@@ -278,3 +278,21 @@ def test_docs_colour_onnx_snippet_runs_without_torch_and_feeds_what_load_rgb_giv
     for got, name in zip(batch, ("my_photo.jpg", "my_other_photo.png"), strict=True):
         want = load_rgb(work / name, SIZE).permute(1, 2, 0).numpy()
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # what predict feeds the model
+
+
+def test_a_checkpoint_from_before_class_names_exports_as_before(tiny_mirror, tmp_path, checkpoint):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    for key in ("class_names", "input_spec"):
+        ckpt["hyper_parameters"].pop(key, None)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    record = export(export_cfg(tiny_mirror, tmp_path, f"ckpt_path={tmp_path / 'old.ckpt'}", "format=torchscript"))
+    assert record["class_names"] == list(CLASS_NAMES) and record["verification"]["top1_agreement"] == 1.0
+    assert record["input"] == "uint8 (N, 1, 28, 28), light object on a dark background"
+    assert record["output"] == "logits (N, 10); softmax for probabilities"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(tmp_path / "export" / "model.torchscript.pt"))
+    images = fresh_images(3)  # (N, 1, 28, 28), as before
+    with torch.inference_mode():
+        want = torch_logits(TransferClassifier.from_checkpoint(checkpoint), images)
+        assert torch.allclose(scripted(images), want, atol=1e-5)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
+from torchvision.datasets import FashionMNIST
 
 from fmnist_tl.core.errors import FmnistError
 from fmnist_tl.data.images import BadImage, load_image, load_rgb, open_image
@@ -434,3 +435,20 @@ def test_cli_bad_inputs_reported_others_predicted_exit_1(tmp_path, checkpoint):
     for line, (reason, path) in zip(errors, bad.items(), strict=True):
         assert line.startswith(f"{path}: ") and reason in line
     assert "Traceback" not in proc.stderr
+
+
+def strip_class_names(checkpoint: Path, to: Path) -> Path:
+    """`checkpoint` as written before class names and the input spec travelled in checkpoints."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    for key in ("class_names", "input_spec"):
+        ckpt["hyper_parameters"].pop(key, None)
+    torch.save(ckpt, to)
+    return to
+
+
+def test_a_checkpoint_from_before_class_names_predicts_as_fashion_mnist(tmp_path, checkpoint):
+    old = strip_class_names(checkpoint, tmp_path / "old.ckpt")
+    Image.fromarray(to_u8(shape_image(0.2, 1.0))).save(tmp_path / "photo.png")
+    (then,) = predict(tmp_path / "photo.png", old, top_k=10)
+    (now,) = predict(tmp_path / "photo.png", checkpoint, top_k=10)
+    assert then.top == now.top and {name for name, _ in then.top} == set(FashionMNIST.classes)
