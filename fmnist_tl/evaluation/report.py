@@ -148,14 +148,15 @@ def plot_mistakes(images: torch.Tensor, mistakes: list[dict[str, Any]], title: s
 
 
 def images_of_test_split(datamodule: L.LightningDataModule, labels: torch.Tensor) -> torch.Tensor:
-    """The uint8 test images behind the collected outputs (the test loader is never shuffled)."""
+    """The uint8 test images behind the collected outputs (the test loader is never shuffled), as the
+    datamodule holds them: indexed, not copied, so a split kept on disk reads only the mistakes shown."""
     splits = getattr(datamodule, "image_splits", None)
     if not splits or "test" not in splits or splits["test"][0].dtype != torch.uint8:
         raise RuntimeError("the datamodule holds no uint8 test images (call setup first)")
     images, split_labels = splits["test"]
     if len(labels) > len(split_labels) or not torch.equal(split_labels[: len(labels)].long(), labels.long()):
         raise RuntimeError("test outputs do not line up with the datamodule's test split")
-    return images[: len(labels)]
+    return images
 
 
 def markdown_report(report: dict[str, Any], plots: bool = True) -> str:
@@ -259,7 +260,8 @@ def write_report(
         title = f"Confusion matrix, rows normalised (accuracy {report['accuracy']:.2%}, n={report['num_samples']})"
         atomic_write_bytes(output_dir / "confusion_matrix.png", plot_confusion_matrix(confusion, class_names, title))
         title = f"Most confident wrong predictions ({len(worst)} of {len(wrong)} mistakes)"
-        atomic_write_bytes(output_dir / "mistakes.png", plot_mistakes(images[worst], mistakes, title))
+        shown = images[worst] if len(worst) else torch.empty(0, dtype=torch.uint8)  # rows read: the ones shown
+        atomic_write_bytes(output_dir / "mistakes.png", plot_mistakes(shown, mistakes, title))
         curves = write_curves(run_dir, output_dir, finetune_start) if run_dir is not None else None
         report["curves"] = curves.name if curves else None
     report["mistakes_shown"] = mistakes
