@@ -39,7 +39,7 @@ class ColourData(FashionMNISTDataModule):
 
     def __init__(self, sizes: tuple[int, int, int] = (48, 12, 24), size: int = SIZE, batch_size: int = 16) -> None:
         super().__init__(data_dir="unused", val_size=sizes[1], batch_size=batch_size, cache_features=False)
-        self.class_names, self.num_classes = CLASS_NAMES, len(CLASS_NAMES)
+        self.class_names = CLASS_NAMES
         self.sizes, self.size = sizes, size
 
     def input_spec(self) -> dict:

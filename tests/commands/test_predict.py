@@ -265,9 +265,9 @@ def test_load_rgb_grey_transparency_16_bit_and_exif(tmp_path):
 def test_load_rgb_decodes_a_large_jpeg_at_reduced_scale(tmp_path):
     photo = np.asarray(Image.fromarray(stripes(1200, 1600)).resize((1600, 1200)))
     Image.fromarray(photo).save(tmp_path / "big.jpg", quality=95)
-    with open_image(tmp_path / "big.jpg", side=64) as image:
+    with open_image(tmp_path / "big.jpg", 64) as image:
         assert 64 <= min(image.size) < 1200  # draft mode: decoded at 1/2 to 1/8 scale
-    with open_image(tmp_path / "big.jpg", side=1200) as image:
+    with open_image(tmp_path / "big.jpg", 1200) as image:
         assert image.size == (1600, 1200)
     assert load_rgb(tmp_path / "big.jpg", 64).shape == (3, 64, 64)
 
