@@ -1,7 +1,9 @@
 """Export a checkpoint for serving: `python -m fmnist_tl.export ckpt_path=<ckpt> format=onnx|torchscript`.
 
-The exported model maps what the data loaders hold, uint8 (N, 1, 28, 28) with N dynamic, to logits
-(N, 10): the model's own preprocessing is inside the graph. Before the file is moved into place it
+The exported model maps uint8 images as a user holds them, N dynamic, to logits (N, classes): for a
+Fashion-MNIST checkpoint (N, 1, 28, 28), as the IDX files hold them; for a checkpoint trained on a
+folder of images (N, H, W, 3) RGB at its stored size, as numpy holds a decoded photo. The model's own
+preprocessing is inside the graph; the class names are in the file's metadata. Before the file is moved into place it
 is run on real test images and compared with the PyTorch model; any top-1 difference fails the
 export, writing nothing. model.safetensors and export.json go beside it (docs/evaluation.md).
 """
@@ -23,7 +25,6 @@ from torch import nn
 
 from fmnist_tl.config import CONFIG_PATH, ODD_BATCH, check_config
 from fmnist_tl.core import FmnistError, atomic_path, atomic_write_bytes, atomic_write_json, require_modules, sha256_file
-from fmnist_tl.data import CLASS_NAMES
 from fmnist_tl.features import export_onnx
 from fmnist_tl.runtime import build, exit_on_user_error, run_hydra_cli
 from fmnist_tl.training import TransferClassifier
@@ -33,17 +34,41 @@ log = logging.getLogger(__name__)
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 
 
+def channels_last_input(model: TransferClassifier) -> bool:
+    """Whether the export takes (N, H, W, C), as a decoded photo is held, rather than the loaders' (N, C, H, W)."""
+    return model.input_spec["kind"] != "fashion_mnist"
+
+
+def export_layout(model: TransferClassifier, images: torch.Tensor) -> torch.Tensor:
+    """The datamodule's uint8 (N, C, H, W) images in the layout the exported model takes."""
+    return images.permute(0, 2, 3, 1).contiguous() if channels_last_input(model) else images
+
+
+def input_description(model: TransferClassifier) -> str:
+    spec = model.input_spec
+    if not channels_last_input(model):
+        return f"uint8 (N, {spec['channels']}, {spec['height']}, {spec['width']}), light object on a dark background"
+    return (
+        f"uint8 (N, {spec['height']}, {spec['width']}, {spec['channels']}) RGB: the shorter side resized to "
+        f"{spec['height']}, then the centre cropped (fmnist_tl.data.load_rgb)"
+    )
+
+
 class UInt8Classifier(nn.Module):
-    """uint8 (N, 1, 28, 28) -> logits (N, C): the model's preprocessing, backbone and head in one graph."""
+    """uint8 images in the export's layout (`export_layout`) -> logits (N, C): the model's preprocessing,
+    backbone and head in one graph."""
 
     def __init__(self, model: TransferClassifier) -> None:
         super().__init__()
+        self.channels_last_input = channels_last_input(model)
         self.preprocess = copy.deepcopy(model.preprocess)
         # Plain (NCHW-contiguous) copies: channels_last is a CPU/GPU speed trick, not part of the model.
         self.backbone = copy.deepcopy(model.backbone).to(memory_format=torch.contiguous_format).eval()
         self.head = copy.deepcopy(model.head).eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last_input:
+            images = images.permute(0, 3, 1, 2)
         return self.head(self.backbone(self.preprocess(images)))
 
 
@@ -86,11 +111,13 @@ def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
 
 
 def verify(fmt: str, path: Path, model: TransferClassifier, images: torch.Tensor) -> dict[str, Any]:
-    """Exported file vs PyTorch on real images; raises FmnistError when any top-1 prediction differs."""
+    """Exported file vs PyTorch on real images (the datamodule's uint8 (N, C, H, W)); raises FmnistError when
+    any top-1 prediction differs."""
     runner = run_onnx if fmt == "onnx" else run_torchscript
     reference = reference_logits(model, images)
-    result = compare("onnxruntime" if fmt == "onnx" else "torch.jit", reference, runner(path, images))
-    odd = compare(result["runtime"], reference[:ODD_BATCH], runner(path, images[:ODD_BATCH]))
+    given = export_layout(model, images)
+    result = compare("onnxruntime" if fmt == "onnx" else "torch.jit", reference, runner(path, given))
+    odd = compare(result["runtime"], reference[:ODD_BATCH], runner(path, given[:ODD_BATCH]))
     result["dynamic_batch_checked"] = [len(images), odd["num_images"]]
     result["odd_batch_max_abs_logit_diff"] = odd["max_abs_logit_diff"]
     print(
@@ -114,11 +141,19 @@ def save_safetensors(model: TransferClassifier, path: Path, metadata: dict[str, 
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={k: json.dumps(v) for k, v in metadata.items()}))
 
 
-def load_test_images(cfg: DictConfig, count: int) -> torch.Tensor:
+def load_test_images(cfg: DictConfig, model: TransferClassifier, count: int) -> torch.Tensor:
+    """The first `count` uint8 test images of cfg.data, once it is checked to be the data the model was trained on."""
     datamodule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test")
-    images = datamodule.data_test.tensors[0][:count]
+    model.check_data(datamodule)
+    batches, held = [], 0
+    for images, _ in datamodule.test_dataloader():
+        batches.append(images[: count - held])
+        held += len(batches[-1])
+        if held >= count:
+            break
+    images = torch.cat(batches) if batches else torch.empty(0)
     if len(images) < ODD_BATCH:
         raise FmnistError(f"verify.num_images: the test split holds only {len(images)} images")
     return images
@@ -137,13 +172,14 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """Export, verify, then move the files into place; returns what export.json records."""
     ckpt = _check_config(cfg)
     model = TransferClassifier.from_checkpoint(ckpt).float()
-    images = load_test_images(cfg, cfg.verify.num_images)
+    images = load_test_images(cfg, model, cfg.verify.num_images)
     output_dir = Path(cfg.paths.output_dir)
     module = UInt8Classifier(model).eval()
     metadata = {
-        "class_names": list(CLASS_NAMES),
-        "input": "uint8 (N, 1, 28, 28), light object on a dark background",
-        "output": "logits (N, 10); softmax for probabilities",
+        "class_names": list(model.class_names),
+        "input": input_description(model),
+        "input_spec": model.input_spec,
+        "output": f"logits (N, {len(model.class_names)}); softmax for probabilities",
         "hyper_parameters": dict(model.hparams),
         "weights_id": model.weights_id,
         "checkpoint": ckpt,
@@ -151,7 +187,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     target = output_dir / FILE_NAMES[cfg.format]
     with atomic_path(target) as tmp:
         if cfg.format == "onnx":
-            export_onnx(module, images[:ODD_BATCH], tmp, metadata, opset=cfg.opset, what="format=onnx")
+            export_onnx(
+                module, export_layout(model, images[:ODD_BATCH]), tmp, metadata, opset=cfg.opset, what="format=onnx"
+            )
         else:
             export_torchscript(module, tmp)
         check = verify(cfg.format, tmp, model, images)  # raising here leaves no file behind

@@ -3,8 +3,11 @@
     python -m fmnist_tl.predict --checkpoint CKPT [--top-k 3] [--format table|json|csv]
                                 [--invert auto|yes|no] PATH...
 
-PATH is a file, a folder (its image files, recursively, sorted) or a glob; fmnist_tl.data.images brings
-each image to the Fashion-MNIST convention. A file that cannot be read costs one line on stderr and
+PATH is a file, a folder (its image files, recursively, sorted) or a glob. Each image goes through the
+preprocessing of the data the checkpoint was trained on (its `input_spec`): a Fashion-MNIST model gets
+the 28x28 Fashion-MNIST convention (fmnist_tl.data.load_image, with --invert), a model trained on a
+folder of images gets RGB at its stored size (fmnist_tl.data.load_rgb). The class names come from the
+checkpoint. A file that cannot be read costs one line on stderr and
 exit code 1, the others are still predicted, in input order (exit 2: bad checkpoint or arguments).
 The model is rebuilt from the checkpoint's hyper-parameters and only its tensors are loaded
 (`weights_only=True`), so a checkpoint cannot run code. From code: `predict(paths, checkpoint)`.
@@ -19,7 +22,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fmnist_tl.core import FmnistError
-from fmnist_tl.data import CLASS_NAMES, BadImage, expand_inputs, load_image
+from fmnist_tl.data import BadImage, expand_inputs, load_image, load_rgb
 from fmnist_tl.runtime import exit_on_user_error
 from fmnist_tl.training import TransferClassifier
 
@@ -66,25 +69,51 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
     return TransferClassifier.from_checkpoint(checkpoint).to(device).eval()
 
 
+def image_loader(model: TransferClassifier, invert: str = "auto") -> Callable[[str], torch.Tensor]:
+    """path -> the uint8 image the model was trained on (its input_spec); raises BadImage."""
+    spec = model.input_spec
+    if spec["kind"] == "fashion_mnist":
+        return lambda path: load_image(path, invert)
+    if invert != "auto":
+        raise FmnistError(
+            f"--invert {invert}: only Fashion-MNIST models take it; this one was trained on a folder of "
+            "images, which predict reads as they are: drop --invert"
+        )
+    if spec["channels"] != 3 or spec["height"] != spec["width"]:
+        raise FmnistError(f"the checkpoint's input_spec {spec} is not square RGB: predict cannot load images for it")
+    return lambda path: load_rgb(path, spec["height"])
+
+
 @torch.inference_mode()
 def classify(model: TransferClassifier, images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 1, 28, 28) -> class probabilities (B, C), through the model's own preprocessing."""
+    """uint8 (B, C, H, W) as `model.input_spec` -> class probabilities (B, classes), through the model's
+    own preprocessing."""
     device = next(model.parameters()).device
     return model(model.preprocess(images.to(device))).float().softmax(-1).cpu()
+
+
+def resolve_top_k(top_k: int | None, model: TransferClassifier) -> int:
+    """None: 3, or every class of a model with fewer; else checked against the model's classes."""
+    count = len(model.class_names)
+    if top_k is None:
+        return min(3, count)
+    if not 1 <= top_k <= count:
+        raise FmnistError(f"top_k={top_k} must be between 1 and {count} (the model's classes)")
+    return top_k
 
 
 def iter_predictions(
     inputs: Sequence[str | os.PathLike],
     model: TransferClassifier,
-    top_k: int = 3,
+    top_k: int | None = None,
     invert: str = "auto",
     batch_size: int = 64,
 ) -> Iterator[Prediction]:
     """Predictions in input order, `batch_size` files at a time (images are loaded per batch)."""
-    if not 1 <= top_k <= len(CLASS_NAMES):
-        raise FmnistError(f"top_k={top_k} must be between 1 and {len(CLASS_NAMES)}")
+    class_names, top_k = model.class_names, resolve_top_k(top_k, model)
     if batch_size < 1:
         raise FmnistError(f"batch_size={batch_size} must be >= 1")
+    load = image_loader(model, invert)
     files = expand_inputs(inputs)
     for start in range(0, len(files), batch_size):
         chunk = [Prediction(path, error=error) for path, error in files[start : start + batch_size]]
@@ -92,7 +121,7 @@ def iter_predictions(
         for slot, pred in enumerate(chunk):
             if pred.error is None:
                 try:
-                    images.append(load_image(pred.path, invert))
+                    images.append(load(pred.path))
                     slots.append(slot)
                 except BadImage as e:
                     pred.error = str(e)
@@ -100,7 +129,7 @@ def iter_predictions(
             probs = classify(model, torch.stack(images))
             values, indices = probs.topk(top_k, dim=-1)
             for slot, vals, idxs in zip(slots, values.tolist(), indices.tolist(), strict=True):
-                chunk[slot].top = [(CLASS_NAMES[i], v) for i, v in zip(idxs, vals, strict=True)]
+                chunk[slot].top = [(class_names[i], v) for i, v in zip(idxs, vals, strict=True)]
         yield from chunk
 
 
@@ -109,7 +138,7 @@ def predict(
     checkpoint: str | os.PathLike | None = None,
     *,
     model: TransferClassifier | None = None,
-    top_k: int = 3,
+    top_k: int | None = None,
     invert: str = "auto",
     batch_size: int = 64,
     device: str = "cpu",
@@ -176,13 +205,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     parser.add_argument("--checkpoint", "-c", required=True, help="a .ckpt written by fmnist_tl.train")
-    parser.add_argument("--top-k", type=int, default=3, help="how many classes to show per image (default 3)")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="how many classes to show per image (default 3, at most the model's)"
+    )
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
     parser.add_argument(
         "--invert",
         choices=("auto", "yes", "no"),
         default="auto",
-        help="make the object light on dark: auto inverts images whose border is light (default)",
+        help="Fashion-MNIST models: make the object light on dark; auto inverts images whose border is light (default)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
@@ -206,8 +237,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     refuse_overrides(args.paths)
     model = load_model(args.checkpoint, resolve_device(args.device))
+    top_k = resolve_top_k(args.top_k, model)
     succeeded, failed = [], 0
-    for pred in iter_predictions(args.paths, model, args.top_k, args.invert, args.batch_size):
+    for pred in iter_predictions(args.paths, model, top_k, args.invert, args.batch_size):
         if pred.ok:
             succeeded.append(pred)
         else:
@@ -216,10 +248,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.format == "json":
         sys.stdout.write(format_json(succeeded) + "\n")
     elif args.format == "csv":
-        sys.stdout.write(format_csv(succeeded, args.top_k))
+        sys.stdout.write(format_csv(succeeded, top_k))
     elif succeeded:
         # Piped output has no terminal width; do not fold paths at rich's default of 80 columns.
-        print_table(succeeded, args.top_k, Console(width=None if sys.stdout.isatty() else 200))
+        print_table(succeeded, top_k, Console(width=None if sys.stdout.isatty() else 200))
     return 1 if failed else 0
 
 

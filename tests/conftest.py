@@ -40,3 +40,12 @@ def trained_run(tiny_mirror, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("trained")
     train(make_cfg([*tiny_overrides(tiny_mirror, tmp), "trainer.max_epochs=2"], tmp / "run"))
     return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def colour_checkpoint(tmp_path_factory) -> Path:
+    """A head-only checkpoint of resnet18 trained on in-memory colour images with their own class names
+    (tests/colour_data.py): what a run on a folder of images gives to evaluate, predict and export."""
+    from tests.colour_data import train_colour_checkpoint
+
+    return train_colour_checkpoint(tmp_path_factory.mktemp("colour"))

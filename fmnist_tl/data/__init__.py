@@ -1,18 +1,16 @@
 """Fashion-MNIST as a LightningDataModule, its IDX files, and any image file turned into model input."""
 
 from fmnist_tl.data.fashion_mnist import (
-    CLASS_NAMES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     FashionMNISTDataModule,
     ImagePreprocess,
     holds_features,
 )
-from fmnist_tl.data.images import BadImage, expand_inputs, load_image
+from fmnist_tl.data.images import BadImage, expand_inputs, load_image, load_rgb
 
 __all__ = [
     "BadImage",
-    "CLASS_NAMES",
     "expand_inputs",
     "FashionMNISTDataModule",
     "holds_features",
@@ -20,4 +18,5 @@ __all__ = [
     "IMAGENET_STD",
     "ImagePreprocess",
     "load_image",
+    "load_rgb",
 ]

@@ -79,30 +79,56 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: tupl
     }
 
 
+# Longer class names are shortened on the plots (report.json and report.md keep them whole).
+PLOT_NAME_CHARS = 24
+# Above this many classes the cells are too small for their shares to be printed in them.
+ANNOTATED_CLASSES = 30
+
+
+def short_name(name: str, limit: int = PLOT_NAME_CHARS) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
+
+
 def plot_confusion_matrix(confusion: torch.Tensor, class_names: tuple[str, ...], title: str) -> bytes:
+    """Rows normalised; the figure grows with the classes (8.5 x 7.5 in for 10) and the text shrinks, so
+    that 2 to 50 classes stay readable."""
     counts = confusion.double()
     normalised = counts / counts.sum(1, keepdim=True).clamp(min=1)
     n = len(class_names)
-    fig = Figure(figsize=(8.5, 7.5))
+    side = min(26.0, max(5.5, 2.5 + 0.6 * n))
+    fig = Figure(figsize=(side, side - 1.0))
     ax = fig.add_subplot()
     image = ax.imshow(normalised.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(n), class_names, rotation=40, ha="right")
-    ax.set_yticks(range(n), class_names)
+    names = [short_name(c) for c in class_names]
+    tick_size = 10 if n <= 15 else max(7.0, 10 * 15 / n)
+    ax.set_xticks(range(n), names, rotation=40 if n <= 20 else 90, ha="right" if n <= 20 else "center")
+    ax.set_yticks(range(n), names)
+    ax.tick_params(labelsize=tick_size)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
-    for t in range(n):
-        for p in range(n):
-            value = float(normalised[t, p])
-            if value >= 0.005:
-                color = "white" if value > 0.5 else "black"
-                ax.text(p, t, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
+    if n <= ANNOTATED_CLASSES:
+        text_size = 8 if n <= 12 else max(5.0, 8 * 12 / n)
+        for t in range(n):
+            for p in range(n):
+                value = float(normalised[t, p])
+                if value >= 0.005:
+                    color = "white" if value > 0.5 else "black"
+                    ax.text(p, t, f"{value:.2f}", ha="center", va="center", fontsize=text_size, color=color)
     return png_bytes(fig)
 
 
+def as_picture(image: torch.Tensor) -> tuple[Any, str | None]:
+    """uint8 (C, H, W) -> what imshow takes, and its colour map: RGB as it is, one channel in grey."""
+    if image.shape[0] == 3:
+        return image.permute(1, 2, 0).numpy(), None
+    return image[0].numpy(), "gray"
+
+
 def plot_mistakes(images: torch.Tensor, mistakes: list[dict[str, Any]], title: str, columns: int = 8) -> bytes:
-    """Grid of 28x28 uint8 images, each titled with its mistake's true and predicted class and confidence."""
+    """Grid of uint8 (C, H, W) images, in colour when they have 3 channels, each titled with its mistake's
+    true and predicted class and confidence."""
     count = len(mistakes)
     rows = max(1, math.ceil(count / columns))
     fig = Figure(figsize=(columns * 1.7, rows * 1.8 + 0.5))
@@ -113,21 +139,24 @@ def plot_mistakes(images: torch.Tensor, mistakes: list[dict[str, Any]], title: s
         ax.text(0.5, 0.5, "no wrong predictions", ha="center", va="center")
     for i, m in enumerate(mistakes):
         ax = fig.add_subplot(rows, columns, i + 1)
-        ax.imshow(images[i].squeeze(0).numpy(), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"true: {m['true']}\npred: {m['predicted']} {m['confidence']:.1%}", fontsize=7.5)
+        picture, cmap = as_picture(images[i])
+        ax.imshow(picture, cmap=cmap, vmin=0, vmax=255)
+        label = f"true: {short_name(m['true'], 12)}\npred: {short_name(m['predicted'], 12)} {m['confidence']:.1%}"
+        ax.set_title(label, fontsize=7.5)
         ax.axis("off")
     return png_bytes(fig)
 
 
 def images_of_test_split(datamodule: L.LightningDataModule, labels: torch.Tensor) -> torch.Tensor:
-    """The uint8 test images behind the collected outputs (the test loader is never shuffled)."""
+    """The uint8 test images behind the collected outputs (the test loader is never shuffled), as the
+    datamodule holds them: indexed, not copied, so a split kept on disk reads only the mistakes shown."""
     splits = getattr(datamodule, "image_splits", None)
     if not splits or "test" not in splits or splits["test"][0].dtype != torch.uint8:
         raise RuntimeError("the datamodule holds no uint8 test images (call setup first)")
     images, split_labels = splits["test"]
     if len(labels) > len(split_labels) or not torch.equal(split_labels[: len(labels)].long(), labels.long()):
         raise RuntimeError("test outputs do not line up with the datamodule's test split")
-    return images[: len(labels)]
+    return images
 
 
 def markdown_report(report: dict[str, Any], plots: bool = True) -> str:
@@ -194,12 +223,14 @@ def write_report(
     fine-tune phase marked from `finetune_start` (0-based epoch, None: no fine-tune phase).
     """
     logits, labels = collector.result()
-    class_names = tuple(datamodule.class_names)
+    # The checkpoint's names (trainer.test checked them against the datamodule's in the model's setup).
+    class_names = model.class_names
     report = {
         "checkpoint": str(checkpoint),
         "split": "test",
         "backbone": model.hparams.backbone,
         "image_size": model.hparams.image_size,
+        "input_spec": model.input_spec,
         "weights_id": model.weights_id,
         "precision": precision,
         **compute_report(logits, labels, class_names, top_pairs),
@@ -229,7 +260,8 @@ def write_report(
         title = f"Confusion matrix, rows normalised (accuracy {report['accuracy']:.2%}, n={report['num_samples']})"
         atomic_write_bytes(output_dir / "confusion_matrix.png", plot_confusion_matrix(confusion, class_names, title))
         title = f"Most confident wrong predictions ({len(worst)} of {len(wrong)} mistakes)"
-        atomic_write_bytes(output_dir / "mistakes.png", plot_mistakes(images[worst], mistakes, title))
+        shown = images[worst] if len(worst) else torch.empty(0, dtype=torch.uint8)  # rows read: the ones shown
+        atomic_write_bytes(output_dir / "mistakes.png", plot_mistakes(shown, mistakes, title))
         curves = write_curves(run_dir, output_dir, finetune_start) if run_dir is not None else None
         report["curves"] = curves.name if curves else None
     report["mistakes_shown"] = mistakes

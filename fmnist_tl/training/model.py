@@ -3,7 +3,10 @@ classifier head, and the preprocessing the backbone's weights expect.
 
 The model owns its preprocessing (image size, mean/std, channels_last), as timm's pretrained
 configs travel with their weights: its hyper-parameters, and so every checkpoint, carry it, and
-the datamodule, the feature cache, prediction and export all run `model.preprocess`.
+the datamodule, the feature cache, prediction and export all run `model.preprocess`. They carry
+what it was trained on as well: `class_names` and `input_spec` (the datamodule's uint8 images:
+kind, channels, height, width), taken from the datamodule in `setup` (fmnist_tl/training/trained_on.py);
+the report, `predict` and `export` read them from the checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from fmnist_tl.core import FmnistError, skip_nvml_retries_without_a_driver
 from fmnist_tl.data import ImagePreprocess, holds_features
 from fmnist_tl.training.finetune import check_finetune, finetune_options
 from fmnist_tl.training.lr_plan import LRPlan, configure_model_optimization, legacy_lr_plan
+from fmnist_tl.training.trained_on import TrainedOn, check_resumed, checked_identity, with_legacy_identity
 
 log = logging.getLogger(__name__)
 # DDP warns when find_unused_parameters=True finds none; in a fine-tune run that is the fine-tune
@@ -132,7 +136,7 @@ class StageMetrics(nn.Module):
         return value
 
 
-class TransferClassifier(L.LightningModule):
+class TransferClassifier(TrainedOn, L.LightningModule):
     def __init__(
         self,
         backbone: str = "resnet50",
@@ -150,12 +154,14 @@ class TransferClassifier(L.LightningModule):
         finetune: dict | None = None,
         load_weights: bool = True,
         init_seed: int | None = None,
+        class_names: Sequence[str] | None = None,
+        input_spec: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         head = to_container(head) or {}
+        class_names, input_spec = checked_identity(class_names, to_container(input_spec), num_classes)
         self.finetune = finetune_options(finetune, backbone)
-        # First epoch that trains the backbone stages in finetune.unfreeze; None: the backbone never trains.
-        self.finetune_start = self.finetune.first_epoch
+        self.finetune_start = self.finetune.first_epoch  # first epoch that trains finetune.unfreeze; None: never
         # No file check: a model rebuilt from its checkpoint (load_weights=False) never reads init_from.
         check_finetune(self.finetune, freeze_backbone, max_epochs=None, check_files=False)
         optimizer, scheduler = to_container(optimizer) or DEFAULT_OPTIMIZER, to_container(scheduler)
@@ -232,6 +238,7 @@ class TransferClassifier(L.LightningModule):
             strip_backbone(checkpoint, self.weights_id, self.backbone_sha256)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_resumed(checkpoint, self.class_names)
         self.weights_id = checkpoint.get("weights_id", self.weights_id)
         self._saved_lr_plan = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
         # A head-only checkpoint's backbone: this model's when it is the one the checkpoint was trained
@@ -312,8 +319,7 @@ class TransferClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.metrics.compute("val"), prog_bar=True)
         if not self.trainer.sanity_checking:
-            # Stop before ModelCheckpoint (which saves after this hook) once the weights are not finite:
-            # a diverged model never becomes last.ckpt.
+            # Stop before ModelCheckpoint saves (after this hook): a diverged model never becomes last.ckpt.
             check_finite_parameters(self, self.current_epoch)
 
     def test_step(self, batch, batch_idx: int) -> None:
@@ -350,7 +356,7 @@ def rebuild_from_checkpoint(
     ckpt = read_checkpoint(path, map_location=map_location)
     head_only = "backbone_identity" in ckpt
     try:
-        model = cls(**ckpt["hyper_parameters"], load_weights=head_only)
+        model = cls(**with_legacy_identity(ckpt["hyper_parameters"]), load_weights=head_only)
     except FmnistError as e:
         if not head_only:
             raise

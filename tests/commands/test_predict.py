@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -13,11 +14,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
+from torchvision.datasets import FashionMNIST
 
-from fmnist_tl.data.fashion_mnist import CLASS_NAMES
-from fmnist_tl.data.images import BadImage, load_image
+from fmnist_tl.core.errors import FmnistError
+from fmnist_tl.data.images import BadImage, load_image, load_rgb, open_image
 from fmnist_tl.predict import classify, predict, run
 from fmnist_tl.training.model import TransferClassifier
+from tests.colour_data import CLASS_NAMES as COLOUR_CLASSES
+from tests.colour_data import SIZE, colour_images
 from tests.helpers import run_cli, tiny_split
 
 
@@ -215,6 +219,71 @@ def test_bad_files_give_a_reason_each(tmp_path, monkeypatch):
     assert (20000, 20000) not in decoded
 
 
+# --- Reading images for a model trained on a folder of images (load_rgb) -------------------------------
+
+
+def stripes(h: int, w: int) -> np.ndarray:
+    """Red | green | blue vertical thirds, uint8 h x w x 3."""
+    a = np.zeros((h, w, 3), dtype=np.uint8)
+    for i in range(3):
+        a[:, i * w // 3 : (i + 1) * w // 3, i] = 255
+    return a
+
+
+def test_load_rgb_resizes_the_shorter_side_and_crops_the_centre(tmp_path):
+    Image.fromarray(stripes(40, 120)).save(tmp_path / "wide.png")
+    t = load_rgb(tmp_path / "wide.png", 20)  # 40x120 -> 20x60 -> its middle 20x20: the green third
+    assert t.shape == (3, 20, 20) and t.dtype == torch.uint8
+    inner = t[:, :, 2:-2]  # the crop's edges blend into the neighbouring thirds (antialiased resize)
+    assert inner[1].min() == 255 and inner[0].max() == 0 and inner[2].max() == 0
+    Image.fromarray(stripes(120, 40).transpose(1, 0, 2)[:, :, ::-1].copy()).save(tmp_path / "tall.png")
+    assert load_rgb(tmp_path / "tall.png", 20).shape == (3, 20, 20)
+    images = colour_images(3, 4)[0]
+    for i, image in enumerate(images):  # an image already at the size passes unchanged
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
+        assert torch.equal(load_rgb(tmp_path / f"{i}.png", SIZE), image)
+
+
+def test_load_rgb_grey_transparency_16_bit_and_exif(tmp_path):
+    Image.fromarray(np.full((30, 30), 77, dtype=np.uint8), "L").save(tmp_path / "grey.png")
+    assert load_rgb(tmp_path / "grey.png", 10).unique().tolist() == [77]
+    rgba = np.zeros((30, 30, 4), dtype=np.uint8)  # fully transparent black: white, not black
+    rgba[10:20, 10:20] = (0, 0, 255, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    t = load_rgb(tmp_path / "cutout.png", 30)
+    assert t[:, 0, 0].tolist() == [255, 255, 255] and t[:, 15, 15].tolist() == [0, 0, 255]
+    Image.fromarray(np.full((20, 20), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
+    assert load_rgb(tmp_path / "deep.png", 10).unique().tolist() == [255]  # scaled, not clamped
+    upright = stripes(30, 60)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: a viewer turns it 90 degrees clockwise
+    Image.fromarray(np.rot90(upright, 1).copy()).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    t = load_rgb(tmp_path / "rotated.jpg", 30).float()  # upright 30x60 -> the middle 30 columns
+    assert t[0, :, :3].mean() > 180 and t[1, :, 10:20].mean() > 180 and t[2, :, -3:].mean() > 180
+
+
+def test_load_rgb_decodes_a_large_jpeg_at_reduced_scale(tmp_path):
+    photo = np.asarray(Image.fromarray(stripes(1200, 1600)).resize((1600, 1200)))
+    Image.fromarray(photo).save(tmp_path / "big.jpg", quality=95)
+    with open_image(tmp_path / "big.jpg", 64) as image:
+        assert 64 <= min(image.size) < 1200  # draft mode: decoded at 1/2 to 1/8 scale
+    with open_image(tmp_path / "big.jpg", 1200) as image:
+        assert image.size == (1600, 1200)
+    assert load_rgb(tmp_path / "big.jpg", 64).shape == (3, 64, 64)
+
+
+def test_load_rgb_refuses_bad_files_with_a_reason_each(tmp_path, monkeypatch):
+    decoded = []
+    original_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or original_load(self))
+    for reason, path in bad_files(tmp_path).items():
+        with pytest.raises(BadImage, match=reason):
+            load_rgb(path, 32)
+    assert (20000, 20000) not in decoded
+    with pytest.raises(BadImage, match="no such file"):
+        load_rgb(tmp_path / "missing.png", 32)
+
+
 # --- predict() from code --------------------------------------------------------------------------
 
 
@@ -233,7 +302,7 @@ def test_predict_keeps_input_order_and_matches_the_model(tmp_path, model, checkp
     expected = classify(model, images[[3, 0, 5]].unsqueeze(1))
     for result, probs in zip([results[0], results[2], results[4]], expected, strict=True):
         values, indices = probs.topk(3)
-        assert [name for name, _ in result.top] == [CLASS_NAMES[i] for i in indices]
+        assert [name for name, _ in result.top] == [model.class_names[i] for i in indices]
         assert np.allclose([p for _, p in result.top], values.numpy(), atol=1e-6)
         assert result.label == result.top[0][0]
 
@@ -247,6 +316,47 @@ def test_predict_expands_folders_and_globs_in_order(tmp_path, model):
     names = [Path(r.path).relative_to(tmp_path).as_posix() for r in results[:-1]]
     assert names == ["b.png", "a.png", "b.png", "sub/c.png", "a.png", "b.png"]
     assert results[-1].error == "no file matches this pattern"
+
+
+@pytest.fixture(scope="module")
+def colour_model(colour_checkpoint) -> TransferClassifier:
+    return TransferClassifier.from_checkpoint(colour_checkpoint)
+
+
+def test_predict_with_a_colour_model_reads_rgb_at_its_stored_size_and_names_its_classes(
+    tmp_path, colour_checkpoint, colour_model
+):
+    images, _ = colour_images(5, 21)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    results = predict(paths, colour_checkpoint)  # top-k: 3 by default, all of this model's classes
+    expected = classify(colour_model, images)
+    for result, probs in zip(results, expected, strict=True):
+        values, indices = probs.topk(3)
+        assert [name for name, _ in result.top] == [COLOUR_CLASSES[i] for i in indices]
+        assert np.allclose([p for _, p in result.top], values.numpy(), atol=1e-6)
+    # A photo of any size and shape goes through load_rgb at the stored size, as in training.
+    Image.fromarray(stripes(90, 160)).save(tmp_path / "photo.jpg")
+    (result,) = predict(tmp_path / "photo.jpg", model=colour_model, top_k=1)
+    probs = classify(colour_model, load_rgb(tmp_path / "photo.jpg", SIZE).unsqueeze(0))[0]
+    assert result.top == [(COLOUR_CLASSES[int(probs.argmax())], pytest.approx(float(probs.max()), abs=1e-6))]
+
+
+def test_predict_with_a_colour_model_refuses_invert_and_a_top_k_beyond_its_classes(tmp_path, colour_model):
+    Image.fromarray(stripes(30, 30)).save(tmp_path / "a.png")
+    with pytest.raises(FmnistError, match="--invert yes: only Fashion-MNIST models take it"):
+        predict(tmp_path / "a.png", model=colour_model, invert="yes")
+    with pytest.raises(FmnistError, match=re.escape("top_k=4 must be between 1 and 3 (the model's classes)")):
+        predict(tmp_path / "a.png", model=colour_model, top_k=4)
+
+
+def test_cli_with_a_colour_model(tmp_path, colour_checkpoint, capsys):
+    Image.fromarray(stripes(30, 45)).save(tmp_path / "a.png")
+    assert run(["-c", str(colour_checkpoint), "--format", "json", str(tmp_path / "a.png")]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert sorted(t["label"] for t in row["top_k"]) == sorted(COLOUR_CLASSES)
 
 
 # --- The command line -------------------------------------------------------------------------------
@@ -325,3 +435,20 @@ def test_cli_bad_inputs_reported_others_predicted_exit_1(tmp_path, checkpoint):
     for line, (reason, path) in zip(errors, bad.items(), strict=True):
         assert line.startswith(f"{path}: ") and reason in line
     assert "Traceback" not in proc.stderr
+
+
+def strip_class_names(checkpoint: Path, to: Path) -> Path:
+    """`checkpoint` as written before class names and the input spec travelled in checkpoints."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    for key in ("class_names", "input_spec"):
+        ckpt["hyper_parameters"].pop(key, None)
+    torch.save(ckpt, to)
+    return to
+
+
+def test_a_checkpoint_from_before_class_names_predicts_as_fashion_mnist(tmp_path, checkpoint):
+    old = strip_class_names(checkpoint, tmp_path / "old.ckpt")
+    Image.fromarray(to_u8(shape_image(0.2, 1.0))).save(tmp_path / "photo.png")
+    (then,) = predict(tmp_path / "photo.png", old, top_k=10)
+    (now,) = predict(tmp_path / "photo.png", checkpoint, top_k=10)
+    assert then.top == now.top and {name for name, _ in then.top} == set(FashionMNIST.classes)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import fmnist_tl.evaluate as evaluate_module
 from fmnist_tl.core.errors import FmnistError
 from fmnist_tl.evaluate import evaluate
-from fmnist_tl.evaluation.report import compute_report
+from fmnist_tl.evaluation.report import compute_report, plot_confusion_matrix, plot_mistakes
+from tests.colour_data import CLASS_NAMES as COLOUR_CLASSES
+from tests.colour_data import ColourData, colour_images
 from tests.helpers import make_entry_cfg, run_cli, tiny_data_overrides
 
 FP32_CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
@@ -90,6 +95,63 @@ def test_evaluate_command_matches_trainer_test(trained_run, tiny_mirror, tmp_pat
     written = {p.name for p in (tmp_path / "eval").iterdir()}
     assert {"report.json", "report.md", "confusion_matrix.png", "mistakes.png"} <= written
     assert not [p for p in written if p.endswith(".tmp")]
+
+
+def coloured_share(png: bytes | Image.Image) -> float:
+    """Share of a picture's pixels that are clearly coloured (not grey, black or white)."""
+    image = png if isinstance(png, Image.Image) else Image.open(io.BytesIO(png))
+    rgb = np.asarray(image.convert("RGB")).astype(int)
+    return float(((rgb.max(-1) - rgb.min(-1)) > 60).mean())
+
+
+def test_mistakes_are_shown_in_colour_when_the_images_are_colour_and_grey_otherwise():
+    mistakes = [{"true": "a", "predicted": "b", "confidence": 0.9}] * 4
+    colour = plot_mistakes(colour_images(4, 0)[0], mistakes, "colour")
+    grey = plot_mistakes(colour_images(4, 0)[0][:, :1], mistakes, "grey")  # one channel: (N, 1, H, W)
+    assert coloured_share(colour) > 0.05
+    assert coloured_share(grey) == 0.0
+
+
+def test_confusion_matrix_grows_with_the_classes_from_2_to_50():
+    widths = []
+    for n in (2, 10, 50):
+        names = tuple(f"class number {i} with a long folder name" for i in range(n))
+        confusion = torch.eye(n, dtype=torch.long) * 5 + 1
+        with Image.open(io.BytesIO(plot_confusion_matrix(confusion, names, f"{n} classes"))) as image:
+            widths.append(image.width)
+    # 10 classes keep today's 8.5 in figure; 2 are not shrunk to nothing, 50 get room for their labels.
+    assert 450 < widths[0] < widths[1] < widths[2] and widths[2] > 2 * widths[1]
+
+
+def test_evaluate_a_colour_model_names_its_classes_and_shows_its_mistakes_in_colour(
+    colour_checkpoint, tiny_mirror, tmp_path, monkeypatch
+):
+    real_build = evaluate_module.build
+
+    def build(cfg, **kwargs):  # cfg.data: the (in-memory) colour data the checkpoint was trained on
+        return (
+            ColourData()
+            if cfg.get("_target_") == "fmnist_tl.data.FashionMNISTDataModule"
+            else real_build(cfg, **kwargs)
+        )
+
+    monkeypatch.setattr(evaluate_module, "build", build)
+    report = evaluate(eval_cfg(tiny_mirror, tmp_path, f"ckpt_path={colour_checkpoint}"))
+    assert report["class_names"] == list(COLOUR_CLASSES) and report["num_samples"] == 24
+    assert [row["class"] for row in report["per_class"]] == list(COLOUR_CLASSES)
+    assert report["input_spec"]["kind"] == "image_folder"
+    check_report_consistent(report)
+    assert report["mistakes_shown"], "the 2-epoch colour model makes mistakes on its test split"
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    assert all(f"| {name} |" in markdown for name in COLOUR_CLASSES)
+    with Image.open(tmp_path / "eval" / "mistakes.png") as image:
+        assert coloured_share(image) > 0.02
+
+
+def test_evaluate_a_colour_model_on_fashion_mnist_is_one_line(colour_checkpoint, tiny_mirror, tmp_path):
+    with pytest.raises(FmnistError, match=re.escape("the model was trained on 3 classes (red apple, green leaf")):
+        evaluate(eval_cfg(tiny_mirror, tmp_path, f"ckpt_path={colour_checkpoint}"))
+    assert not (tmp_path / "eval" / "report.json").exists()
 
 
 @pytest.mark.parametrize(
