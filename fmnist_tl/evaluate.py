@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from fmnist_tl.config import CONFIG_PATH, check_config
 from fmnist_tl.core import EpochProgressBar, FmnistError
 from fmnist_tl.evaluation import finetune_start_of, run_dir_of_checkpoint, saved_config, write_report
-from fmnist_tl.runtime import build, cpu_precision_probe, run_hydra_cli, task
+from fmnist_tl.runtime import build, cpu_precision_probe, run_hydra_cli, task_wrapper
 from fmnist_tl.training import RecordTestOutputs, TransferClassifier, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    with task(hydra_run=True):
+    with task_wrapper(hydra_run=True):
         report = evaluate(cfg)
     summary = {"test/acc": report["accuracy"], "test/f1": report["macro_f1"], "num_samples": report["num_samples"]}
     print(json.dumps({**summary, "report": str(Path(cfg.paths.output_dir) / "report.md")}))

@@ -25,7 +25,7 @@ from fmnist_tl.config import CONFIG_PATH, ODD_BATCH, check_config
 from fmnist_tl.core import FmnistError, atomic_path, atomic_write_bytes, atomic_write_json, require_modules, sha256_file
 from fmnist_tl.data import CLASS_NAMES
 from fmnist_tl.features import export_onnx
-from fmnist_tl.runtime import build, run_hydra_cli, task
+from fmnist_tl.runtime import build, run_hydra_cli, task_wrapper
 from fmnist_tl.training import TransferClassifier
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
-    with task(hydra_run=True):
+    with task_wrapper(hydra_run=True):
         export(cfg)
 
 

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from fmnist_tl.core import FmnistError
 from fmnist_tl.data import CLASS_NAMES, BadImage, expand_inputs, load_image
-from fmnist_tl.runtime import task
+from fmnist_tl.runtime import task_wrapper
 from fmnist_tl.training import TransferClassifier
 
 
@@ -224,7 +224,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with task():
+    with task_wrapper():
         code = run(argv)
     sys.exit(code)
 

@@ -34,7 +34,7 @@ from fmnist_tl.runtime import (
     run_test,
     set_aside_previous_run,
     summarize_stopped_sweep,
-    task,
+    task_wrapper,
     validate_config,
     write_run_record,
 )
@@ -158,7 +158,7 @@ def _stopped(cfg: DictConfig, started: float, multirun: bool) -> Any:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float:
     metrics: dict[str, Any] = {}
-    with task(hydra_run=True, on_stop=_stopped(cfg, time.time(), _is_multirun())):
+    with task_wrapper(hydra_run=True, on_stop=_stopped(cfg, time.time(), _is_multirun())):
         note_experiment_overrides(cfg)
         metrics = train(cfg)
     if not metrics:  # a failed sweep job, recorded

@@ -17,7 +17,7 @@ from fmnist_tl.runtime.record import (
     summarize_stopped_sweep,
     write_run_record,
 )
-from fmnist_tl.runtime.task import Stop, full_error_wanted, run_hydra_cli, stop_of, task
+from fmnist_tl.runtime.task import Stop, full_error_wanted, run_hydra_cli, stop_of, task_wrapper
 
 __all__ = [
     "build",
@@ -37,7 +37,7 @@ __all__ = [
     "Stop",
     "stop_of",
     "summarize_stopped_sweep",
-    "task",
+    "task_wrapper",
     "run_test",
     "validate_config",
     "write_run_record",

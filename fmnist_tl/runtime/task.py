@@ -109,7 +109,7 @@ def remove_untouched_run_dir() -> None:
 
 
 @contextlib.contextmanager
-def task(hydra_run: bool = False, on_stop: Callable[[Stop], Stop | None] | None = None) -> Iterator[None]:
+def task_wrapper(hydra_run: bool = False, on_stop: Callable[[Stop], Stop | None] | None = None) -> Iterator[None]:
     """Run a command's body: a refusal is `error: <line>` and exit 2, Ctrl-C 130, SIGTERM 143.
 
     A bug keeps its traceback (exit 1), as does everything under the user's HYDRA_FULL_ERROR=1.
