@@ -13,6 +13,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.core import atomic_write_json, atomic_write_text
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 _RUN_OWN = (".hydra", "previous-")
 
 
+@rank_zero_only  # DDP's other ranks start later, into the same run dir: never move rank 0's files
 def set_aside_previous_run(output_dir: Path, ckpt_path: str | None) -> None:
     """Move an earlier run's files in this run dir (hydra.run.dir=X twice) into X/previous-<time>/.
 
@@ -35,7 +37,13 @@ def set_aside_previous_run(output_dir: Path, ckpt_path: str | None) -> None:
     """
     if not output_dir.is_dir() or (ckpt_path and output_dir.resolve() in Path(ckpt_path).resolve().parents):
         return
-    log_file = Path(HydraConfig.get().job_logging.handlers.file.filename).name if HydraConfig.initialized() else ""
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    log_path = (
+        OmegaConf.select(hydra_cfg, "job_logging.handlers.file.filename", throw_on_resolution_failure=False)
+        if hydra_cfg
+        else None
+    )
+    log_file = Path(log_path).name if log_path else ""
     earlier = [p for p in output_dir.iterdir() if not p.name.startswith(_RUN_OWN) and p.name != log_file]
     if not earlier:
         return
@@ -59,7 +67,7 @@ def run_test(
     recorder = RecordTestOutputs()
     trainer.callbacks.append(recorder)
     # Private class: Lightning has no public way to ask whether test runs in new processes (ddp_spawn);
-    # tests/training/test_private_api.py fails when it moves.
+    # tests/training/test_train.py fails when it moves.
     if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
         # There, Lightning's CSVLogger starts a new writer that deletes the fit's csv/metrics.csv (with
         # a warning). The test metrics go to metrics.json and the report.

@@ -145,8 +145,8 @@ def run_hydra_cli(main: Callable[[], Any], config_name: str) -> None:
     """Run a @hydra.main entry point, with Hydra's composition errors as one `error:` line, exit 2.
 
     HYDRA_FULL_ERROR=1 makes Hydra raise its errors instead of printing its multi-line report;
-    hydra.job.env_set gives each job the user's own value back, so `task` and Hydra's report of a
-    job's bug follow what the user asked for.
+    hydra.job.env_set gives each job the user's own value back, which task_wrapper follows. An error
+    that left a running task is the task's (a traceback), never reported as a config error.
     """
     user_value = os.environ.get("HYDRA_FULL_ERROR", "0")
     if not any(arg.lstrip("+").startswith(f"{_ENV_SET}=") for arg in sys.argv[1:]):  # a DDP rank re-runs argv

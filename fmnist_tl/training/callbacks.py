@@ -81,7 +81,7 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
 
     def _save_last_if_missed(self, trainer: L.Trainer, at_train_epoch_end: bool) -> None:
         # Private calls: Lightning >= 2.6 writes last.ckpt only with a top-k save and has no public hook
-        # for "at every save point" (no upstream issue found; tests/training/test_private_api.py guards them).
+        # for "at every save point" (no upstream issue found; tests/training/test_train.py guards them).
         if (
             self.save_last
             and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
