@@ -260,6 +260,7 @@ class ModelSummary(callbacks.RichModelSummary):
 _NOISE = re.compile(
     r"💡 Tip.*(litlogger|litmodels)|\s*Detected KeyboardInterrupt|(TPU|HPU) available|GPU available: False"
     r"|Restoring states from the checkpoint|Loaded model weights from the checkpoint|Restored all states from"
+    r"|(\[rank: \d+\] )?Received SIGTERM"  # the one-line interruption error says it
 )
 
 
@@ -290,7 +291,11 @@ def silence_known_noise() -> None:
         r"It is recommended to use `self.log\('(train|val|test)/(acc|f1|loss_epoch)', \.\.\., sync_dist",
     ):
         warnings.filterwarnings("ignore", message=message)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.signal_connector",
+    ):
         logging.getLogger(name).addFilter(_DROP_NOISE)
 
 

@@ -96,3 +96,11 @@ def test_a_resumed_run_continues_in_the_checkpoints_folder_it_resumes(tmp_path):
     # The recorded paths moved with the folder: epoch_000 is replaced as the one checkpoint kept.
     assert sorted(p.name for p in moved.iterdir()) == ["epoch_001.ckpt", "last.ckpt"]
     assert not (tmp_path / "b").exists()
+
+
+def test_lightnings_received_sigterm_line_is_dropped(caplog):
+    """The interruption's one error line names SIGTERM; Lightning's own log line would be a second."""
+    silence_known_noise()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").info("[rank: 0] Received SIGTERM: 15")
+    assert "Received SIGTERM" not in caplog.text
