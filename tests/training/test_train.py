@@ -102,5 +102,6 @@ def test_lightnings_received_sigterm_line_is_dropped(caplog):
     """The interruption's one error line names SIGTERM; Lightning's own log line would be a second."""
     silence_known_noise()
     with caplog.at_level(logging.INFO):
-        logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").info("[rank: 0] Received SIGTERM: 15")
+        signal_log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+        signal_log.info("[rank: 0] Received SIGTERM: 15")
     assert "Received SIGTERM" not in caplog.text
