@@ -105,6 +105,7 @@ def instrument(phases: Phases) -> Callable[[], Any]:
 
     import fmnist_tl.backbones.weights as weights_module
     import fmnist_tl.features.cache as features
+    import fmnist_tl.runtime.record as record_module
     import fmnist_tl.train as train_module
     import fmnist_tl.training.callbacks as callbacks
     from fmnist_tl.data import FashionMNISTDataModule
@@ -120,10 +121,10 @@ def instrument(phases: Phases) -> Callable[[], Any]:
     phases.wrap(L.Trainer, "test", "test")
     phases.wrap(callbacks.AtomicCheckpointIO, "save_checkpoint", "checkpoint save")
     phases.wrap(callbacks.AtomicCheckpointIO, "load_checkpoint", "checkpoint load")
-    # train() looks these up in its own module at call time.
-    phases.wrap(train_module, "write_report", "report")
-    phases.wrap(train_module, "atomic_write_json", "metrics/config files")
-    phases.wrap(train_module, "atomic_write_text", "metrics/config files")
+    # train()'s record step (fmnist_tl/runtime/record.py) looks these up in its module at call time.
+    phases.wrap(record_module, "write_report", "report")
+    phases.wrap(record_module, "atomic_write_json", "metrics/config files")
+    phases.wrap(record_module, "atomic_write_text", "metrics/config files")
 
     class EpochTimer(L.Callback):
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from fmnist_tl.config import CONFIG_PATH, check_config
 from fmnist_tl.core import EpochProgressBar, FmnistError
 from fmnist_tl.evaluation import finetune_start_of, run_dir_of_checkpoint, saved_config, write_report
-from fmnist_tl.runtime import build, cpu_precision_probe, exit_on_user_error, run_hydra_cli
+from fmnist_tl.runtime import build, check_accelerator, cpu_precision_probe, run_hydra_cli, task_wrapper
 from fmnist_tl.training import RecordTestOutputs, TransferClassifier, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 def _check_config(cfg: DictConfig) -> str:
     check_config(cfg)
+    check_accelerator(cfg.trainer)
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
         raise FmnistError("ckpt_path is required: python -m fmnist_tl.evaluate ckpt_path=PATH/TO/checkpoint.ckpt")
@@ -75,7 +76,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error(hydra_run=True):
+    with task_wrapper(hydra_run=True):
         report = evaluate(cfg)
     summary = {"test/acc": report["accuracy"], "test/f1": report["macro_f1"], "num_samples": report["num_samples"]}
     print(json.dumps({**summary, "report": str(Path(cfg.paths.output_dir) / "report.md")}))

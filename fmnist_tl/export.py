@@ -26,7 +26,7 @@ from torch import nn
 from fmnist_tl.config import CONFIG_PATH, ODD_BATCH, check_config
 from fmnist_tl.core import FmnistError, atomic_path, atomic_write_bytes, atomic_write_json, require_modules, sha256_file
 from fmnist_tl.features import export_onnx
-from fmnist_tl.runtime import build, exit_on_user_error, run_hydra_cli
+from fmnist_tl.runtime import build, run_hydra_cli, task_wrapper
 from fmnist_tl.training import TransferClassifier
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error(hydra_run=True):
+    with task_wrapper(hydra_run=True):
         export(cfg)
 
 

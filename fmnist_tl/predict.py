@@ -31,7 +31,7 @@ from rich.table import Table
 
 from fmnist_tl.core import FmnistError
 from fmnist_tl.data import BadImage, expand_inputs, load_image, load_rgb
-from fmnist_tl.runtime import exit_on_user_error
+from fmnist_tl.runtime import task_wrapper
 from fmnist_tl.training import TransferClassifier
 
 
@@ -256,7 +256,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with exit_on_user_error():
+    with task_wrapper():
         code = run(argv)
     sys.exit(code)
 

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from fmnist_tl.backbones import fetch_torchvision_weights
 from fmnist_tl.config import compose_config
 from fmnist_tl.core import FmnistError, atomic_write_text, cpu_model, replace_between
-from fmnist_tl.runtime import exit_on_user_error, validate_config
+from fmnist_tl.runtime import task_wrapper, validate_config
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "fmnist_tl.reproduce", *argv])
-    with exit_on_user_error():
+    with task_wrapper():
         reproduce(
             args.overrides,
             args.output,

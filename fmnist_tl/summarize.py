@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fmnist_tl.core import FmnistError
-from fmnist_tl.runtime import exit_on_user_error
+from fmnist_tl.runtime import task_wrapper
 from fmnist_tl.sweeps import MD_NAME, write_summary
 
 # How conf/hydra/default.yaml names a sweep dir: the time the sweep started (older runs: no %f).
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib rendering)")
     args = parser.parse_args(argv)
-    with exit_on_user_error():
+    with task_wrapper():
         sweep_dir = args.sweep_dir or newest_sweep_dir(args.log_dir)
         write_summary(sweep_dir, plot=not args.no_plot)
         sys.stdout.write((sweep_dir / MD_NAME).read_text())

@@ -60,3 +60,10 @@ def test_other_layers_use_a_subpackages_public_face():
             if parts[0] == "fmnist_tl" and len(parts) > 2 and parts[1] in SUBPACKAGES and parts[1] != own:
                 wrong.append(f"{rel}:{line}: {module}")
     assert not wrong
+
+
+def test_train_reads_like_the_template():
+    """train(): check, build, fit, test, record; the rest lives in runtime/ and the callbacks."""
+    tree = ast.parse((PKG / "train.py").read_text())
+    (train,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train"]
+    assert train.end_lineno - train.lineno + 1 <= 60

@@ -4,8 +4,10 @@ safe loader every file we read goes through: torch.load with weights_only=True.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -144,9 +146,17 @@ def fetch_torchvision_weights(backbone: str, weights: str) -> tuple[dict[str, to
     enum = torchvision.models.get_model_weights(backbone)[weights]
     cached = hub_cache_path(backbone, weights)
     if not cached.is_file():
+        made = [d for d in (cached.parent, cached.parent.parent) if not d.exists()]  # checkpoints/, hub/
         try:
-            enum.get_state_dict(progress=True, check_hash=True)
+            # torch.hub's own download (what torchvision calls) without the "Downloading: ..." line it
+            # prints first; the file appears only once complete and its hash checked.
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            hash_prefix = re.search(torch.hub.HASH_REGEX, cached.name)
+            torch.hub.download_url_to_file(enum.url, str(cached), hash_prefix and hash_prefix.group(1), progress=True)
         except Exception as e:  # URLError, HTTPError, socket errors, hash mismatch
+            for folder in made:  # no empty folders left in the hub cache
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise FmnistError(
                 f"cannot get {backbone} {weights} weights ({type(e).__name__}: {e}); put {cached.name} "
                 f"(from {enum.url}) at {cached}, or pass model.weights_path=FILE, or model.weights=null for random init"

@@ -5,14 +5,18 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.errors import (
+    ConfigCompositionException,
+    HydraException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -53,7 +57,7 @@ def compose_config(config_name: str, overrides: Sequence[str] = (), return_hydra
         try:
             return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
         except (HydraException, OmegaConfBaseException) as e:
-            raise FmnistError(hydra_error_line(e, config_name)) from e
+            raise FmnistError(hydra_error_line(e, config_name, overrides)) from e
 
 
 def _known_keys(config_name: str, parent: str) -> list[str]:
@@ -70,43 +74,75 @@ def _known_keys(config_name: str, parent: str) -> list[str]:
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
-def hydra_error_line(e: BaseException, config_name: str) -> str:
-    """One line for an error Hydra or OmegaConf raised while composing conf/<config_name>.yaml."""
-    message, cause = str(e), e.__cause__
-    first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
-    if isinstance(e, MissingConfigException):
-        found = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
-        options = re.findall(r"^\t(\S+)$", message.split("Config search path:")[0], flags=re.M)
-        options = [o for o in options if o != "schema"]
-        if found:
-            group, name = found.groups()
-            return f"{group}={name}: no such option in {group}; choose one of {', '.join(options) or '(none)'}"
-        return first
-    if isinstance(e, OverrideParseException):
-        detail = next((line for line in message.splitlines()[1:] if line and not line.startswith("See ")), "")
-        return f"{first}{f' ({detail})' if detail else ''}; see https://hydra.cc/docs/advanced/override_grammar/basic/"
-    override = re.search(r"(?:Could not override|Error merging override) '?([^'\s]+)'?", message)
-    key = override.group(1).split("=", 1)[0].lstrip("+~") if override else ""
-    if key in schemas.MOVED_KEYS:  # Hydra's message names the key in one line and the whole override in another
-        given = re.search(rf"{re.escape(key)}=(\S+)", message)
-        return schemas.unknown_key_message(key, [], value=given.group(1) if given else None, entry=config_name)
+def _given(overrides: Sequence[str], key: str) -> tuple[str, str | None]:
+    """The override of `key` or of a key under it, as the user wrote it, and its value (None: not given)."""
+    for override in overrides:
+        name, eq, value = override.partition("=")
+        name = name.lstrip("+~")
+        if name == key or name.startswith(f"{key}."):
+            return override, value if eq else None
+    return key, None
+
+
+def _unknown_key(cause: OmegaConfBaseException, config_name: str, overrides: Sequence[str]) -> str:
+    """A key the schemas do not have: where it moved, why an entry has none, or its close matches."""
+    override, value = _given(overrides, cause.full_key)
+    key = override.partition("=")[0].lstrip("+~")
+    if cause.full_key in schemas.MOVED_KEYS:
+        return schemas.unknown_key_message(cause.full_key, [], value=value, entry=config_name)
     if key.split(".")[0] == "model" and config_name != "train":
         return (
             f"{key}: {config_name} takes the model from the checkpoint (ckpt_path), so it has no model.* "
             "settings; drop that override"
         )
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
-        parts = key.split(".")
-        for depth in range(len(parts)):  # name the first unknown part, with its close matches
-            known = _known_keys(config_name, ".".join(parts[:depth]))
-            if known and parts[depth] not in known:
-                # An open node (the trainer's) takes new keys with +; a schema's never does.
-                return schemas.unknown_key_message(".".join(parts[: depth + 1]), known, can_add=parts[0] == "trainer")
-        return schemas.unknown_key_message(key, [], can_add=True)
-    if isinstance(cause, OmegaConfBaseException) and override:
-        what = str(cause).strip().splitlines()[0]
-        return f"{override.group(1)}: {what} (see conf/{config_name}.yaml and its groups)"
-    exists = re.search(r"An item is already at '([^']+)'", message)
-    if exists:
-        return f"+{exists.group(1)}: the key exists already; drop the + (write {exists.group(1)}=...)"
+    parts = cause.full_key.split(".")
+    for depth in range(len(parts)):  # name the first unknown part, with its close matches
+        known = _known_keys(config_name, ".".join(parts[:depth]))
+        if known and parts[depth] not in known:
+            # An open node (the trainer's) takes new keys with +; a schema's never does.
+            return schemas.unknown_key_message(".".join(parts[: depth + 1]), known, can_add=parts[0] == "trainer")
+    return schemas.unknown_key_message(cause.full_key, [], can_add=True)
+
+
+def _first_line(text: str, default: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else default
+
+
+def hydra_error_line(e: BaseException, config_name: str, overrides: Sequence[str] = ()) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing conf/<config_name>.yaml.
+
+    By the exception's type and fields, never its wording: the error's own first line, with our hint
+    where we have one. `overrides` (the command line) names what the user wrote.
+    """
+    first = _first_line(str(e), type(e).__name__)
+    cause = e.__cause__
+    if isinstance(e, MissingConfigException):
+        if not e.missing_cfg_file or e.options is None:
+            return first
+        group, _, name = e.missing_cfg_file.rpartition("/")
+        options = [o for o in e.options if o != "schema"]  # our schemas, registered in each group
+        return f"{group}={name}: no such option in {group}; choose one of {', '.join(options) or '(none)'}"
+    if isinstance(e, OverrideParseException):
+        detail = (e.message or "").strip().splitlines()[1:2]
+        return (
+            f"{_first_line(e.message or '', first)}{f' ({detail[0]})' if detail else ''}; "
+            "see https://hydra.cc/docs/advanced/override_grammar/basic/"
+        )
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        return _unknown_key(cause, config_name, overrides)
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        override, value = _given(overrides, cause.full_key)
+        given = override if value is not None else f"{cause.full_key}={cause.value}"
+        return f"{given}: {_first_line(cause.msg or '', first)} (see conf/{config_name}.yaml and its groups)"
+    if isinstance(e, ConfigCompositionException) and cause is None:
+        added = [o for o in overrides if o.startswith("+") and not o.startswith("++")]
+        known = [o for o in added if _is_declared(config_name, o[1:].partition("=")[0])]
+        if known:
+            key = known[0][1:].partition("=")[0]
+            return f"+{key}: the key exists already; drop the + (write {key}=...)"
     return first
+
+
+def _is_declared(config_name: str, key: str) -> bool:
+    *parent, name = key.split(".")
+    return name in _known_keys(config_name, ".".join(parent))

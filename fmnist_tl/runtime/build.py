@@ -6,13 +6,21 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch import callbacks
 from omegaconf import DictConfig
 
 from fmnist_tl.core import FmnistError
 from fmnist_tl.features import extraction_settings, features_cache_dir, measured_trainer_precision
-from fmnist_tl.training import finetune_options
+from fmnist_tl.training import (
+    AtomicCheckpointIO,
+    ReseedEachEpoch,
+    SilenceKnownNoise,
+    TransferClassifier,
+    finetune_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +79,43 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [build(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def build_model(cfg: DictConfig, ckpt_path: str | None) -> TransferClassifier:
+    """The model; resuming a fine-tune run builds it without reading any weights.
+
+    A fine-tune checkpoint holds the whole model, so neither init_from nor ImageNet weights are read.
+    A head-only run still builds its weights: the feature cache extracts in setup, before Lightning
+    restores the checkpoint. init_seed: a random init that a head-only checkpoint can rebuild.
+    """
+    resume_finetune = (
+        bool(ckpt_path) and finetune_options(cfg.model.get("finetune"), cfg.model.backbone).first_epoch is not None
+    )
+    extra = {"load_weights": False} if resume_finetune else {}
+    model: TransferClassifier = build(cfg.model, _recursive_=False, init_seed=cfg.seed, **extra)
+    if resume_finetune:  # weights_id is the checkpoint's once Lightning restores it
+        log.info("Backbone %s; resuming a fine-tune run: all weights come from %s", cfg.model.backbone, ckpt_path)
+    else:
+        log.info("Backbone %s, weights %s", cfg.model.backbone, model.weights_id)
+    return model
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback], precision: str) -> L.Trainer:
+    """The Trainer of the config's trainer, callbacks and logger groups, with the callbacks every run has."""
+    callback_list = instantiate_group(cfg.get("callbacks"))
+    if cfg.trainer.get("fast_dev_run"):
+        # Lightning means fast_dev_run to save nothing, but ModelCheckpoint still writes last.ckpt
+        # when training ends (save_last); a smoke test leaves no checkpoint behind.
+        callback_list = [cb for cb in callback_list if not isinstance(cb, callbacks.Checkpoint)]
+    trainer: L.Trainer = build(
+        cfg.trainer,
+        callbacks=[*callback_list, *extra_callbacks, ReseedEachEpoch(cfg.seed), SilenceKnownNoise()],
+        logger=instantiate_group(cfg.get("logger")) or False,
+        precision=precision,
+        plugins=[AtomicCheckpointIO()],
+        # No ModelCheckpoint configured (callbacks=none) means no checkpoint, not Lightning's default one.
+        enable_checkpointing=any(isinstance(cb, callbacks.ModelCheckpoint) for cb in callback_list),
+        **finetune_trainer_overrides(cfg),
+    )
+    log.info("Precision %s", precision)
+    return trainer

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.backbones import check_backbone, preprocessing
@@ -28,6 +29,24 @@ def check_logger_dependencies(loggers: Any) -> None:
             require_modules(f"logger.{name}", "tensorboard", "tensorboard")
 
 
+def check_accelerator(trainer: DictConfig) -> None:
+    """A GPU trainer (trainer=gpu, trainer=ddp, trainer.accelerator=gpu) on a machine without enough GPUs."""
+    accelerator = str(trainer.get("accelerator"))
+    if accelerator not in ("gpu", "cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise FmnistError(
+            f"trainer.accelerator={accelerator} asks for a GPU, but this machine has none "
+            "(torch.cuda.is_available() is False); use trainer=cpu, or trainer=default (any device)"
+        )
+    devices, found = trainer.get("devices"), torch.cuda.device_count()
+    if isinstance(devices, int) and devices > found:
+        raise FmnistError(
+            f"trainer.devices={devices} asks for {devices} GPUs, but this machine has {found} "
+            f"(torch.cuda.device_count()); use trainer.devices={found}"
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Reject bad values before anything is built or written, with one line naming the key.
 
@@ -35,6 +54,7 @@ def validate_config(cfg: DictConfig) -> None:
     declared next to each field, then what depends on more than one key or on files.
     """
     check_config(cfg)
+    check_accelerator(cfg.trainer)
     check_logger_dependencies(cfg.get("logger"))
     m = cfg.model
     check_backbone(m.backbone, m.weights)

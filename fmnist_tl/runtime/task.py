@@ -3,22 +3,92 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import sys
-import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf.errors import OmegaConfBaseException
 
 from fmnist_tl.config import hydra_error_line
 from fmnist_tl.core import FmnistError
+from fmnist_tl.training import silence_known_noise
 
-log = logging.getLogger(__name__)
+EXIT_REFUSED, EXIT_CTRL_C, EXIT_SIGTERM, EXIT_BUG = 2, 130, 143, 1
+
+# Hydra restores the user's HYDRA_FULL_ERROR inside each job (hydra.job.env_set; run_hydra_cli).
+_ENV_SET = "hydra.job.env_set.HYDRA_FULL_ERROR"
+
+# Marks an exception that left a running task: it is the task's own, never a config Hydra refused.
+_FROM_TASK = "_fmnist_tl_from_task"
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a command stopped early: its status (as metrics.json records it), exit code and one line.
+
+    status is "failed" or "interrupted"; a sweep's pruned trial (optuna.TrialPruned raised in fit)
+    is the place for a third, "pruned", which the sweeper reports to Optuna and which is no error.
+    """
+
+    status: str
+    code: int
+    line: str
+    bug: bool = False  # not a refusal we wrote: its traceback is what helps
+
+    def with_line(self, line: str) -> Stop:
+        return replace(self, line=line)
+
+
+def interruption(e: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM behind an exception, also when Lightning wraps it (its SystemExit)."""
+    seen: BaseException | None = e
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:  # a chain can loop back on itself
+        visited.add(id(seen))
+        # (Lightning ends a fit stopped by Ctrl-C with sys.exit(1), raised while handling it.)
+        if isinstance(seen, (KeyboardInterrupt, SIGTERMException)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def stop_of(e: BaseException) -> Stop | None:
+    """The Stop an exception means; None for what is not a stop (a plain SystemExit, GeneratorExit)."""
+    signal = interruption(e)
+    if signal is not None:
+        sigterm = isinstance(signal, SIGTERMException)
+        return Stop(
+            "interrupted",
+            EXIT_SIGTERM if sigterm else EXIT_CTRL_C,
+            f"interrupted by {'SIGTERM' if sigterm else 'Ctrl-C'}",
+        )
+    if isinstance(e, FmnistError):
+        return Stop("failed", EXIT_REFUSED, str(e))
+    if isinstance(e, Exception):
+        message = f"{type(e).__name__}: {e}".strip()
+        return Stop("failed", EXIT_BUG, message.splitlines()[0], bug=True)
+    return None
+
+
+def full_error_wanted() -> bool:
+    """Whether the user asked for full tracebacks: their HYDRA_FULL_ERROR=1.
+
+    Inside a Hydra job os.environ holds the user's value again (hydra.job.env_set); outside one (a
+    sweeper's own loop) the composed Hydra config records it.
+    """
+    if HydraConfig.initialized():
+        value = HydraConfig.get().job.env_set.get("HYDRA_FULL_ERROR")
+        if value is not None:
+            return str(value) == "1"
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def remove_untouched_run_dir() -> None:
@@ -27,9 +97,6 @@ def remove_untouched_run_dir() -> None:
     Hydra creates the run dir, its .hydra/ and the (empty) log file before the task starts; a
     config refused before anything is built would otherwise leave that shell behind.
     """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
         return
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -41,77 +108,55 @@ def remove_untouched_run_dir() -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def full_error_wanted() -> bool:
-    """Whether the user asked for full tracebacks (HYDRA_FULL_ERROR=1), as they set it.
-
-    The Hydra CLIs set HYDRA_FULL_ERROR=1 themselves to receive Hydra's errors (runtime.run_hydra_cli)
-    and keep the user's own setting in USER_FULL_ERROR_ENV, which child processes inherit.
-    """
-    return os.environ.get(USER_FULL_ERROR_ENV, os.environ.get("HYDRA_FULL_ERROR")) == "1"
-
-
-USER_FULL_ERROR_ENV = "FMNIST_TL_HYDRA_FULL_ERROR"
-
-
-# Set once a Hydra task function runs: an error after that is the task's, never a config error.
-TASK_STARTED = False
-
-
 @contextlib.contextmanager
-def exit_on_user_error(hydra_run: bool = False) -> Iterator[None]:
-    """For CLI entry points: a FmnistError becomes `error: <msg>` on stderr and exit code 2.
+def task_wrapper(hydra_run: bool = False, on_stop: Callable[[Stop], Stop | None] | None = None) -> Iterator[None]:
+    """Run a command's body: a refusal is `error: <line>` and exit 2, Ctrl-C 130, SIGTERM 143.
 
-    Ctrl-C exits 130. HYDRA_FULL_ERROR=1 keeps the full traceback instead. With `hydra_run` (a
-    Hydra entry point), the run dir a refused config left empty is removed.
+    A bug keeps its traceback (exit 1), as does everything under the user's HYDRA_FULL_ERROR=1.
+    Lightning's and torch's known noise is silenced when the body starts. With `hydra_run`, the run
+    dir a refused config left empty is removed.
+
+    Args:
+        on_stop: told of every stop first; returns the Stop to report (its line may say more, such
+            as where the checkpoint is), or None when the command handled it and goes on (a failed
+            sweep job is recorded and the sweep continues).
     """
-    global TASK_STARTED
-    TASK_STARTED = TASK_STARTED or hydra_run
+    silence_known_noise()
     try:
         yield
-    except (FmnistError, KeyboardInterrupt) as e:
-        if hydra_run and isinstance(e, FmnistError):
-            remove_untouched_run_dir()
-        if full_error_wanted():
+    except BaseException as e:
+        stop = stop_of(e)
+        if stop is None:
             raise
-        message = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
-
-
-# The frozen backbone is in eval mode on purpose (BatchNorm stats must not move).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-
-
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-
-
-# Mixed precision keeps fp32 weights, so the summary's 32-bit size estimate it warns about is right.
-warnings.filterwarnings("ignore", message=r"Precision \S+-mixed is not supported by the model summary")
-
-
-class _DropAdvertTips(logging.Filter):
-    """Lightning logs a tip to install litlogger/litmodels (a cloud service) on every run: not ours to act on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("💡 Tip") and ("litlogger" in message or "litmodels" in message))
-
-
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertTips())
+        if on_stop is not None:
+            stop = on_stop(stop)
+            if stop is None:
+                return
+        if hydra_run and stop.code == EXIT_REFUSED:
+            remove_untouched_run_dir()
+        if stop.bug or full_error_wanted():
+            setattr(e, _FROM_TASK, True)
+            raise
+        print(f"error: {stop.line}", file=sys.stderr)
+        sys.exit(stop.code)
 
 
 def run_hydra_cli(main: Callable[[], Any], config_name: str) -> None:
     """Run a @hydra.main entry point, with Hydra's composition errors as one `error:` line, exit 2.
 
-    HYDRA_FULL_ERROR=1 makes Hydra raise instead of printing its multi-line report; the user's own
-    setting is kept in USER_FULL_ERROR_ENV, and with it set to 1 the full trace is shown as usual.
+    HYDRA_FULL_ERROR=1 makes Hydra raise its errors instead of printing its multi-line report;
+    hydra.job.env_set gives each job the user's own value back, which task_wrapper follows. An error
+    that left a running task is the task's (a traceback), never reported as a config error.
     """
-    os.environ.setdefault(USER_FULL_ERROR_ENV, os.environ.get("HYDRA_FULL_ERROR", "0"))
+    user_value = os.environ.get("HYDRA_FULL_ERROR", "0")
+    if not any(arg.lstrip("+").startswith(f"{_ENV_SET}=") for arg in sys.argv[1:]):  # a DDP rank re-runs argv
+        sys.argv.append(f"++{_ENV_SET}={user_value}")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except (HydraException, OmegaConfBaseException) as e:
-        if full_error_wanted() or TASK_STARTED:
+        if user_value == "1" or getattr(e, _FROM_TASK, False):
             raise
-        print(f"error: {hydra_error_line(e, config_name)}", file=sys.stderr)
-        sys.exit(2)
+        given = [arg for arg in sys.argv[1:] if not arg.startswith("-")]  # not flags such as -m
+        print(f"error: {hydra_error_line(e, config_name, given)}", file=sys.stderr)
+        sys.exit(EXIT_REFUSED)

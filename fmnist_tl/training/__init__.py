@@ -3,9 +3,12 @@
 from fmnist_tl.training.callbacks import (
     AtomicCheckpointIO,
     ModelCheckpoint,
+    ModelSummary,
     OnExceptionCheckpoint,
     RecordTestOutputs,
     ReseedEachEpoch,
+    SilenceKnownNoise,
+    silence_known_noise,
 )
 from fmnist_tl.training.checkpoints import check_checkpoint_file, check_resume_schedule, resolve_ckpt_path
 from fmnist_tl.training.finetune import check_finetune, finetune_options
@@ -22,11 +25,14 @@ __all__ = [
     "finetune_options",
     "legacy_lr_plan",
     "ModelCheckpoint",
+    "ModelSummary",
     "OnExceptionCheckpoint",
     "RecordTestOutputs",
     "ReseedEachEpoch",
     "resolve_ckpt_path",
     "resolve_precision",
     "schedule_kind",
+    "silence_known_noise",
+    "SilenceKnownNoise",
     "TransferClassifier",
 ]

@@ -7,7 +7,11 @@ Configs target these by name (conf/callbacks/default.yaml), so they live apart f
 from __future__ import annotations
 
 import logging
+import os
 import random
+import re
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import callbacks
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from fmnist_tl.core import atomic_path
 
@@ -38,49 +43,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ModelCheckpoint(callbacks.ModelCheckpoint):
-    """Lightning's, with last.ckpt written after every epoch, a moved or copied run folder continued,
-    and the best checkpoint's validation metrics kept (`best_metrics`).
+    """Lightning's, with last.ckpt written after every epoch, a resumed run continued in its own
+    checkpoints/ folder (also when that folder moved), and the best checkpoint's validation metrics kept.
 
-    Lightning keeps the best checkpoint's monitored score only; metrics.json reports that
-    checkpoint's val/f1 and val/loss beside it, not the last epoch's. `best_metrics` travels in the
-    callback's state, so a resumed run still knows the figures of a best epoch it did not run.
+    `best_metrics`: Lightning keeps the best checkpoint's monitored score only; metrics.json reports
+    that checkpoint's val/f1 and val/loss beside it. They travel in the callback's state, so a
+    resumed run still knows the figures of a best epoch it did not run.
 
-    Since Lightning 2.6, save_last writes last.ckpt only in an epoch that also wrote a top-k
-    checkpoint, so once val/acc stops improving last.ckpt falls behind and a resume redoes the
-    epochs since. Here it is written at every save point, as before 2.6 (with 2.5 the extra call
-    finds the step saved already and does nothing).
-
-    A resumed run checkpoints into the folder of the checkpoint it resumes (see train()), whose
-    state names files by their path when it was saved. Lightning restores the top-k and last-file
-    state only if that path is unchanged; for a moved or copied folder it would keep the old best
-    file forever next to the new one. With `rebase_resumed_paths` the recorded paths are moved
-    into this dirpath first. (conf/callbacks/default.yaml also turns the -v1 version counter off:
-    a file of the same name is this run's, to overwrite.)
+    A resumed run checkpoints into the folder of the checkpoint it resumes: Lightning restores the
+    best score and top-k bookkeeping only for an unchanged dirpath, and the recorded paths are moved
+    into that folder when it was moved or copied. (conf/callbacks/default.yaml turns the -v1 version
+    counter off: a file of the same name is this run's, to overwrite.)
     """
-
-    rebase_resumed_paths = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.best_metrics: dict[str, float] = {}
         self._noted: tuple[str, float | None] = ("", None)
+        self._callback_metrics: Callable[[], dict[str, Any]] = dict
+        self._continues_resumed_dir = False
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        # Lightning names a new best before it saves it: note its metrics first, so the file has them.
-        self._note_best_metrics(trainer)
-        super()._save_checkpoint(trainer, filepath)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._callback_metrics = lambda: trainer.callback_metrics
 
     @property
     def _best(self) -> tuple[str, float | None]:
         return self.best_model_path, None if self.best_model_score is None else float(self.best_model_score)
 
-    def _note_best_metrics(self, trainer: L.Trainer) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        # Called as a checkpoint is written, after Lightning named a new best: the file holds its metrics.
         best = self._best
         if best[0] and best != self._noted:
             self._noted = best
-            self.best_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            self.best_metrics = {k: float(v) for k, v in self._callback_metrics().items() if k.startswith("val/")}
+        return {**super().state_dict(), "best_metrics": self.best_metrics}
 
     def _save_last_if_missed(self, trainer: L.Trainer, at_train_epoch_end: bool) -> None:
+        # Private calls: Lightning >= 2.6 writes last.ckpt only with a top-k save and has no public hook
+        # for "at every save point" (no upstream issue found; tests/training/test_train.py guards them).
         if (
             self.save_last
             and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
@@ -96,13 +97,17 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         self._save_last_if_missed(trainer, at_train_epoch_end=False)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "best_metrics": self.best_metrics}
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        resumed = Path(str(trainer.ckpt_path or ""))
+        if trainer.state.fn == "fit" and resumed.parent.name == "checkpoints":
+            # Real path: how Lightning records a dirpath, so an unmoved folder compares equal.
+            self.dirpath, self._continues_resumed_dir = os.path.realpath(resumed.parent), True
+            log.info("Checkpoints continue in %s", self.dirpath)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_metrics = dict(state_dict.get("best_metrics") or {})
         old = state_dict.get("dirpath")
-        if self.rebase_resumed_paths and old and self.dirpath and Path(old) != Path(self.dirpath):
+        if self._continues_resumed_dir and old and self.dirpath and Path(old) != Path(self.dirpath):
 
             def moved(path: Any) -> Any:
                 if not path or Path(old) not in Path(path).parents:
@@ -120,6 +125,21 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
         super().load_state_dict(state_dict)
         # best_metrics are the restored best checkpoint's already.
         self._noted = self._best
+
+    def checkpoint_to_test(self) -> str:
+        """The best checkpoint; the last one when a resumed run's best file is gone ("" for none)."""
+        best = self.best_model_path
+        if best and not Path(best).is_file():
+            last = self.last_model_path if self.last_model_path and Path(self.last_model_path).is_file() else ""
+            log.warning("best checkpoint %s no longer exists; testing %s", best, last or "the final weights")
+            return last
+        return best
+
+    def best_validation(self) -> dict[str, float]:
+        """The best checkpoint's validation metrics, its monitored score included ({} before one)."""
+        if self.best_model_score is None:
+            return {}
+        return {**self.best_metrics, str(self.monitor): float(self.best_model_score)}
 
 
 class OnExceptionCheckpoint(callbacks.Checkpoint):
@@ -140,7 +160,7 @@ class OnExceptionCheckpoint(callbacks.Checkpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         try:
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # the full state, to resume from
         except Exception as e:
             log.warning("could not save the exception checkpoint: %s", e)
 
@@ -202,3 +222,85 @@ class RecordTestOutputs(L.Callback):
                 f"test outputs incomplete: {len(self.logits)} logit batches for {len(self.labels)} label batches"
             )
         return torch.cat(self.logits), torch.cat(self.labels)
+
+
+class ModelSummary(callbacks.RichModelSummary):
+    """Lightning's rich model summary without its FLOPs, which read 0 for a model with no example input."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int = 0,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from rich import get_console
+        from rich.table import Table
+
+        columns = dict(summary_data)
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        shown = [c for c in ("Name", "Type", "Params", "Mode") if c in columns]
+        for name in shown:
+            table.add_column(name, justify="right" if name == "Params" else "left")
+        for row in zip(*(columns[c] for c in shown), strict=True):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        frozen = total_parameters - trainable_parameters
+        console.print(
+            f"Trainable params: {get_human_readable_count(int(trainable_parameters))}, "
+            f"frozen: {get_human_readable_count(int(frozen))}, size {model_size:.1f} MB"
+        )
+
+
+# Lightning's lines that tell a user nothing they can act on; what matters is logged by us.
+_NOISE = re.compile(
+    r"💡 Tip.*(litlogger|litmodels)|\s*Detected KeyboardInterrupt|(TPU|HPU) available|GPU available: False"
+    r"|Restoring states from the checkpoint|Loaded model weights from the checkpoint|Restored all states from"
+    r"|(\[rank: \d+\] )?Received SIGTERM"  # the one-line interruption error says it
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _NOISE.match(record.getMessage())
+
+
+_DROP_NOISE = _DropNoise()
+
+
+def silence_known_noise() -> None:
+    """Silence the warnings and log lines of Lightning and torch that are expected in every run.
+
+    Called when a command starts, and in every process a run spawns (SilenceKnownNoise).
+    """
+    for message in (
+        # The frozen backbone is in eval mode on purpose (BatchNorm stats must not move).
+        r".*module\(s\) in eval mode at the start of training.*",
+        r".*isinstance\(treespec, LeafSpec\)",
+        # Mixed precision keeps fp32 weights, so the summary's 32-bit size estimate it warns about is right.
+        r"Precision \S+-mixed is not supported by the model summary",
+        # DDP warns when find_unused_parameters=True finds none; in a fine-tune run that is the fine-tune
+        # phase, after head-only epochs that did have unused parameters (the case the warning names).
+        r".*find_unused_parameters=True was specified in DDP constructor.*",
+        # Lightning asks for sync_dist=True on epoch-level logs; ours come from torchmetrics' compute(),
+        # which has synced them across ranks already.
+        r"It is recommended to use `self.log\('(train|val|test)/(acc|f1|loss_epoch)', \.\.\., sync_dist",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.signal_connector",
+    ):
+        logging.getLogger(name).addFilter(_DROP_NOISE)
+
+
+class SilenceKnownNoise(L.Callback):
+    """silence_known_noise() in each process of a run, also the ones ddp_spawn starts."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        silence_known_noise()

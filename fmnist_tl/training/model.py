@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,14 +44,6 @@ from fmnist_tl.training.lr_plan import LRPlan, configure_model_optimization, leg
 from fmnist_tl.training.trained_on import TrainedOn, check_resumed, checked_identity, with_legacy_identity
 
 log = logging.getLogger(__name__)
-# DDP warns when find_unused_parameters=True finds none; in a fine-tune run that is the fine-tune
-# phase, after head-only epochs that did have unused parameters (the case the warning itself names).
-warnings.filterwarnings("ignore", message=r".*find_unused_parameters=True was specified in DDP constructor.*")
-# Under DDP Lightning asks for sync_dist=True on epoch-level logs; ours come from torchmetrics'
-# compute(), which has already synced them across ranks.
-warnings.filterwarnings(
-    "ignore", message=r"It is recommended to use `self.log\('(train|val|test)/(acc|f1|loss_epoch)', \.\.\., sync_dist"
-)
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 1e-4}
 

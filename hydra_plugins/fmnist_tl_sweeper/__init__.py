@@ -92,8 +92,8 @@ class FmnistOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        from fmnist_tl.runtime import exit_on_user_error
+        from fmnist_tl.runtime import task_wrapper
         from fmnist_tl.sweeps import run_study
 
-        with exit_on_user_error():  # a bad sweeper setting: one line, exit 2, like train's own errors
+        with task_wrapper():  # a bad sweeper setting: one line, exit 2, like train's own errors
             run_study(self, arguments)

@@ -7,6 +7,8 @@ import ctypes
 import json
 import math
 import os
+import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -184,11 +186,37 @@ def test_cli_without_weights_offline_stops_at_once(tmp_path):
     # The hub is unreachable whatever this machine's network: an empty hub cache, proxies that refuse.
     proc = run_cli(f"paths.root_dir={tmp_path}", env=unreachable_network_env(tmp_path), timeout=120)
     assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
+    (last,) = proc.stderr.strip().splitlines()  # only the error: no torch.hub "Downloading: ..." before it
+    assert not proc.stdout.strip()  # no "Seed set to 42"
     assert last.startswith("error: cannot get resnet50 IMAGENET1K_V1 weights")
     assert "hub/checkpoints/resnet50-0676ba61.pth" in last and "model.weights=null" in last
     assert "Connection refused" in last  # the refusing proxy, not whatever network this machine has
     assert not list(tmp_path.rglob("*.ckpt"))
+    assert not (tmp_path / "torch-home" / "hub" / "checkpoints").exists()  # no empty folder in the hub cache
+
+
+def test_a_fresh_run_in_a_used_run_dir_moves_the_earlier_run_aside(tiny_cfg, tmp_path):
+    """hydra.run.dir=X twice: the second run starts clean, the first is kept in X/previous-<time>/."""
+    first = train(tiny_cfg("trainer.max_epochs=2", "test=false"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        second = train(tiny_cfg("trainer.max_epochs=1", "test=false"))
+    run = tmp_path / "run"
+    (aside,) = run.glob("previous-*")
+    earlier = sorted(p.name for p in (aside / "checkpoints").iterdir())
+    assert earlier == [Path(first["best_model_path"]).name, "last.ckpt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    assert second["best_model_path"] == str(run / "checkpoints" / "epoch_000.ckpt")
+    assert json.loads((aside / "metrics.json").read_text())["epochs"] == 2
+    messages = [str(w.message) for w in seen]
+    assert not [m for m in messages if "exists and is not empty" in m or "Previous log files" in m], messages
+
+
+def test_a_run_resuming_from_its_own_run_dir_keeps_it(tiny_cfg, tmp_path):
+    train(tiny_cfg("trainer.max_epochs=1", "test=false"))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    resumed = train(tiny_cfg("trainer.max_epochs=2", "test=false", f"ckpt_path={last}"))
+    assert resumed["epochs"] == 2 and not list((tmp_path / "run").glob("previous-*"))
 
 
 def test_epoch_metrics_are_logged_once_per_epoch(trained_run):

@@ -76,6 +76,10 @@ def test_every_config_option_composes_and_instantiates(option, tmp_path):
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
         del cfg.hydra
+        if _trainer_fits_here(cfg.trainer):  # refused here (test_a_gpu_trainer_without_a_gpu_is_one_line)
+            with pytest.raises(FmnistError, match="asks for"):
+                validate_config(cfg)
+            cfg.trainer.update(accelerator="cpu", devices=1)
     validate_config(cfg)
     model = build(cfg.model, _recursive_=False, weights=None)
     assert isinstance(model, TransferClassifier)
@@ -89,7 +93,7 @@ def test_every_config_option_composes_and_instantiates(option, tmp_path):
         callbacks=callbacks,
         logger=loggers or False,
         precision=resolve_precision(cfg.trainer),
-        **{**finetune_trainer_overrides(cfg), **_trainer_fits_here(cfg.trainer)},
+        **finetune_trainer_overrides(cfg),
     )
     assert isinstance(trainer, L.Trainer)
     assert len(trainer.loggers) == len(loggers)
@@ -289,3 +293,70 @@ def test_slurm_launcher_asks_for_what_the_trainer_uses():
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
     assert launcher["partition"] == "gpu" and launcher["timeout_min"] == 60
     assert launcher["cpus_per_task"] and launcher["mem_gb"] and launcher["array_parallelism"]
+
+
+@pytest.mark.parametrize("override", ["trainer=gpu", "trainer=ddp", "trainer.accelerator=gpu"])
+def test_a_gpu_trainer_without_a_gpu_is_one_line(override, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FmnistError) as e:
+        validate_config(compose_cfg("train", [override]))
+    assert str(e.value) == (
+        "trainer.accelerator=gpu asks for a GPU, but this machine has none (torch.cuda.is_available() is False); "
+        "use trainer=cpu, or trainer=default (any device)"
+    )
+
+
+def test_more_gpus_than_the_machine_has_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(FmnistError, match=re.escape("trainer.devices=2 asks for 2 GPUs, but this machine has 1")):
+        validate_config(compose_cfg("train", ["trainer=ddp"]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+def test_cli_gpu_trainer_without_a_gpu_exit_2_and_no_run_dir(tmp_path):
+    proc = run_cli("trainer=gpu", f"paths.root_dir={tmp_path}", "model.weights=null")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: trainer.accelerator=gpu asks for a GPU, but this machine has none "
+        "(torch.cuda.is_available() is False); use trainer=cpu, or trainer=default (any device)"
+    ]
+    assert not list(tmp_path.glob("logs/train/runs/*"))
+
+
+# One test per kind of error Hydra or OmegaConf raises while composing: hydra_error_line reads each
+# one's fields (missing_cfg_file, options, override, full_key, value), never its wording.
+@pytest.mark.parametrize(
+    "override, kind, line",
+    [
+        ("data.batch_size==3", "OverrideParseException", "Error parsing override 'data.batch_size==3' (extraneous"),
+        ("model/scheduler=nope", "MissingConfigException", "model/scheduler=nope: no such option in model/scheduler; "
+         "choose one of cosine, onecycle"),
+        ("hydra/launcher=nope", "MissingConfigException", "hydra/launcher=nope: no such option in hydra/launcher; "
+         "choose one of basic, joblib, slurm, submitit_local, submitit_slurm"),
+        ("model.optimzer.lr=1", "ConfigKeyError", "unknown config key 'model.optimzer'; did you mean model.optimizer?"),
+        ("model.head.dropot=0.1", "ConfigAttributeError",
+         "unknown config key 'model.head.dropot'; did you mean model.head.dropout?"),
+        ("data.batch_size=abc", "ValidationError", "data.batch_size=abc: Value 'abc' of type 'str' could not be "
+         "converted to Integer (see conf/train.yaml and its groups)"),
+        ("+data.batch_size=3", "ConfigCompositionException", "+data.batch_size: the key exists already; drop the + "
+         "(write data.batch_size=...)"),
+        ("~model.nothere", "ConfigCompositionException",
+         "Could not delete from config. 'model.nothere' does not exist."),
+    ],
+)  # fmt: skip
+def test_each_hydra_error_type_is_its_own_first_line_and_our_hint(override, kind, line):
+    with pytest.raises(FmnistError) as e:
+        compose_cfg("train", [override])
+    hydra_error = e.value.__cause__
+    assert kind in {type(hydra_error).__name__, type(hydra_error.__cause__).__name__}
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+def test_the_options_of_a_group_come_from_hydras_config_repository():
+    """A group's options as Hydra finds them, less our schema entries: a new option file shows up at once."""
+    with pytest.raises(FmnistError) as e:
+        compose_cfg("train", ["trainer=nope"])
+    options = [o.removeprefix("trainer=") for o in config_options() if o.startswith("trainer=")]
+    assert str(e.value) == f"trainer=nope: no such option in trainer; choose one of {', '.join(options)}"

@@ -200,12 +200,24 @@ def sigterm_wrapped() -> FmnistError:
             return wrapped
 
 
+def ctrl_c_mid_fit() -> SystemExit:
+    """Lightning's sys.exit(1) after it handled a Ctrl-C mid-fit."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        try:
+            raise SystemExit(1)
+        except SystemExit as e:
+            return e
+
+
 @pytest.mark.parametrize(
     "error, code, recorded",
     [
         (KeyboardInterrupt(), 130, "stopped by Ctrl-C; the sweep stopped here"),
-        (SystemExit(1), 130, "stopped by Ctrl-C; the sweep stopped here"),  # Lightning's exit after Ctrl-C
-        (sigterm_wrapped(), 143, "training interrupted (SIGTERMException); checkpoint saved at x.ckpt; the sweep"),
+        (ctrl_c_mid_fit(), 130, "stopped by Ctrl-C; the sweep stopped here"),  # Lightning's exit after Ctrl-C
+        # A trial is never resumed: no checkpoint advice, whatever the error wrapping the signal says.
+        (sigterm_wrapped(), 143, "stopped by SIGTERM; the sweep stopped here"),
     ],
     ids=["ctrl-c", "ctrl-c-mid-fit", "sigterm-wrapped"],
 )
