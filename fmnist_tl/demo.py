@@ -70,6 +70,8 @@ class Predictor:
         if not 1 <= top_k <= len(self.names):
             raise FmnistError(f"--top-k {top_k}: must be between 1 and {len(self.names)} (the model's classes)")
         self.top_k = top_k
+        # The first forward pass sets up the kernels; do it before the first visitor waits for it.
+        classify(model, torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
 
     @torch.inference_mode()
     def __call__(self, path: str | os.PathLike, invert: str = "auto") -> Result:
@@ -270,8 +272,8 @@ def run(argv: Sequence[str] | None = None) -> None:
     require_modules("python -m fmnist_tl.demo", "demo", "gradio")
     # Gradio reads this on import; analytics_enabled=False covers the page, this covers the rest.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    if not 0 <= args.port <= 65535:
-        raise FmnistError(f"--port {args.port}: must be between 0 and 65535")
+    if not 1 <= args.port <= 65535:
+        raise FmnistError(f"--port {args.port}: must be between 1 and 65535")
     if args.max_upload_mb <= 0:
         raise FmnistError(f"--max-upload-mb {args.max_upload_mb}: must be > 0")
     checkpoint = Path(args.checkpoint)
