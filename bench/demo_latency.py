@@ -173,7 +173,9 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def measure(checkpoint: Path, predictions: int, warmup: int, folder: Path) -> dict[str, Any]:
+def measure(
+    checkpoint: Path, predictions: int, warmup: int, folder: Path, screenshot: Path | None = None
+) -> dict[str, Any]:
     images = fashion_mnist_pngs(folder, min(predictions, 100))
     with serve(checkpoint) as (url, proc), open_page(url) as (page, requests):
         for path in images[:warmup]:
@@ -193,6 +195,14 @@ def measure(checkpoint: Path, predictions: int, warmup: int, folder: Path) -> di
                 rss[f"after_{i + 1}"] = now = round(rss_mb(proc.pid), 1)
                 log(f"{i + 1}: median round trip {statistics.median(round_trips):.0f} ms, server RSS {now} MB")
         outside = [u for u in requests if not u.startswith("http://127.0.0.1:")]
+        if screenshot:  # the first test image, once it and the model's view have been drawn
+            upload(page, images[0])
+            shown_label(page)
+            page.wait_for_function(
+                "[...document.querySelectorAll('#input-image img, #model-view img')]"
+                ".filter(i => i.complete && i.naturalWidth > 0 && i.height > 50).length >= 2"
+            )
+            page.screenshot(path=str(screenshot), full_page=True)
     quantiles = statistics.quantiles(round_trips, n=10)
     return {
         "round_trip_ms": {
@@ -215,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predictions", type=int, default=200, help="sequential predictions timed (default 200)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--screenshot", type=Path, help="save the page after the last prediction (docs/demo.png)")
     args = parser.parse_args(argv)
     if args.predictions < 50:
         parser.error("--predictions must be >= 50 (RSS is sampled every 50)")
@@ -226,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
         checkpoint = args.checkpoint or resnet50_checkpoint(Path(tmp))
-        figures = measure(checkpoint, args.predictions, args.warmup, Path(tmp))
+        figures = measure(checkpoint, args.predictions, args.warmup, Path(tmp), args.screenshot)
     cores = len(os.sched_getaffinity(0))
     report = {
         "date": dt.date.today().isoformat(),

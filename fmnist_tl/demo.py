@@ -41,8 +41,12 @@ REPORT_PLOTS = (
     ("mistakes.png", "Most confident mistakes"),
     ("curves.png", "Training curves"),
 )
-# The model's input is tiny (32 or 224 px): show its pixels, do not blur them when scaled up.
-CSS = "#model-view img { image-rendering: pixelated; }"
+# Images are small (28 px uploads, a 32 px model input): fill the panel and show their pixels
+# instead of a thumbnail, or a blur when scaled up.
+CSS = """
+#input-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+#model-view img { image-rendering: pixelated; }
+"""
 # The model's view is enlarged by a whole factor to at least this many pixels a side, for the eye.
 VIEW_SIDE = 224
 
@@ -186,6 +190,7 @@ def build_page(predictor: Predictor, identity: str, run_dir: Path | None, exampl
                         sources=["upload", "clipboard"],
                         label="Image: drop, upload or paste",
                         elem_id="input-image",
+                        height=320,
                     )
                     invert = gr.Radio(
                         ["auto", "yes", "no"],
