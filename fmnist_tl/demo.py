@@ -22,6 +22,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,12 @@ class Result:
 
 
 class Predictor:
-    """The model, loaded once, and what one uploaded file turns into."""
+    """The model, loaded once, and what one uploaded file turns into.
+
+    Every prediction runs on one thread of its own: Gradio runs events on a pool of up to 40
+    threads, and each thread that runs torch gets its own malloc arena and caches, so the server's
+    RSS would grow with every new thread the pool hands a request to.
+    """
 
     def __init__(self, model: TransferClassifier, top_k: int) -> None:
         self.model = model
@@ -74,12 +80,16 @@ class Predictor:
         if not 1 <= top_k <= len(self.names):
             raise FmnistError(f"--top-k {top_k}: must be between 1 and {len(self.names)} (the model's classes)")
         self.top_k = top_k
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmnist-demo-predict")
         # The first forward pass sets up the kernels; do it before the first visitor waits for it.
-        classify(model, torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+        self._thread.submit(classify, model, torch.zeros(1, 1, 28, 28, dtype=torch.uint8)).result()
 
-    @torch.inference_mode()
     def __call__(self, path: str | os.PathLike, invert: str = "auto") -> Result:
         """Raises BadImage (the reason to show) for a file that is not a readable image."""
+        return self._thread.submit(self._predict, path, invert).result()
+
+    @torch.inference_mode()
+    def _predict(self, path: str | os.PathLike, invert: str) -> Result:
         start = time.perf_counter()
         images = load_image(path, invert)[None]
         probs = classify(self.model, images)[0]
@@ -239,6 +249,8 @@ def launch(page: Any, host: str, port: int, max_upload_mb: float) -> None:
             pwa=False,
             mcp_server=False,
             footer_links=[],
+            # Gradio's run history keeps uploads in the browser and offers to save runs to a Hugging Face bucket.
+            run_history=False,
             show_error=True,
             quiet=True,
             prevent_thread_lock=True,

@@ -133,6 +133,28 @@ def test_the_identity_and_report_come_from_the_run_dir(trained_run, checkpoint, 
     assert "not known" in accuracy_line(tmp_path / "loose.ckpt", None)
 
 
+def test_every_prediction_runs_on_the_one_prediction_thread(model, tmp_path, monkeypatch):
+    """Gradio calls from a pool of threads; torch on each new one would grow the server's RSS."""
+    import fmnist_tl.demo as demo
+
+    seen_on = set()
+
+    def classify(*args):
+        seen_on.add(threading.get_ident())
+        return demo_classify(*args)
+
+    demo_classify = demo.classify
+    monkeypatch.setattr(demo, "classify", classify)
+    predictor = Predictor(model, top_k=3)
+    image = fashion_mnist_test_image(tmp_path)
+    callers = [threading.Thread(target=predictor, args=(image,)) for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert len(seen_on) == 1 and threading.get_ident() not in seen_on
+
+
 def test_top_k_beyond_the_models_classes_is_refused(model):
     with pytest.raises(FmnistError, match="--top-k 0"):
         Predictor(model, top_k=0)
