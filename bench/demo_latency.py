@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0))
     report = {
         "date": dt.date.today().isoformat(),
-        "command": "python -m bench.demo_latency " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m bench.demo_latency", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {
             "cpu": cpu_model(),
             "cores": cores,
@@ -252,7 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         "model": "given checkpoint" if args.checkpoint else "resnet50, random init, 224 px",
         "predictions": args.predictions,
         **figures,
-        "targets": {"round_trip_ms_median_max": 300, "rss_growth_mb_max": 50},
+        # Not `targets`: that key marks a `python -m bench` file (the README's per-machine table).
+        "goals": {
+            "round_trip_ms_median_max": 300,
+            "rss_growth_mb_max": 50,
+            "round_trip_met": figures["round_trip_ms"]["median"] <= 300,
+            "rss_met": figures["rss_growth_mb"] <= 50,
+        },
         "notes": (
             "Round trip: from handing the PNG to the page's file input to the top label shown, in headless "
             "Chromium, one prediction at a time; server_ms is the page's own latency line (decode, "
