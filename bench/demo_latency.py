@@ -111,14 +111,15 @@ def open_page(url: str) -> Iterator[tuple[Any, list[str]]]:
             context.close()
 
 
+SHOWS_A_RESULT = "!!document.querySelector('#label h2') || !!document.querySelector('#status')?.innerText.trim()"
+
+
 def clear(page: Any) -> None:
     """Remove the input image and wait for the outputs to empty, so the next result is told from this one."""
-    remove = page.locator("#input-image button[aria-label='Remove Image']")
-    if remove.count():
-        remove.first.click()
-    page.wait_for_function(
-        "!document.querySelector('#label h2') && !document.querySelector('#status')?.innerText.trim()"
-    )
+    if page.evaluate(SHOWS_A_RESULT):
+        # click() waits for the button: the input's preview may still be drawing when the result shows.
+        page.locator("#input-image button[aria-label='Remove Image']").first.click(timeout=60_000)
+    page.wait_for_function(f"!({SHOWS_A_RESULT})", timeout=60_000)
 
 
 def upload(page: Any, path: Path) -> None:

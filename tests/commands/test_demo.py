@@ -213,7 +213,7 @@ def test_in_a_browser_the_page_predicts_refuses_bad_files_and_stays_offline(brow
     assert shown_label(page) in CLASS_NAMES
 
     page.get_by_role("tab", name="Run report").click()
-    page.wait_for_selector("#report h1")
+    page.wait_for_selector("#report h1", timeout=60_000)
     assert "Evaluation report" in page.inner_text("#report")
     page.get_by_role("tab", name="Try it").click()
 
