@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: train test lint bench reproduce docs docs-serve clean
+.PHONY: train test lint bench reproduce docs docs-serve demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-demo: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[demo]'
 	touch $@
 
 $(VENV)/.installed-docs: $(VENV)/.installed
@@ -45,6 +49,11 @@ docs: $(VENV)/.installed-docs
 
 docs-serve: $(VENV)/.installed-docs
 	$(VENV)/bin/mkdocs serve
+
+# The web page to try a checkpoint (docs/evaluation.md): make demo CKPT=logs/train/runs/<run>/checkpoints/epoch_004.ckpt
+demo: $(VENV)/.installed-demo
+	@test -n "$(CKPT)" || { echo "error: CKPT is not set: make demo CKPT=path/to/checkpoint.ckpt" >&2; exit 2; }
+	$(PY) -m fmnist_tl.demo --checkpoint "$(CKPT)" $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m bench $(ARGS)
