@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from fmnist_tl.core import FmnistError, require_modules, sha256_file
-from fmnist_tl.data import CLASS_NAMES, BadImage, expand_inputs, load_image
-from fmnist_tl.predict import classify, load_model, resolve_device
-from fmnist_tl.runtime import exit_on_user_error
+from fmnist_tl.data import BadImage, expand_inputs
+from fmnist_tl.predict import classify, image_loader, load_model, resolve_device
+from fmnist_tl.runtime import task_wrapper
 from fmnist_tl.training import TransferClassifier
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "docs" / "examples"
@@ -50,11 +50,6 @@ CSS = """
 """
 # The model's view is enlarged by a whole factor to at least this many pixels a side, for the eye.
 VIEW_SIDE = 224
-
-
-def class_names(model: TransferClassifier) -> tuple[str, ...]:
-    """The checkpoint's class names; checkpoints written before they were stored are Fashion-MNIST."""
-    return tuple(getattr(model, "class_names", None) or CLASS_NAMES)
 
 
 @dataclass
@@ -76,13 +71,15 @@ class Predictor:
 
     def __init__(self, model: TransferClassifier, top_k: int) -> None:
         self.model = model
-        self.names = class_names(model)
+        self.names = model.class_names
         if not 1 <= top_k <= len(self.names):
             raise FmnistError(f"--top-k {top_k}: must be between 1 and {len(self.names)} (the model's classes)")
         self.top_k = top_k
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmnist-demo-predict")
         # The first forward pass sets up the kernels; do it before the first visitor waits for it.
-        self._thread.submit(classify, model, torch.zeros(1, 1, 28, 28, dtype=torch.uint8)).result()
+        spec = model.input_spec
+        blank = torch.zeros(1, spec["channels"], spec["height"], spec["width"], dtype=torch.uint8)
+        self._thread.submit(classify, model, blank).result()
 
     def __call__(self, path: str | os.PathLike, invert: str = "auto") -> Result:
         """Raises BadImage (the reason to show) for a file that is not a readable image."""
@@ -91,7 +88,7 @@ class Predictor:
     @torch.inference_mode()
     def _predict(self, path: str | os.PathLike, invert: str) -> Result:
         start = time.perf_counter()
-        images = load_image(path, invert)[None]
+        images = image_loader(self.model, invert)(path)[None]
         probs = classify(self.model, images)[0]
         seconds = time.perf_counter() - start
         values, indices = probs.topk(self.top_k)
@@ -135,7 +132,7 @@ def accuracy_line(checkpoint: Path, run_dir: Path | None) -> str:
 def identity_markdown(model: TransferClassifier, checkpoint: Path, device: torch.device) -> str:
     hp = model.hparams
     run_dir = run_dir_of(checkpoint)
-    names = class_names(model)
+    names = model.class_names
     return "\n".join(
         "- " + line
         for line in [
@@ -205,6 +202,8 @@ def build_page(predictor: Predictor, identity: str, run_dir: Path | None, exampl
                     invert = gr.Radio(
                         ["auto", "yes", "no"],
                         value="auto",
+                        # Only Fashion-MNIST models fit an image to light-on-dark; folder models take it as it is.
+                        visible=predictor.model.input_spec["kind"] == "fashion_mnist",
                         label="Invert to a light object on dark (auto: when the border is light), as predict --invert",
                     )
                 with gr.Column():
@@ -308,7 +307,7 @@ def run(argv: Sequence[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with exit_on_user_error():
+    with task_wrapper():
         run(argv)
 
 

@@ -21,8 +21,8 @@ from PIL import Image
 
 from bench.demo_latency import CHROMIUM, clear, open_page, serve, shown_label, upload
 from fmnist_tl.core import FmnistError
-from fmnist_tl.data import CLASS_NAMES, BadImage
-from fmnist_tl.demo import Predictor, accuracy_line, class_names, example_files, main, report_markdown, run_dir_of
+from fmnist_tl.data import BadImage
+from fmnist_tl.demo import Predictor, accuracy_line, example_files, main, report_markdown, run_dir_of
 from fmnist_tl.predict import predict
 from fmnist_tl.training import TransferClassifier
 from tests.commands.test_predict import bad_files
@@ -87,11 +87,6 @@ def test_bad_arguments_are_one_error_line_and_exit_2(args, message, checkpoint, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1
-
-
-def test_class_names_come_from_the_checkpoint_else_fashion_mnist():
-    assert class_names(SimpleNamespace()) == tuple(CLASS_NAMES)
-    assert class_names(SimpleNamespace(class_names=("cat", "dog"))) == ("cat", "dog")
 
 
 def test_the_page_predicts_what_predict_predicts_and_shows_the_models_input(model, tmp_path):
@@ -210,7 +205,7 @@ def test_in_a_browser_the_page_predicts_refuses_bad_files_and_stays_offline(brow
     # An example from docs/examples/ runs through the same path.
     clear(page)
     page.get_by_text("Examples (docs/examples/)").locator("..").locator("button, img").first.click()
-    assert shown_label(page) in CLASS_NAMES
+    assert shown_label(page) in model.class_names
 
     page.get_by_role("tab", name="Run report").click()
     page.wait_for_selector("#report h1", timeout=60_000)
