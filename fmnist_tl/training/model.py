@@ -67,7 +67,7 @@ def check_finite_parameters(module: nn.Module, epoch: int) -> None:
     bad = [n for n, p in module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:
         raise FmnistError(
-            f"training diverged: parameter {bad[0]} is not finite after epoch {epoch}; lower model.optimizer.lr"
+            f"training diverged: parameter {bad[0]} is not finite after epoch {epoch + 1}; lower model.optimizer.lr"
         )
 
 
@@ -124,7 +124,7 @@ class StageMetrics(nn.Module):
         bad, self._nonfinite_steps = self._nonfinite_steps, None
         if bad is not None and int(bad) > 0:
             raise FmnistError(
-                f"training diverged: the loss was not finite in {int(bad)} steps of epoch {epoch}; "
+                f"training diverged: the loss was not finite in {int(bad)} steps of epoch {epoch + 1}; "
                 "lower model.optimizer.lr"
             )
         value = self.train_loss.compute()
@@ -281,7 +281,7 @@ class TransferClassifier(L.LightningModule):
         features = holds_features(x)  # cached backbone features, else preprocessed images
         if features and self.finetune_active:
             raise FmnistError(
-                f"cached backbone features reached the model in its fine-tune phase (epoch {self.current_epoch}); "
+                f"cached backbone features reached the model in its fine-tune phase (epoch {self.current_epoch + 1}); "
                 "they are stale once the backbone trains: turn the feature cache off for fine-tune runs"
             )
         return self.head(x.to(self.head[0].weight.dtype)) if features else self(x)
@@ -290,7 +290,7 @@ class TransferClassifier(L.LightningModule):
         x, y = batch
         logits = self.logits(x)
         loss = nn.functional.cross_entropy(logits.float(), y)
-        self.metrics.update(stage, logits, y, loss, f"epoch {self.current_epoch}, step {self.global_step}")
+        self.metrics.update(stage, logits, y, loss, f"epoch {self.current_epoch + 1}, step {self.global_step}")
         if stage != "train":
             self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(y), sync_dist=True)
         elif batch_idx % getattr(self._trainer, "log_every_n_steps", 1) == 0:
