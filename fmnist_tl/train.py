@@ -28,7 +28,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.config import CONFIG_PATH
-from fmnist_tl.core import FmnistError, atomic_write_json, atomic_write_text, remove_stale_temp_files
+from fmnist_tl.core import (
+    FmnistError,
+    atomic_write_json,
+    atomic_write_text,
+    missing_progress_bar,
+    remove_stale_temp_files,
+)
 from fmnist_tl.evaluation import write_report
 from fmnist_tl.features import feature_cache_for
 from fmnist_tl.runtime import (
@@ -117,7 +123,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     precision = resolve_precision(cfg.trainer, None if feature_cache else cpu_precision_probe(cfg, model))
     trainer: L.Trainer = build(
         cfg.trainer,
-        callbacks=[*callback_list, ReseedEachEpoch(cfg.seed)],
+        callbacks=[*callback_list, ReseedEachEpoch(cfg.seed), *missing_progress_bar(callback_list, cfg.trainer)],
         logger=instantiate_group(cfg.get("logger")) or False,
         precision=precision,
         plugins=[AtomicCheckpointIO()],

@@ -7,6 +7,7 @@ import ctypes
 import json
 import math
 import os
+import re
 
 import lightning as L
 import pytest
@@ -16,7 +17,7 @@ from fmnist_tl.core.machine import NVML_CHECK_ENV, skip_nvml_retries_without_a_d
 from fmnist_tl.train import train
 from fmnist_tl.training.model import TransferClassifier
 from fmnist_tl.training.precision import resolve_precision
-from tests.helpers import DDP_SIM, run_cli, tiny_overrides, unreachable_network_env
+from tests.helpers import DDP_SIM, make_cfg, run_cli, tiny_overrides, unreachable_network_env
 
 
 class RecordBackboneMode(L.Callback):
@@ -271,3 +272,21 @@ def test_the_checkpoint_callback_keeps_the_best_epochs_metrics_across_a_resume(t
     resumed = fit(4, str(tmp_path / "last.ckpt"))
     assert resumed.best_model_path == cb.best_model_path
     assert resumed.best_metrics == pytest.approx({"val/acc": 0.7, "val/f1": 0.65})
+
+
+@pytest.mark.parametrize("callbacks", ["default", "none"])
+def test_output_that_is_not_a_terminal_gets_one_plain_line_per_epoch(callbacks, tiny_mirror, tmp_path, capsys):
+    """In a pipe or a log file: `Epoch 1/2 ...` then `Epoch 2/2 ...`, each on one line of under 80 columns,
+    with our EpochProgressBar and with callbacks=none (where Lightning's TQDM bar said `Epoch 1/1`)."""
+    fast = ("trainer.max_epochs=2", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1", "test=false")
+    # The tiny runs turn the bar off (callbacks.rich_progress_bar=null): here it stays as configured.
+    overrides = [o for o in tiny_overrides(tiny_mirror, tmp_path) if not o.startswith("callbacks.")]
+    summary = ["callbacks.model_summary=null"] if callbacks == "default" else []
+    train(make_cfg([*overrides, *fast, f"callbacks={callbacks}", *summary], tmp_path / "run"))
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("Epoch")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"], out
+    assert all(re.fullmatch(r"Epoch \d/2  loss \d\.\d{4}  val/acc \d\.\d{4}  3 batches in .*", line) for line in lines)
+    assert all(len(line) < 80 for line in lines), lines
+    # No bar redraws, no metric on a line of its own (Lightning's bars wrapped them at 80 columns).
+    assert not [line for line in out.splitlines() if "val/acc" in line and not line.startswith("Epoch")], out
