@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from fmnist_tl.backbones import read_checkpoint
@@ -74,3 +77,27 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     chosen = max(steps, key=lambda p: (steps[p], p.stat().st_mtime))
     log.info("Resuming from %s (global step %d)", chosen, steps[chosen])
     return str(chosen)
+
+
+# A checkpoint's key for its training history: [{"csv": path, "until_epoch": k}, ..., {"csv": path}], the
+# CSV logs its epochs were logged to, oldest first. A resumed run's checkpoints list the resumed-from
+# run's log (up to the epoch of the checkpoint it resumed: that run may have gone on past it) before
+# their own, so curves.png of a resumed run or of its checkpoints shows the whole run.
+CURVE_LOGS = "curve_logs"
+
+
+def csv_log_of(trainer: L.Trainer) -> str | None:
+    """The file the trainer's CSVLogger writes (logger=csv), as an absolute path; None without one."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            # log_dir, not logger.experiment: the experiment exists on rank 0 only.
+            return os.path.abspath(os.path.join(logger.log_dir, "metrics.csv"))
+    return None
+
+
+def inherited_curve_logs(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The CSV logs before a run that resumes from `checkpoint`: its history, the last log cut at its epoch."""
+    logs = [dict(entry) for entry in checkpoint.get(CURVE_LOGS) or []]
+    if logs:
+        logs[-1]["until_epoch"] = int(checkpoint.get("epoch", 0))
+    return logs

@@ -37,6 +37,7 @@ from fmnist_tl.backbones import (
 from fmnist_tl.config import to_container
 from fmnist_tl.core import FmnistError, skip_nvml_retries_without_a_driver
 from fmnist_tl.data import ImagePreprocess, holds_features
+from fmnist_tl.training.checkpoints import CURVE_LOGS, csv_log_of, inherited_curve_logs
 from fmnist_tl.training.finetune import check_finetune, finetune_options
 from fmnist_tl.training.lr_plan import LRPlan, configure_model_optimization, legacy_lr_plan
 
@@ -179,6 +180,9 @@ class TransferClassifier(L.LightningModule):
         self._finetune_announced = False
         self.lr_plan: LRPlan | None = None  # set by configure_optimizers
         self._saved_lr_plan: dict[str, Any] | None = None  # the resumed checkpoint's
+        # The CSV logs of this model's epochs (checkpoints.CURVE_LOGS): set when fitting or rebuilt from a checkpoint.
+        self.curve_logs: list[dict[str, Any]] = []
+        self._inherited_curve_logs: list[dict[str, Any]] = []
         self.metrics = StageMetrics(num_classes)
         self.train()  # apply the BatchNorm policy from the start, not only after a train() call
 
@@ -228,17 +232,22 @@ class TransferClassifier(L.LightningModule):
         checkpoint["weights_id"] = self.weights_id
         if self.lr_plan is not None:
             checkpoint["lr_plan"] = self.lr_plan.state
+        checkpoint[CURVE_LOGS] = self.curve_logs
         if self.backbone_frozen_for_good and rebuildable(self.hparams):  # named weights, a file, a seeded init
             strip_backbone(checkpoint, self.weights_id, self.backbone_sha256)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.weights_id = checkpoint.get("weights_id", self.weights_id)
         self._saved_lr_plan = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
+        if self._trainer is not None and self.trainer.state.fn == "fit":  # a resume, not test(ckpt_path=best)
+            self._inherited_curve_logs = inherited_curve_logs(checkpoint)
         # A head-only checkpoint's backbone: this model's when it is the one the checkpoint was trained
         # on (a resumed head run), else the one its identity rebuilds (a fine-tune run resumed from it).
         restore_backbone(checkpoint, self.backbone, lambda: self.backbone_sha256)
 
     def on_train_start(self) -> None:
+        csv_log = csv_log_of(self.trainer)
+        self.curve_logs = [*self._inherited_curve_logs, *([{"csv": csv_log}] if csv_log else [])]
         saved, self._saved_lr_plan = self._saved_lr_plan, None
         replanned = self.lr_plan.resume(saved, self.trainer) if self.lr_plan is not None else None
         if replanned and self.trainer.is_global_zero:
@@ -359,4 +368,5 @@ def rebuild_from_checkpoint(
         fill_rebuilt_backbone(ckpt, model.backbone, f"checkpoint {path}")
     model.load_state_dict(ckpt["state_dict"])
     model.weights_id = ckpt.get("weights_id", model.weights_id)
+    model.curve_logs = list(ckpt.get(CURVE_LOGS) or [])
     return model.eval()
