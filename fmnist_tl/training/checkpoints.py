@@ -101,3 +101,26 @@ def inherited_curve_logs(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
     if logs:
         logs[-1]["until_epoch"] = int(checkpoint.get("epoch", 0))
     return logs
+
+
+def rerun_interrupted_validation(checkpoint: dict[str, Any]) -> bool:
+    """Make a fit resumed from `checkpoint` run the validation it interrupted again, in full; True if it was one.
+
+    A checkpoint saved between two validation batches (on_exception.ckpt after SIGTERM or Ctrl-C in
+    validation) reads to Lightning as a validation that finished: the resumed run skips it, so the
+    epoch ends without val/acc (ModelCheckpoint and EarlyStopping cannot find their key) and the
+    batches validated before the interruption, held in memory only, are lost. Marked as interrupted
+    within its last batch, the validation is run again from its first batch (its loader is not resumable).
+    """
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, val = loops.get("epoch_progress"), loops.get("epoch_loop.val_loop.batch_progress")
+    if not epochs or not val:
+        return False
+    epoch_unfinished = epochs["current"]["processed"] < epochs["current"]["started"]
+    total = val["total"]
+    between_batches = val["current"]["completed"] > 0 and not val.get("is_last_batch") and total["processed"] > 0
+    if not (epoch_unfinished and between_batches and total["ready"] == total["started"] == total["processed"]):
+        return False
+    total["processed"] = total["completed"] = total["started"] - 1
+    val["current"]["processed"] = val["current"]["completed"] = 0  # from the first batch: all of them again
+    return True

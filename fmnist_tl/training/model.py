@@ -37,7 +37,7 @@ from fmnist_tl.backbones import (
 from fmnist_tl.config import to_container
 from fmnist_tl.core import FmnistError, skip_nvml_retries_without_a_driver
 from fmnist_tl.data import ImagePreprocess, holds_features
-from fmnist_tl.training.checkpoints import CURVE_LOGS, csv_log_of, inherited_curve_logs
+from fmnist_tl.training.checkpoints import CURVE_LOGS, csv_log_of, inherited_curve_logs, rerun_interrupted_validation
 from fmnist_tl.training.finetune import check_finetune, finetune_options
 from fmnist_tl.training.lr_plan import LRPlan, configure_model_optimization, legacy_lr_plan
 
@@ -111,6 +111,10 @@ class StageMetrics(nn.Module):
         self._deferred.setdefault(stage, []).append((logits.detach().argmax(1), labels))
         if stage == "train":
             self.train_loss.update(loss.detach())
+
+    def updated(self, stage: str) -> bool:
+        """Whether this process saw any batch of the stage since its last compute()."""
+        return bool(self._deferred.get(stage))
 
     def compute(self, stage: str) -> dict[str, torch.Tensor]:
         """The stage's metrics over the epoch (synced across DDP ranks by compute()), then reset."""
@@ -241,6 +245,7 @@ class TransferClassifier(L.LightningModule):
         self._saved_lr_plan = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
         if self._trainer is not None and self.trainer.state.fn == "fit":  # a resume, not test(ckpt_path=best)
             self._inherited_curve_logs = inherited_curve_logs(checkpoint)
+            rerun_interrupted_validation(checkpoint)  # Lightning reads the loops' state after this hook
         # A head-only checkpoint's backbone: this model's when it is the one the checkpoint was trained
         # on (a resumed head run), else the one its identity rebuilds (a fine-tune run resumed from it).
         restore_backbone(checkpoint, self.backbone, lambda: self.backbone_sha256)
@@ -309,6 +314,10 @@ class TransferClassifier(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
+        if not self.metrics.updated("train"):
+            # Resumed after this epoch's training batches (a checkpoint saved in its validation): their
+            # figures were held in memory only, and a metric of no batches is no figure.
+            return
         self.log("train/loss_epoch", self.metrics.train_loss_of_epoch(self.current_epoch), prog_bar=True)
         self.log_dict(self.metrics.compute("train"), prog_bar=True)
 

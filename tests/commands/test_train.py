@@ -290,3 +290,48 @@ def test_output_that_is_not_a_terminal_gets_one_plain_line_per_epoch(callbacks, 
     assert all(len(line) < 80 for line in lines), lines
     # No bar redraws, no metric on a line of its own (Lightning's bars wrapped them at 80 columns).
     assert not [line for line in out.splitlines() if "val/acc" in line and not line.startswith("Epoch")], out
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_resume_from_a_checkpoint_saved_mid_validation_validates_again_without_warnings(
+    stop, tiny_cfg, tmp_path, monkeypatch
+):
+    """SIGTERM between two validation batches: on_exception.ckpt. Resumed, the epoch validates again in
+    full (Lightning took it as finished: no val/acc for ModelCheckpoint and EarlyStopping, which
+    stopped the run), and no metric is computed over the training batches the resumed run never saw
+    (torchmetrics' 'compute called before update', three times). Ctrl-C in a validation step: the same."""
+    import warnings
+
+    from fmnist_tl.core import FmnistError
+
+    epochs = ("trainer.max_epochs=2", "data.eval_batch_size=50")  # two validation batches
+    train(tiny_cfg(*epochs, "test=false", output="straight"))
+    real_step = TransferClassifier.validation_step
+
+    def stop_in_validation(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 0 and not self.trainer.sanity_checking:
+            if stop == "ctrl-c":
+                raise KeyboardInterrupt
+            self.trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(TransferClassifier, "validation_step", stop_in_validation)
+    with pytest.raises(FmnistError, match="training interrupted"):
+        train(tiny_cfg(*epochs, "test=false", output="a"))
+    monkeypatch.setattr(TransferClassifier, "validation_step", real_step)
+    saved = tmp_path / "a" / "checkpoints" / "on_exception.ckpt"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = train(tiny_cfg(*epochs, "test=false", f"ckpt_path={saved}", output="b"))
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "before the ``update``" in m or "could not find the monitored key" in m], said
+    assert resumed["epochs"] == 2
+
+    def val_of_epoch_2(run):
+        rows = list(csv.DictReader(open(tmp_path / run / "csv" / "metrics.csv")))
+        assert not [r for r in rows if r.get("train/loss_epoch") and not math.isfinite(float(r["train/loss_epoch"]))]
+        return [(float(r["val/acc"]), float(r["val/loss"])) for r in rows if r["epoch"] == "1" and r.get("val/loss")]
+
+    # The whole validation of epoch 2 ran again: the same figures as the run that was never stopped.
+    ((acc, loss),) = val_of_epoch_2("b")
+    assert val_of_epoch_2("straight") == [(pytest.approx(acc), pytest.approx(loss, rel=1e-5))]
