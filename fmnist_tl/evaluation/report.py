@@ -232,7 +232,7 @@ def write_report(
         title = f"Most confident wrong predictions ({len(worst)} of {len(wrong)} mistakes)"
         atomic_write_bytes(output_dir / "mistakes.png", plot_mistakes(images[worst], mistakes, title))
         # The model's own lineage when it has one (checkpoints record it), else run_dir's CSV log.
-        logs = model.curve_logs
+        logs = model.history.logs(model._trainer)
         curves = write_curves(run_dir, output_dir, finetune_start, logs) if run_dir is not None or logs else None
         report["curves"] = curves.name if curves else None
     report["mistakes_shown"] = mistakes

@@ -124,3 +124,24 @@ def rerun_interrupted_validation(checkpoint: dict[str, Any]) -> bool:
     total["processed"] = total["completed"] = total["started"] - 1
     val["current"]["processed"] = val["current"]["completed"] = 0  # from the first batch: all of them again
     return True
+
+
+class FitHistory:
+    """The CSV logs a model's epochs were logged to (CURVE_LOGS), across the runs that resumed one another.
+
+    A fit resumed from a checkpoint takes over that checkpoint's logs (`resume`, from the model's
+    on_load_checkpoint: Lightning restores the loops after it, so an interrupted validation is also
+    marked to run again there); `logs(trainer)` adds this run's own log, and is what checkpoints record.
+    """
+
+    def __init__(self, logs: list[dict[str, Any]] | None = None) -> None:
+        self.inherited = [dict(entry) for entry in logs or []]
+
+    def resume(self, checkpoint: dict[str, Any], trainer: L.Trainer | None) -> None:
+        if trainer is not None and trainer.state.fn == "fit":  # not test(ckpt_path=best) after a fit
+            self.inherited = inherited_curve_logs(checkpoint)
+            rerun_interrupted_validation(checkpoint)
+
+    def logs(self, trainer: L.Trainer | None = None) -> list[dict[str, Any]]:
+        csv_log = csv_log_of(trainer) if trainer is not None else None
+        return [*self.inherited, *([{"csv": csv_log}] if csv_log else [])]

@@ -37,7 +37,7 @@ from fmnist_tl.backbones import (
 from fmnist_tl.config import to_container
 from fmnist_tl.core import FmnistError, skip_nvml_retries_without_a_driver
 from fmnist_tl.data import ImagePreprocess, holds_features
-from fmnist_tl.training.checkpoints import CURVE_LOGS, csv_log_of, inherited_curve_logs, rerun_interrupted_validation
+from fmnist_tl.training.checkpoints import CURVE_LOGS, FitHistory
 from fmnist_tl.training.finetune import check_finetune, finetune_options
 from fmnist_tl.training.lr_plan import LRPlan, configure_model_optimization, legacy_lr_plan
 
@@ -112,9 +112,15 @@ class StageMetrics(nn.Module):
         if stage == "train":
             self.train_loss.update(loss.detach())
 
-    def updated(self, stage: str) -> bool:
-        """Whether this process saw any batch of the stage since its last compute()."""
-        return bool(self._deferred.get(stage))
+    def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
+        """The epoch's train loss, accuracy and F1; none when this process trained no batch of it.
+
+        A run resumed from a checkpoint saved in the epoch's validation starts after its training
+        batches: their figures were held in memory only, and a metric of no batches is no figure.
+        """
+        if not self._deferred.get("train"):
+            return {}
+        return {"train/loss_epoch": self.train_loss_of_epoch(epoch), **self.compute("train")}
 
     def compute(self, stage: str) -> dict[str, torch.Tensor]:
         """The stage's metrics over the epoch (synced across DDP ranks by compute()), then reset."""
@@ -184,9 +190,7 @@ class TransferClassifier(L.LightningModule):
         self._finetune_announced = False
         self.lr_plan: LRPlan | None = None  # set by configure_optimizers
         self._saved_lr_plan: dict[str, Any] | None = None  # the resumed checkpoint's
-        # The CSV logs of this model's epochs (checkpoints.CURVE_LOGS): set when fitting or rebuilt from a checkpoint.
-        self.curve_logs: list[dict[str, Any]] = []
-        self._inherited_curve_logs: list[dict[str, Any]] = []
+        self.history = FitHistory()  # the CSV logs of its epochs, which checkpoints record (curves.png)
         self.metrics = StageMetrics(num_classes)
         self.train()  # apply the BatchNorm policy from the start, not only after a train() call
 
@@ -236,23 +240,19 @@ class TransferClassifier(L.LightningModule):
         checkpoint["weights_id"] = self.weights_id
         if self.lr_plan is not None:
             checkpoint["lr_plan"] = self.lr_plan.state
-        checkpoint[CURVE_LOGS] = self.curve_logs
+        checkpoint[CURVE_LOGS] = self.history.logs(self.trainer)
         if self.backbone_frozen_for_good and rebuildable(self.hparams):  # named weights, a file, a seeded init
             strip_backbone(checkpoint, self.weights_id, self.backbone_sha256)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.weights_id = checkpoint.get("weights_id", self.weights_id)
         self._saved_lr_plan = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
-        if self._trainer is not None and self.trainer.state.fn == "fit":  # a resume, not test(ckpt_path=best)
-            self._inherited_curve_logs = inherited_curve_logs(checkpoint)
-            rerun_interrupted_validation(checkpoint)  # Lightning reads the loops' state after this hook
+        self.history.resume(checkpoint, self._trainer)
         # A head-only checkpoint's backbone: this model's when it is the one the checkpoint was trained
         # on (a resumed head run), else the one its identity rebuilds (a fine-tune run resumed from it).
         restore_backbone(checkpoint, self.backbone, lambda: self.backbone_sha256)
 
     def on_train_start(self) -> None:
-        csv_log = csv_log_of(self.trainer)
-        self.curve_logs = [*self._inherited_curve_logs, *([{"csv": csv_log}] if csv_log else [])]
         saved, self._saved_lr_plan = self._saved_lr_plan, None
         replanned = self.lr_plan.resume(saved, self.trainer) if self.lr_plan is not None else None
         if replanned and self.trainer.is_global_zero:
@@ -314,12 +314,7 @@ class TransferClassifier(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        if not self.metrics.updated("train"):
-            # Resumed after this epoch's training batches (a checkpoint saved in its validation): their
-            # figures were held in memory only, and a metric of no batches is no figure.
-            return
-        self.log("train/loss_epoch", self.metrics.train_loss_of_epoch(self.current_epoch), prog_bar=True)
-        self.log_dict(self.metrics.compute("train"), prog_bar=True)
+        self.log_dict(self.metrics.train_epoch(self.current_epoch), prog_bar=True)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", batch_idx)
@@ -377,5 +372,5 @@ def rebuild_from_checkpoint(
         fill_rebuilt_backbone(ckpt, model.backbone, f"checkpoint {path}")
     model.load_state_dict(ckpt["state_dict"])
     model.weights_id = ckpt.get("weights_id", model.weights_id)
-    model.curve_logs = list(ckpt.get(CURVE_LOGS) or [])
+    model.history = FitHistory(ckpt.get(CURVE_LOGS))
     return model.eval()
