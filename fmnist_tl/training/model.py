@@ -240,7 +240,7 @@ class TransferClassifier(L.LightningModule):
         checkpoint["weights_id"] = self.weights_id
         if self.lr_plan is not None:
             checkpoint["lr_plan"] = self.lr_plan.state
-        checkpoint[CURVE_LOGS] = self.history.logs(self.trainer)
+        checkpoint[CURVE_LOGS] = self.history.logs(self._trainer)
         if self.backbone_frozen_for_good and rebuildable(self.hparams):  # named weights, a file, a seeded init
             strip_backbone(checkpoint, self.weights_id, self.backbone_sha256)
 
