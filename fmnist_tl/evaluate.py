@@ -57,7 +57,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     (logged,) = trainer.test(model, datamodule=datamodule, verbose=False, weights_only=True)
     # curves.png comes from the CSV log of the run that wrote the checkpoint, and its saved config.
     run_dir = run_dir_of_checkpoint(ckpt)
-    if run_dir is None:
+    if run_dir is None and not model.history.logs():
         log.info("no curves.png: %s is not in a run's checkpoints/ folder, so its CSV log is unknown", ckpt)
     return write_report(
         collector,

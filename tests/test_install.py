@@ -88,3 +88,18 @@ def test_uninstalled_source_tree_reads_its_own_conf(tmp_path):
     assert where.stdout.split() == [str(clone / "fmnist_tl" / "config" / "compose.py"), str(clone / "conf")]
     train = run_from_elsewhere(deps, clone, "-S", "-m", "fmnist_tl.train", "--cfg", "job", "model=resnet18")
     assert train.returncode == 0 and "backbone: resnet18" in train.stdout, train.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_wheel_install_summarizes_the_newest_sweep_without_an_argument(installed_wheel, tmp_path):
+    """`python -m fmnist_tl.summarize` reads paths.log_dir from the packaged configs (no conf/ beside the
+    package), and finds an Optuna study under <log_dir>/<task>/studies/."""
+    _, site = installed_wheel
+    elsewhere = tmp_path / "elsewhere"
+    job = elsewhere / "logs" / "train" / "studies" / "head_optuna" / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- model.optimizer.lr=0.001\n")
+    (job / "metrics.json").write_text('{"status": "completed", "val/acc": 0.7}')
+    proc = run_from_elsewhere(site, elsewhere, "-m", "fmnist_tl.summarize", "--no-plot")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model.optimizer.lr" in proc.stdout and (job.parent / "sweep_summary.md").is_file()

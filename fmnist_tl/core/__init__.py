@@ -13,7 +13,7 @@ from fmnist_tl.core.files import (
     tensors_sha256,
 )
 from fmnist_tl.core.machine import cpu_flags, cpu_model, machine_name, skip_nvml_retries_without_a_driver
-from fmnist_tl.core.progress import EpochProgressBar, progress_bar
+from fmnist_tl.core.progress import EpochProgressBar, missing_progress_bar, progress_bar
 
 __all__ = [
     "atomic_path",
@@ -25,6 +25,7 @@ __all__ = [
     "EpochProgressBar",
     "FmnistError",
     "machine_name",
+    "missing_progress_bar",
     "module_sha256",
     "progress_bar",
     "remove_stale_temp_files",

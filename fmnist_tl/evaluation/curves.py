@@ -3,7 +3,8 @@
 Lightning's CSVLogger (logger=csv, the default) writes `csv/metrics.csv` in the run dir: one row per
 logging call, so an epoch's train and val values sit on different rows, between LR-monitor rows and
 the test row. `read_curves` gathers them per epoch; `plot_curves` draws them, with a line where the
-fine-tune phase starts (the run's `model.finetune`).
+fine-tune phase starts (the run's `model.finetune`). A resumed run's epochs are in two or more logs:
+the checkpoints record them (`curve_logs`, training/checkpoints.py), and `lineage_curves` joins them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from fmnist_tl.core import atomic_write_bytes
@@ -68,6 +70,25 @@ def read_curves(csv_path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return {name: sorted(values.items()) for name, values in per_column.items() if values}
 
 
+def lineage_curves(curve_logs: list[Mapping[str, Any]]) -> tuple[dict[str, list[tuple[int, float]]], int]:
+    """The curves of a run over the CSV logs of its lineage (oldest first), and how many of those logs were read.
+
+    Each earlier log counts up to its `until_epoch` (the epoch of the checkpoint the next run resumed);
+    an epoch logged again by a later run (one resumed mid-epoch) takes the later run's values.
+    """
+    merged: dict[str, dict[int, float]] = {name: {} for name in CURVE_COLUMNS}
+    read = 0
+    for entry in curve_logs:
+        path, until = Path(entry["csv"]), entry.get("until_epoch")
+        if not path.is_file():
+            log.info("curves.png: %s is gone; the epochs it logged are missing from the plot", path)
+            continue
+        read += 1
+        for name, points in read_curves(path).items():
+            merged[name].update((epoch, value) for epoch, value in points if until is None or epoch <= until)
+    return {name: sorted(values.items()) for name, values in merged.items() if values}, read
+
+
 def finetune_start_of(config: Mapping[str, Any] | None) -> int | None:
     """First epoch (0-based) that trains the backbone in a run with this config, or None."""
     if not config:
@@ -95,7 +116,11 @@ def run_dir_of_checkpoint(checkpoint: str | Path) -> Path | None:
 
 
 def plot_curves(curves: Mapping[str, list[tuple[int, float]]], finetune_start: int | None, title: str) -> bytes:
-    """Loss and accuracy per epoch (epochs counted from 1, as the progress bar does), side by side."""
+    """Loss and accuracy per epoch (epochs counted from 1, as the progress bar does), side by side, as PNG."""
+    return png_bytes(curves_figure(curves, finetune_start, title))
+
+
+def curves_figure(curves: Mapping[str, list[tuple[int, float]]], finetune_start: int | None, title: str) -> Figure:
     fig = Figure(figsize=(11, 4.2))
     fig.suptitle(title)
     panels = (("loss", ("train/loss_epoch", "val/loss")), ("accuracy", ("train/acc", "val/acc")))
@@ -114,25 +139,44 @@ def plot_curves(curves: Mapping[str, list[tuple[int, float]]], finetune_start: i
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        # Whole epochs only, also for one or two epochs (where matplotlib would tick 0.96 ... 1.04).
+        epochs = [e + 1 for points in curves.values() for e, _ in points]
+        if epochs:
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    return png_bytes(fig)
+    return fig
 
 
-def write_curves(run_dir: str | Path, output_dir: str | Path, finetune_start: int | None) -> Path | None:
-    """curves.png in output_dir from run_dir's CSV log; None (and one log line) when there is none to plot."""
-    csv_path = find_csv_log(run_dir)
-    if csv_path is None:
-        log.info("no curves.png: %s has no CSV log (csv/metrics.csv; logger=csv writes it)", run_dir)
-        return None
-    curves = read_curves(csv_path)
+def write_curves(
+    run_dir: str | Path | None,
+    output_dir: str | Path,
+    finetune_start: int | None,
+    curve_logs: list[Mapping[str, Any]] | None = None,
+) -> Path | None:
+    """curves.png in output_dir; None (and one log line) when there is none to plot.
+
+    From `curve_logs` (a checkpoint's lineage: a resumed run's epochs span several runs' logs) when
+    given, else from run_dir's CSV log (checkpoints written before checkpoints recorded their logs).
+    """
+    runs = 1
+    if curve_logs:
+        curves, runs = lineage_curves(curve_logs)
+        source: Any = ", ".join(str(entry["csv"]) for entry in curve_logs)
+    else:
+        csv_path = find_csv_log(run_dir) if run_dir is not None else None
+        if csv_path is None:
+            log.info("no curves.png: %s has no CSV log (csv/metrics.csv; logger=csv writes it)", run_dir)
+            return None
+        curves, source = read_curves(csv_path), csv_path
     if not curves:
-        log.info("no curves.png: %s holds no per-epoch train/val metrics", csv_path)
+        log.info("no curves.png: %s holds no per-epoch train/val metrics", source)
         return None
     epochs = max(e for points in curves.values() for e, _ in points) + 1
+    # The run that wrote the last epochs (a resumed run checkpoints into the folder of the run it resumed).
+    name = Path(str(curve_logs[-1]["csv"])).parent.parent.name if curve_logs else Path(str(run_dir)).name
+    title = f"Training curves of {name} ({epochs} epochs" + (f", in {runs} runs)" if runs > 1 else ")")
     out = Path(output_dir) / "curves.png"
-    atomic_write_bytes(
-        out, plot_curves(curves, finetune_start, f"Training curves of {Path(run_dir).name} ({epochs} epochs)")
-    )
+    atomic_write_bytes(out, plot_curves(curves, finetune_start, title))
     return out

@@ -219,8 +219,9 @@ def write_report(
 ) -> dict[str, Any]:
     """Turn what `trainer.test` just ran into report.json, report.md and (with `plots`) the PNGs in output_dir.
 
-    `run_dir`: the training run the checkpoint came from; its CSV log gives curves.png, with the
-    fine-tune phase marked from `finetune_start` (0-based epoch, None: no fine-tune phase).
+    `run_dir`: the training run the checkpoint came from; the model's `curve_logs` (the CSV logs of a
+    run and of the runs it resumed) or else run_dir's CSV log give curves.png, with the fine-tune
+    phase marked from `finetune_start` (0-based epoch, None: no fine-tune phase).
     """
     logits, labels = collector.result()
     # The checkpoint's names (trainer.test checked them against the datamodule's in the model's setup).
@@ -262,7 +263,9 @@ def write_report(
         title = f"Most confident wrong predictions ({len(worst)} of {len(wrong)} mistakes)"
         shown = images[worst] if len(worst) else torch.empty(0, dtype=torch.uint8)  # rows read: the ones shown
         atomic_write_bytes(output_dir / "mistakes.png", plot_mistakes(shown, mistakes, title))
-        curves = write_curves(run_dir, output_dir, finetune_start) if run_dir is not None else None
+        # The model's own lineage when it has one (checkpoints record it), else run_dir's CSV log.
+        logs = model.history.logs(model._trainer)
+        curves = write_curves(run_dir, output_dir, finetune_start, logs) if run_dir is not None or logs else None
         report["curves"] = curves.name if curves else None
     report["mistakes_shown"] = mistakes
     atomic_write_json(output_dir / "report.json", report)

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import callbacks
 from omegaconf import DictConfig
 
-from fmnist_tl.core import FmnistError
+from fmnist_tl.core import FmnistError, missing_progress_bar
 from fmnist_tl.features import extraction_settings, features_cache_dir, measured_trainer_precision
 from fmnist_tl.training import (
     AtomicCheckpointIO,
@@ -109,7 +109,13 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback], precision:
         callback_list = [cb for cb in callback_list if not isinstance(cb, callbacks.Checkpoint)]
     trainer: L.Trainer = build(
         cfg.trainer,
-        callbacks=[*callback_list, *extra_callbacks, ReseedEachEpoch(cfg.seed), SilenceKnownNoise()],
+        callbacks=[
+            *callback_list,
+            *extra_callbacks,
+            ReseedEachEpoch(cfg.seed),
+            SilenceKnownNoise(),
+            *missing_progress_bar(callback_list, cfg.trainer),
+        ],
         logger=instantiate_group(cfg.get("logger")) or False,
         precision=precision,
         plugins=[AtomicCheckpointIO()],

@@ -41,10 +41,17 @@ class FinetuneOptions:
         return 0 if self.init_from else None
 
     def phase_message(self, epoch: int, lrs: Mapping[str | None, float]) -> str:
-        """The log line of the first fine-tune epoch; `lrs` by param group name (head, backbone)."""
+        """The log line of the first fine-tune epoch this run trains (`epoch`, 0-based, as Lightning counts:
+        later than first_epoch in a resumed run); `lrs` by param group name (head, backbone).
+
+        Epochs are named as the progress bar and curves.png count them, from 1; the config key keeps its
+        0-based value beside it.
+        """
         nan = float("nan")
+        first = self.first_epoch or 0
+        resumed = f", resumed at epoch {epoch + 1}" if epoch != first else ""
         return (
-            f"Fine-tune phase from epoch {self.first_epoch} (now {epoch}): training backbone "
+            f"Fine-tune phase from epoch {first + 1} (model.finetune.start_epoch={first}{resumed}): training backbone "
             f"{'+'.join(self.unfreeze)} at lr {lrs.get('backbone', nan):.3g} (head {lrs.get('head', nan):.3g}), "
             f"BatchNorm {self.bn}; backbone features change from here on, so no cached features are used"
         )
@@ -85,7 +92,7 @@ def check_finetune(
     if max_epochs is not None and start >= max_epochs:
         raise FmnistError(
             f"model.finetune.start_epoch={start} leaves no fine-tune epoch with trainer.max_epochs={max_epochs}; "
-            f"raise trainer.max_epochs (fine-tuning runs epochs {start}..max_epochs-1)"
+            f"raise trainer.max_epochs above {start} (fine-tuning runs from epoch {start + 1} to epoch max_epochs)"
         )
     if check_files and ft.init_from is not None and not Path(ft.init_from).is_file():
         raise FmnistError(f"model.finetune.init_from={ft.init_from} does not exist; pass a checkpoint from a head run")

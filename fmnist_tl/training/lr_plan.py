@@ -136,8 +136,8 @@ class LRPlan:
             return None
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         how = (
-            f"the LR schedule is re-planned: from lr {lr:.3g} at epoch {epoch} down to the end of its cosine "
-            f"at epoch {end}"
+            f"the LR schedule is re-planned: from lr {lr:.3g} in epoch {epoch + 1} down to the end of its cosine "
+            f"after epoch {end}"
             if self.fresh is not None
             else f"the LR schedule ({self.state['scheduler'] or 'constant'}) does not depend on it"
         )

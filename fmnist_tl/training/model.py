@@ -39,6 +39,7 @@ from fmnist_tl.backbones import (
 from fmnist_tl.config import to_container
 from fmnist_tl.core import FmnistError, skip_nvml_retries_without_a_driver
 from fmnist_tl.data import ImagePreprocess, holds_features
+from fmnist_tl.training.checkpoints import CURVE_LOGS, FitHistory
 from fmnist_tl.training.finetune import check_finetune, finetune_options
 from fmnist_tl.training.lr_plan import LRPlan, configure_model_optimization, legacy_lr_plan
 from fmnist_tl.training.trained_on import TrainedOn, check_resumed, checked_identity, with_legacy_identity
@@ -62,7 +63,7 @@ def check_finite_parameters(module: nn.Module, epoch: int) -> None:
     bad = [n for n, p in module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:
         raise FmnistError(
-            f"training diverged: parameter {bad[0]} is not finite after epoch {epoch}; lower model.optimizer.lr"
+            f"training diverged: parameter {bad[0]} is not finite after epoch {epoch + 1}; lower model.optimizer.lr"
         )
 
 
@@ -106,6 +107,16 @@ class StageMetrics(nn.Module):
         if stage == "train":
             self.train_loss.update(loss.detach())
 
+    def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
+        """The epoch's train loss, accuracy and F1; none when this process trained no batch of it.
+
+        A run resumed from a checkpoint saved in the epoch's validation starts after its training
+        batches: their figures were held in memory only, and a metric of no batches is no figure.
+        """
+        if not self._deferred.get("train"):
+            return {}
+        return {"train/loss_epoch": self.train_loss_of_epoch(epoch), **self.compute("train")}
+
     def compute(self, stage: str) -> dict[str, torch.Tensor]:
         """The stage's metrics over the epoch (synced across DDP ranks by compute()), then reset."""
         metrics, deferred = getattr(self, f"{stage}_metrics"), self._deferred.pop(stage, None)
@@ -119,7 +130,7 @@ class StageMetrics(nn.Module):
         bad, self._nonfinite_steps = self._nonfinite_steps, None
         if bad is not None and int(bad) > 0:
             raise FmnistError(
-                f"training diverged: the loss was not finite in {int(bad)} steps of epoch {epoch}; "
+                f"training diverged: the loss was not finite in {int(bad)} steps of epoch {epoch + 1}; "
                 "lower model.optimizer.lr"
             )
         value = self.train_loss.compute()
@@ -176,6 +187,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
         self._finetune_announced = False
         self.lr_plan: LRPlan | None = None  # set by configure_optimizers
         self._saved_lr_plan: dict[str, Any] | None = None  # the resumed checkpoint's
+        self.history = FitHistory()  # the CSV logs of its epochs, which checkpoints record (curves.png)
         self.metrics = StageMetrics(num_classes)
         self.train()  # apply the BatchNorm policy from the start, not only after a train() call
 
@@ -225,6 +237,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
         checkpoint["weights_id"] = self.weights_id
         if self.lr_plan is not None:
             checkpoint["lr_plan"] = self.lr_plan.state
+        checkpoint[CURVE_LOGS] = self.history.logs(self._trainer)
         if self.backbone_frozen_for_good and rebuildable(self.hparams):  # named weights, a file, a seeded init
             strip_backbone(checkpoint, self.weights_id, self.backbone_sha256)
 
@@ -232,6 +245,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
         check_resumed(checkpoint, self.class_names)
         self.weights_id = checkpoint.get("weights_id", self.weights_id)
         self._saved_lr_plan = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
+        self.history.resume(checkpoint, self._trainer)
         # A head-only checkpoint's backbone: this model's when it is the one the checkpoint was trained
         # on (a resumed head run), else the one its identity rebuilds (a fine-tune run resumed from it).
         restore_backbone(checkpoint, self.backbone, lambda: self.backbone_sha256)
@@ -279,7 +293,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
         features = holds_features(x)  # cached backbone features, else preprocessed images
         if features and self.finetune_active:
             raise FmnistError(
-                f"cached backbone features reached the model in its fine-tune phase (epoch {self.current_epoch}); "
+                f"cached backbone features reached the model in its fine-tune phase (epoch {self.current_epoch + 1}); "
                 "they are stale once the backbone trains: turn the feature cache off for fine-tune runs"
             )
         return self.head(x.to(self.head[0].weight.dtype)) if features else self(x)
@@ -288,7 +302,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
         x, y = batch
         logits = self.logits(x)
         loss = nn.functional.cross_entropy(logits.float(), y)
-        self.metrics.update(stage, logits, y, loss, f"epoch {self.current_epoch}, step {self.global_step}")
+        self.metrics.update(stage, logits, y, loss, f"epoch {self.current_epoch + 1}, step {self.global_step}")
         if stage != "train":
             self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(y), sync_dist=True)
         elif batch_idx % getattr(self._trainer, "log_every_n_steps", 1) == 0:
@@ -298,8 +312,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/loss_epoch", self.metrics.train_loss_of_epoch(self.current_epoch), prog_bar=True)
-        self.log_dict(self.metrics.compute("train"), prog_bar=True)
+        self.log_dict(self.metrics.train_epoch(self.current_epoch), prog_bar=True)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", batch_idx)
@@ -356,4 +369,5 @@ def rebuild_from_checkpoint(
         fill_rebuilt_backbone(ckpt, model.backbone, f"checkpoint {path}")
     model.load_state_dict(ckpt["state_dict"])
     model.weights_id = ckpt.get("weights_id", model.weights_id)
+    model.history = FitHistory(ckpt.get(CURVE_LOGS))
     return model.eval()

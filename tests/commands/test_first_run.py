@@ -146,6 +146,47 @@ def test_summarize_without_argument_takes_the_sweep_started_last_in_the_configur
     assert (elsewhere / "sweep_summary.md").is_file()
 
 
+def _study(log_dir: Path, name: str, started: float) -> Path:
+    """An Optuna study's dir as conf/hparams_search/head_optuna.yaml places it: <task>/studies/<study_name>."""
+    study = log_dir / "train" / "studies" / name
+    (study / "0" / ".hydra").mkdir(parents=True)
+    (study / "0" / ".hydra" / "overrides.yaml").write_text("- model.optimizer.lr=0.001\n")
+    (study / "0" / "metrics.json").write_text(json.dumps({"status": "completed", "val/acc": 0.7}))
+    os.utime(study / "0" / ".hydra" / "overrides.yaml", (started, started))
+    return study
+
+
+def test_summarize_without_argument_takes_the_newest_sweep_of_either_kind_multirun_or_study(
+    tmp_path, monkeypatch, capsys
+):
+    """Studies live in <log_dir>/<task>/studies/<name>/, not */multiruns/: found too, newest of both wins."""
+    monkeypatch.setenv("FMNIST_ROOT", str(tmp_path))
+    log_dir = tmp_path / "logs"
+    _sweep(log_dir, "2026-11-28_10-00-00_000001")
+    started = time.mktime(time.strptime("2026-11-28_10-00-00", "%Y-%m-%d_%H-%M-%S"))
+    study = _study(log_dir, "head_optuna", started + 3600)  # a trial started an hour after the multirun
+    assert summarize.newest_sweep_dir() == study
+    summarize.main([])
+    assert "model.optimizer.lr" in capsys.readouterr().out and (study / "sweep_summary.md").is_file()
+    # Summarising the study wrote into it; a multirun started later is still the newer sweep.
+    newer = _sweep(log_dir, "2026-11-28_12-00-00_000001")
+    assert summarize.newest_sweep_dir() == newer
+    # Rerunning the study (a new trial starting now) makes it the newest again.
+    (study / "1" / ".hydra").mkdir(parents=True)
+    (study / "1" / ".hydra" / "overrides.yaml").write_text("- model.optimizer.lr=0.01\n")
+    assert summarize.newest_sweep_dir() == study
+
+
+def test_summarize_without_any_sweep_names_both_places_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FMNIST_ROOT", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        summarize.main([])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no sweep dirs under ") and "/*/multiruns/" in err and "/*/studies/" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_ckpt_path_last_takes_the_furthest_trained_checkpoint_not_the_newest_file(tiny_cfg, tmp_path):
     fast = ("+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false")
     log_dir = tmp_path / "logs"

@@ -105,3 +105,61 @@ def test_missing_csv_log_means_no_curves_and_one_line(tmp_path, caplog):
         assert curves.write_curves(tmp_path, tmp_path, None) is None
     assert not (tmp_path / "curves.png").exists()
     assert [r.getMessage() for r in caplog.records if "no curves.png" in r.getMessage()]
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3])
+def test_epoch_ticks_are_whole_epochs_also_for_one_or_two(epochs):
+    points = [(e, 0.5 + e / 10) for e in range(epochs)]
+    fig = curves.curves_figure({"val/acc": points, "val/loss": points}, None, "t")
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks == [float(e) for e in range(1, epochs + 1)], ticks
+
+
+def test_lineage_cuts_each_earlier_log_at_the_resumed_epoch_and_later_runs_win(tmp_path):
+    """Run a went on to epoch 2 (0-based) after its epoch-0 checkpoint that b resumed; b re-ran epoch 1."""
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("epoch,val/acc\n0,0.1\n1,0.2\n2,0.3\n")
+    b.write_text("epoch,val/acc\n1,0.5\n2,0.6\n")
+    data, runs = curves.lineage_curves([{"csv": str(a), "until_epoch": 0}, {"csv": str(b)}])
+    assert data == {"val/acc": [(0, 0.1), (1, 0.5), (2, 0.6)]} and runs == 2
+    # A log that is gone leaves its epochs out, with one line, and the rest is plotted.
+    data, runs = curves.lineage_curves([{"csv": str(tmp_path / "gone.csv"), "until_epoch": 0}, {"csv": str(b)}])
+    assert data == {"val/acc": [(1, 0.5), (2, 0.6)]} and runs == 1
+
+
+def test_resumed_run_and_its_checkpoint_plot_the_whole_run(tiny_cfg, tiny_mirror, tmp_path, monkeypatch):
+    """curves.png of a run resumed for a 2nd epoch, and evaluate of the checkpoint it wrote (into the first
+    run's checkpoints/), show both epochs: the first run's log, then the resumed run's."""
+    from fmnist_tl.train import train
+
+    train(tiny_cfg(output="a"))
+    plotted = []
+    real = curves.plot_curves
+
+    def spy(data, finetune_start, title):
+        plotted.append((data, title))
+        return real(data, finetune_start, title)
+
+    monkeypatch.setattr(curves, "plot_curves", spy)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    train(tiny_cfg("trainer.max_epochs=2", f"ckpt_path={last}", output="b"))
+    a_csv, b_csv = tmp_path / "a" / "csv" / "metrics.csv", tmp_path / "b" / "csv" / "metrics.csv"
+    whole = {name: [*_column(a_csv, name)[:1], *_column(b_csv, name)] for name in ("val/acc", "train/acc")}
+    assert [e for e, _ in whole["val/acc"]] == [0, 1]
+    data, title = plotted[-1]
+    assert {name: data[name] for name in whole} == whole and title == "Training curves of b (2 epochs, in 2 runs)"
+    cfg = make_entry_cfg(
+        "evaluate",
+        [
+            *tiny_data_overrides(tiny_mirror, tmp_path),
+            "trainer.accelerator=cpu",
+            "trainer.precision=32-true",
+            f"ckpt_path={last}",
+        ],
+        tmp_path / "eval",
+    )
+    evaluate(cfg)
+    data, title = plotted[-1]
+    assert {name: data[name] for name in whole} == whole and title == "Training curves of b (2 epochs, in 2 runs)"

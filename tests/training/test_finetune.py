@@ -378,3 +378,16 @@ def test_extending_a_fine_tune_run_continues_its_cosine(tiny_cfg, recorder, tmp_
     assert all(b < a for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] > 0
     assert lrs[4:] == pytest.approx([first[3] * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in (1, 2)])
     assert torch.load(last, weights_only=True)["lr_plan"]["replans"] == [[3, pytest.approx(0.25), 6]]
+
+
+def test_log_lines_count_epochs_from_1_as_the_progress_bar_and_curves_do():
+    """start_epoch=3 is the 4th epoch: the bar shows 'Epoch 4', curves.png 'fine-tune from epoch 4'."""
+    from fmnist_tl.training.finetune import check_finetune
+
+    ft = finetune_options({"start_epoch": 3, "unfreeze": "last_1"}, "resnet18")
+    line = ft.phase_message(3, {"head": 1e-3, "backbone": 1e-4})
+    assert line.startswith("Fine-tune phase from epoch 4 (model.finetune.start_epoch=3): ")
+    resumed = ft.phase_message(5, {"head": 1e-3, "backbone": 1e-4})
+    assert resumed.startswith("Fine-tune phase from epoch 4 (model.finetune.start_epoch=3, resumed at epoch 6): ")
+    with pytest.raises(FmnistError, match=r"raise trainer.max_epochs above 3 \(fine-tuning runs from epoch 4 to"):
+        check_finetune(ft, True, 3, check_files=False)
