@@ -42,7 +42,7 @@ from fmnist_tl.runtime import (
     run_hydra_cli,
     validate_config,
 )
-from fmnist_tl.sweeps import write_summary
+from fmnist_tl.sweeps import pruned_epoch, write_summary
 from fmnist_tl.training import (
     AtomicCheckpointIO,
     ModelCheckpoint,
@@ -138,6 +138,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         where = f"; checkpoint saved at {saved}, resume with ckpt_path={saved}" if saved.is_file() else ""
         raise FmnistError(f"training interrupted ({type(e).__name__}){where}") from e
     val = {k: _metric(trainer, k) for k in ("val/acc", "val/f1", "val/loss")}
+    pruned = pruned_epoch(trainer)  # an Optuna sweep's pruner stopped this trial (fmnist_tl.sweeps.TrialPruning)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if best and not Path(best).is_file():
@@ -186,7 +187,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         val[cfg.objective.metric] = float(trainer.checkpoint_callback.best_model_score)
 
     metrics = {
-        "status": "completed",
+        "status": "completed" if pruned is None else "pruned",
+        **({} if pruned is None else {"pruned_at_epoch": pruned}),
         **val,
         **test,
         "epochs": trainer.current_epoch,
