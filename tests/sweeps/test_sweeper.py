@@ -324,8 +324,8 @@ def test_grid_sampler_runs_each_grid_point_once(tmp_path, caplog):
     [
         ("hydra.sweeper.pruner._target_=optuna.pruners.NoSuchPruner",
          "hydra.sweeper.pruner._target_=optuna.pruners.NoSuchPruner is not a class"),
-        ("+hydra.sweeper.pruner.patience=3", "hydra.sweeper.pruner: SuccessiveHalvingPruner takes no patience"),
-        ("hydra.sweeper.pruner.reduction_factor=1", "hydra.sweeper.pruner: cannot build optuna.pruners.Successive"),
+        ("+hydra.sweeper.pruner.patience=3", "hydra.sweeper.pruner: MedianPruner takes no patience"),
+        ("hydra.sweeper.pruner.n_warmup_steps=-1", "hydra.sweeper.pruner: cannot build optuna.pruners.MedianPruner"),
         ("hydra.sweeper.pruner._target_=optuna.samplers.RandomSampler",
          "hydra.sweeper.pruner._target_=optuna.samplers.RandomSampler is not an Optuna pruner"),
         ("~hydra.sweeper.pruner._target_", "hydra.sweeper.pruner needs a _target_"),
@@ -362,7 +362,7 @@ def test_each_trial_gets_its_pruning_callback_and_no_on_exception_checkpoint(tmp
         pruning = build(cfg.callbacks.optuna_trial)
         assert (pruning.storage_spec, pruning.study_name) == (f"sqlite:///{tmp_path}/head_optuna.db", "head_optuna")
         assert pruning.trial_number == number and pruning.monitor == "val/acc"
-        assert isinstance(pruning.pruner, optuna.pruners.SuccessiveHalvingPruner)
+        assert isinstance(pruning.pruner, optuna.pruners.MedianPruner)
     # The summary shows what each trial tried, not the sweeper's plumbing.
     for number in (0, 1):
         job_dir = tmp_path / str(number) / ".hydra"
