@@ -38,6 +38,7 @@ from fmnist_tl.runtime import (
     validate_config,
     write_run_record,
 )
+from fmnist_tl.sweeps import pruned_epoch
 from fmnist_tl.training import check_checkpoint_file, check_resume_schedule, resolve_ckpt_path, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, [feature_cache] if feature_cache else [], precision)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    pruned = pruned_epoch(trainer)  # before the test resets the trainer's metrics
     tested, test = run_test(cfg, trainer, model, datamodule, precision)
 
-    metrics = run_metrics(cfg, trainer, model, test, tested, precision, feature_cache, started, ckpt_path)
+    metrics = run_metrics(cfg, trainer, model, test, tested, precision, feature_cache, started, ckpt_path, pruned)
     if trainer.is_global_zero:
         write_run_record(cfg, metrics)
     return metrics

@@ -115,13 +115,16 @@ def run_metrics(
     feature_cache: Any,
     started: float,
     resumed_from: str | None,
+    pruned_at_epoch: int | None = None,
 ) -> dict[str, Any]:
-    """metrics.json's record of a completed run, with the best checkpoint's validation figures."""
+    """metrics.json's record of a completed run (or of a sweep trial its pruner stopped after
+    `pruned_at_epoch`), with the best checkpoint's validation figures."""
     val = {k: _metric(trainer, k) for k in ("val/acc", "val/f1", "val/loss")}
     if isinstance(trainer.checkpoint_callback, ModelCheckpoint):
         val.update({k: v for k, v in trainer.checkpoint_callback.best_validation().items() if k in val})
     return {
-        "status": "completed",
+        "status": "completed" if pruned_at_epoch is None else "pruned",
+        **({} if pruned_at_epoch is None else {"pruned_at_epoch": pruned_at_epoch}),
         **val,
         **test,
         "epochs": trainer.current_epoch,

@@ -5,7 +5,8 @@ its `metrics.json` (train writes it at the end, also for failed jobs) its status
 its `.hydra/config.yaml` the objective it ranked its checkpoints by (`objective.metric` and
 `objective.mode`, conf/train.yaml). A job dir without metrics.json is `incomplete` (still
 running, killed, or crashed hard). Ranking uses that objective, a validation metric; test metrics
-are shown only.
+are shown only. A trial the Optuna sweeper's pruner stopped (`status: pruned`) ranks after the
+completed jobs, as Optuna's best trial is always a completed one.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from fmnist_tl.core import FmnistError
 
 METRICS = ("val/acc", "val/f1", "test/acc", "test/f1")
 SEED_KEY = "seed"
+# Overrides the Optuna sweeper adds to every trial (how a job reaches its trial; no on_exception.ckpt):
+# plumbing, not what a trial tried, so the summary leaves them out.
+SWEEPER_OVERRIDES = ("callbacks.optuna_trial", "callbacks.on_exception_checkpoint")
 
 
 @dataclass
 class Job:
     name: str  # the job's dir name; Hydra's job number by default
     run_dir: Path
-    status: str  # completed | failed | interrupted | incomplete
+    status: str  # completed | pruned | failed | interrupted | incomplete
     overrides: dict[str, str]
     metrics: dict[str, Any] = field(default_factory=dict)
     objective: tuple[str, str] | None = None  # (metric, max|min) the job ranked its checkpoints by
@@ -70,7 +74,12 @@ class SweepSummary:
 
     @property
     def best(self) -> Job | None:
-        return self.jobs[0] if self.jobs and self.jobs[0].value(self.objective) is not None else None
+        top = self.jobs[0] if self.jobs else None
+        return top if top is not None and top.status != "pruned" and top.value(self.objective) is not None else None
+
+    def epochs(self) -> int:
+        """Epochs trained in all jobs together (pruned ones stopped early)."""
+        return sum(int(e) for j in self.jobs if isinstance(e := j.metrics.get("epochs"), int))
 
     def counts_text(self) -> str:
         """How many jobs ended each way, e.g. "3 completed, 1 failed"."""
@@ -87,7 +96,8 @@ def _load_yaml_list(path: Path) -> list[str]:
     from omegaconf import OmegaConf
 
     try:
-        return [str(x) for x in OmegaConf.load(path)]
+        # Unresolved: an override may hold an interpolation only the job could resolve (${hydra:...}).
+        return [str(x) for x in OmegaConf.to_container(OmegaConf.load(path), resolve=False)]
     except Exception:  # a half-written or hand-edited file: treat as no overrides, the job still shows
         return []
 
@@ -95,6 +105,7 @@ def _load_yaml_list(path: Path) -> list[str]:
 def load_job(run_dir: Path) -> Job:
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = parse_overrides(_load_yaml_list(overrides_file)) if overrides_file.is_file() else {}
+    overrides = {k: v for k, v in overrides.items() if k not in SWEEPER_OVERRIDES}
     metrics: dict[str, Any] = {}
     status = "incomplete"
     metrics_file = run_dir / "metrics.json"
@@ -168,7 +179,12 @@ def summarize(sweep_dir: str | Path) -> SweepSummary:
         """Sort key: the best value first, None last."""
         return (1, 0.0) if value is None else (0, -value if maximize else value)
 
-    jobs.sort(key=lambda job: (*best_first(job.value(objective)), job_sort_key(job.name)))
+    def rank(job: Job) -> tuple:
+        """Jobs with a value first: completed ones best first, then pruned ones best first; then the rest."""
+        value = job.value(objective)
+        return (value is None, job.status == "pruned", *best_first(value), job_sort_key(job.name))
+
+    jobs.sort(key=rank)
 
     by_config: dict[tuple, Group] = {}
     for job in jobs:

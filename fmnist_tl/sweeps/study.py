@@ -35,6 +35,10 @@ HEARTBEAT = "heartbeat"  # Unix time, refreshed while the trial runs
 JOB_DIR = "job_dir"
 PINNED = "pinned_overrides"
 
+# Storages that live in this process (`memory` studies) by key: a job of the basic launcher, which
+# runs in the sweeper's process, reaches one as `memory:<key>` (`in_process_spec`).
+IN_PROCESS: dict[str, Any] = {}
+
 
 def _boot_id() -> str | None:
     try:
@@ -107,6 +111,16 @@ class StudyStore:
         if spec in ("memory", ":memory:"):
             self.url, self.storage = "memory", optuna.storages.InMemoryStorage()
             return
+        if spec is not None and spec.startswith(
+            "memory:"
+        ):  # a job's spec for its sweeper's memory study (same process only)
+            self.url, self.storage = "memory", IN_PROCESS.get(spec.removeprefix("memory:"))
+            if self.storage is None:
+                raise FmnistError(
+                    "hydra.sweeper.storage=memory is not reachable from this process (a launcher or DDP "
+                    "started it): use hydra.sweeper.storage=null (a SQLite file in the sweep dir) or journal:<path>"
+                )
+            return
         if spec is None:
             db = sweep_dir / f"{study_name}.db"
             spec = f"sqlite:///{db}"
@@ -156,6 +170,16 @@ class StudyStore:
             except Exception as e:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise FmnistError(f"hydra.sweeper.storage={hide_password(url)}: cannot open it ({first})") from e
+            if self._lock is not None:
+                _sqlite_wal(self.storage.engine)
+
+    def job_spec(self) -> str:
+        """The storage as a job reaches it: the URL, or `memory:<key>` for this process's memory study."""
+        if self.url != "memory":
+            return self.url
+        key = f"{os.getpid()}-{id(self.storage)}"
+        IN_PROCESS[key] = self.storage
+        return f"memory:{key}"
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -190,6 +214,26 @@ class StudyStore:
                 yield
             finally:
                 conn.execute(*release)
+
+
+def open_storage(spec: str, study_name: str) -> Any:
+    """A job's way into its sweeper's study: the storage `StudyStore.job_spec` named."""
+    return StudyStore(spec, Path("."), study_name).storage
+
+
+def _sqlite_wal(engine: Any) -> None:
+    """Write-ahead log, synced at checkpoints: a trial's report each epoch costs a few ms instead of
+    an fsync per commit, and readers (the pruner, other workers) do not block the writer. The file
+    stays on one machine, as SQLite must (several machines share a journal file or a database)."""
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+    engine.dispose()  # connections made before the listener get it when they reconnect
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA journal_mode=WAL")  # stored in the file: once per database
 
 
 class Heartbeat:
@@ -254,8 +298,11 @@ def record_lost(job_dir: Path, why: str) -> None:
         atomic_write_json(job_dir / "metrics.json", {"status": "interrupted", "error": f"{why}; told FAIL to Optuna"})
 
 
-def finish_trial(study: Any, trial: Any, value: float | None = None, failure: str | None = None) -> None:
-    """Tell Optuna a trial's end: COMPLETE with `value`, else FAIL (with `failure` when its outcome failed).
+def finish_trial(
+    study: Any, trial: Any, value: float | None = None, failure: str | None = None, pruned: bool = False
+) -> None:
+    """Tell Optuna a trial's end: PRUNED (`pruned`: with its last reported value), COMPLETE with
+    `value`, else FAIL (with `failure` when its outcome failed).
 
     `trial` is a Trial or a trial number. A trial another worker finished meanwhile (judged lost for
     want of a heartbeat) is left as it is.
@@ -264,6 +311,9 @@ def finish_trial(study: Any, trial: Any, value: float | None = None, failure: st
     from optuna.trial import TrialState
 
     try:
+        if pruned:
+            study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+            return
         if value is not None:
             study.tell(trial, value, skip_if_finished=True)
             return

@@ -129,9 +129,21 @@ def markdown(summary: SweepSummary, plot: Path | None) -> str:
         f"# Sweep summary: `{summary.sweep_dir}`",
         "",
         f"{len(summary.jobs)} jobs: {summary.counts_text()}. Ranked by `{summary.objective}` ({direction});"
-        f" test metrics are shown, never used to rank. Time in jobs: {job_time:.0f} s.",
+        f" test metrics are shown, never used to rank. Time in jobs: {job_time:.0f} s;"
+        f" epochs in jobs: {summary.epochs()}.",
         "",
     ]
+    pruned = [j for j in summary.jobs if j.status == "pruned"]
+    if pruned:
+        at = ", ".join(
+            f"{j.name}: {j.metrics.get('pruned_at_epoch', '?')}"
+            for j in sorted(pruned, key=lambda j: job_sort_key(j.name))
+        )
+        out += [
+            f"{len(pruned)} trials pruned (stopped by the sweep's pruner after the epoch given; ranked after the"
+            f" completed ones, never best): {at}.",
+            "",
+        ]
     if summary.common:
         out += [f"Common overrides: `{_overrides_text(summary.common, list(summary.common))}`", ""]
     metric_cols = _metric_cols(summary)
@@ -225,7 +237,9 @@ def plot_objective(summary: SweepSummary, path: Path) -> bool:
 
     log_keys = log_searched_keys(summary.jobs)
     failed = [j for j in summary.jobs if j.status in ("failed", "interrupted")]
-    ys = [j.value(summary.objective) for j in done]
+    pruned = [j for j in done if j.status == "pruned"]
+    done = [j for j in done if j.status != "pruned"]
+    ys = [j.value(summary.objective) for j in done + pruned]
     low, high = min(ys), max(ys)
     floor = low - 0.05 * (high - low or 1.0)
     cols = {1: 1, 2: 2, 3: 3, 4: 2}.get(len(params), 3)
@@ -247,7 +261,12 @@ def plot_objective(summary: SweepSummary, path: Path) -> bool:
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
             ax.set_xlim(-0.5, len(labels) - 0.5)
         x = [positions[j.overrides.get(key, "")] for j in done]
-        ax.scatter(x, ys, s=28, alpha=0.8, label="completed")
+        ax.scatter(x, ys[: len(done)], s=28, alpha=0.8, label="completed")
+        if pruned:
+            xp = [positions[j.overrides.get(key, "")] for j in pruned]
+            ax.scatter(
+                xp, ys[len(done) :], s=28, facecolors="none", edgecolors="tab:gray", label="pruned (best so far)"
+            )
         if failed:
             xf = [positions[j.overrides.get(key, "")] for j in failed]
             ax.scatter(xf, [floor] * len(xf), marker="x", color="tab:red", label="failed (no value)")
@@ -261,7 +280,7 @@ def plot_objective(summary: SweepSummary, path: Path) -> bool:
     for ax in list(axes.flat)[len(params) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{summary.sweep_dir.name}: {summary.counts_text()}", fontsize=10)
+    fig.suptitle(f"{summary.sweep_dir.name}: {summary.counts_text()}; {summary.epochs()} epochs", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

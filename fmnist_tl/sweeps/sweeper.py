@@ -9,6 +9,9 @@ the study, its storage, lock and lost trials: study.py.
 - **Outcomes.** A trial that raised, or returned NaN/inf or nothing, is told FAIL (user attr
   `failure` says why) and the study goes on. Ctrl-C or SIGTERM stops the sweep; the trials it hit
   are told FAIL without `failure`, so they count as lost, not as tried.
+- **Pruning.** `hydra.sweeper.pruner` (a `_target_` config, null for none; pruning.py): each trial
+  reports its objective after every validation epoch through the study storage, and a trial the
+  pruner stops is told PRUNED with its last value. It counts toward n_trials and is not rerun.
 - **n_trials is the study's total.** Every worker counts, under the study's lock, the trials that
   completed, were pruned, failed with a `failure`, or are running, and asks only for what is
   missing. Lost trials (their worker is gone) are not counted, so a rerun replaces them.
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +34,7 @@ from omegaconf import ListConfig, OmegaConf
 
 from fmnist_tl.config import at_least, in_range
 from fmnist_tl.core import FmnistError, atomic_write_text
+from fmnist_tl.sweeps.pruning import PRUNED_AT, build_pruner, pruner_config, trial_callback_override
 from fmnist_tl.sweeps.search_space import SamplerFactory, search_space
 from fmnist_tl.sweeps.study import (
     FAILURE,
@@ -78,6 +84,7 @@ class SweepSettings:
     params: Any
     heartbeat_interval: float
     grace_period: float
+    pruner: Any = None
 
     def check(self) -> None:
         for key in ("n_trials", "n_jobs"):
@@ -149,9 +156,50 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
     return [d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit() and (d / ".hydra").is_dir()]
 
 
-def trial_overrides(trial: Any, pinned: Sequence[str]) -> list[str]:
-    """The job's overrides: the trial's values, the pinned ones, and its own job dir (the trial number)."""
-    return [*(f"{k}={v}" for k, v in trial.params.items()), *pinned, f"hydra.sweep.subdir={trial.number}"]
+def trial_overrides(trial: Any, pinned: Sequence[str], plumbing: Sequence[str] = ()) -> list[str]:
+    """The job's overrides: the trial's values, the pinned ones, the sweeper's own (`plumbing`: how
+    the job reaches its trial), and its own job dir (the trial number)."""
+    return [
+        *(f"{k}={v}" for k, v in trial.params.items()),
+        *pinned,
+        *plumbing,
+        f"hydra.sweep.subdir={trial.number}",
+    ]
+
+
+def job_plumbing(config: Any, store: StudyStore, study_name: str, trial_number: int) -> list[str]:
+    """What the sweeper adds to a trial's overrides besides its values.
+
+    - `TrialPruning` (the objective reported each epoch, the pruner asked), when the app names its
+      objective (`objective.metric`, as fmnist_tl's train does) and takes Lightning callbacks;
+    - no on_exception.ckpt: a trial is never resumed (a rerun of the sweep replaces a lost one), so
+      that checkpoint would only invite the wrong advice.
+    """
+    monitor = OmegaConf.select(config, "objective.metric")
+    if monitor is None or "callbacks" not in config:
+        return []
+    out = [trial_callback_override(store.job_spec(), study_name, trial_number, str(monitor))]
+    if OmegaConf.select(config, "callbacks.on_exception_checkpoint") is not None:
+        out.append("callbacks.on_exception_checkpoint=null")
+    return out
+
+
+def _check_launcher_reaches(store: StudyStore, config: Any) -> None:
+    """A memory study lives in the sweeper's process; the jobs of any launcher but the basic one do not."""
+    launcher = OmegaConf.select(config, "hydra.runtime.choices", default={}).get("hydra/launcher", "basic")
+    if store.url == "memory" and launcher != "basic" and "callbacks" in config:
+        raise FmnistError(
+            f"hydra.sweeper.storage=memory lives in the sweeper's process, and hydra/launcher={launcher} runs "
+            "trials in other processes, which report to their trial: use hydra.sweeper.storage=null (a SQLite "
+            "file in the sweep dir) or journal:<path>"
+        )
+
+
+def _was_pruned(study: Any, trial: Any) -> int | None:
+    """The epoch at which the job's pruner stopped this trial (its user attr, set by the job), or None."""
+    attrs = study._storage.get_trial_user_attrs(trial._trial_id)
+    epoch = attrs.get(PRUNED_AT)
+    return None if epoch is None else int(epoch)
 
 
 def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
@@ -171,18 +219,21 @@ def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
     sweep_dir = Path(str(config.hydra.sweep.dir))
     study_name = str(settings.study_name or config.hydra.job.name)
     make_sampler = SamplerFactory(settings.sampler, distributions)
+    pruner = build_pruner(pruner_config(settings.pruner))
     n_trials = settings.n_trials
     if make_sampler.grid_size is not None and make_sampler.grid_size < n_trials:
         log.info("The grid has %d points: n_trials %d -> %d", make_sampler.grid_size, n_trials, make_sampler.grid_size)
         n_trials = make_sampler.grid_size
 
     store = StudyStore(settings.storage, sweep_dir, study_name)
+    _check_launcher_reaches(store, config)
     where = hide_password(store.url)
     with store.lock():
         study = optuna.create_study(
             study_name=study_name,
             storage=store.storage,
             sampler=make_sampler(0),
+            pruner=pruner,
             direction=direction,
             load_if_exists=True,
         )
@@ -205,6 +256,7 @@ def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
         ", ".join(sorted(distributions)) or "nothing",
         sweep_dir,
     )
+    log.info("Pruner: %s", type(pruner).__name__ if settings.pruner is not None else "none (hydra.sweeper.pruner=null)")
     if where != "memory":
         log.info("Watch it with: optuna-dashboard %s", where.removeprefix("journal:"))
 
@@ -234,7 +286,8 @@ def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
         with Heartbeat(batch, float(settings.heartbeat_interval)):
             try:
                 returns = sweeper.launcher.launch(
-                    [trial_overrides(t, pinned) for t in batch], initial_job_idx=batch[0].number
+                    [trial_overrides(t, pinned, job_plumbing(config, store, study_name, t.number)) for t in batch],
+                    initial_job_idx=batch[0].number,
                 )
             except BaseException as e:
                 # Ctrl-C, SIGTERM (train exits after recording the job), or a launcher error: these
@@ -242,11 +295,19 @@ def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
                 for trial in batch:
                     finish_trial(study, trial)
                     record_lost(sweep_dir / str(trial.number), f"stopped ({type(e).__name__})")
-                log.error("Sweep stopped (%s); trials %s told FAIL", type(e).__name__, [t.number for t in batch])
-                raise
+                _stopped(study, sweep_dir, where, store, [t.number for t in batch], e)
+                code = {"SIGTERM": 143, "Ctrl-C": 130}.get(_cause(e))
+                if code is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                raise SystemExit(code) from e  # the advice above is the last line, not a generic one
         launched += len(returns)
         for trial, ret in zip(batch, returns, strict=True):
             value, why = trial_value(ret)
+            pruned_at = _was_pruned(study, trial) if value is not None else None
+            if pruned_at is not None:
+                finish_trial(study, trial, pruned=True)
+                log.info("Trial %d pruned after %d epochs (told PRUNED, with its last value)", trial.number, pruned_at)
+                continue
             finish_trial(study, trial, value, why or None)
             if value is None:
                 failed += 1
@@ -261,6 +322,39 @@ def run_study(sweeper: Any, arguments: Sequence[str]) -> None:
             break
     with store.lock():
         write_results(study, sweep_dir, where)
+
+
+def _stopped(study: Any, sweep_dir: Path, where: str, store: StudyStore, numbers: list[int], e: BaseException) -> None:
+    """A sweep stopped by Ctrl-C, SIGTERM or its launcher: write what each worker writes when it
+    stops, and say how to go on. A trial is never resumed from a checkpoint: the study replaces it."""
+    from fmnist_tl.sweeps.summary import write_summary
+
+    try:
+        with store.lock():
+            write_results(study, sweep_dir, where)
+        write_summary(sweep_dir)
+    except Exception:  # the trials' own results are on disk; `python -m fmnist_tl.summarize` redoes this
+        log.exception("could not write the results of the stopped sweep")
+    trials = ", ".join(map(str, numbers))
+    # Last on stderr, after the job's own line: what to do next.
+    print(
+        f"error: the sweep stopped ({_cause(e)}); trial {trials} told FAIL as lost. To go on, rerun the same "
+        "sweep command: the study replaces the lost trial (a trial is never resumed from a checkpoint)",
+        file=sys.stderr,
+    )
+
+
+def _cause(e: BaseException) -> str:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, SIGTERMException) or (isinstance(seen, SystemExit) and seen.code == 143):
+            return "SIGTERM"
+        if isinstance(seen, KeyboardInterrupt) or (isinstance(seen, SystemExit) and seen.code == 130):
+            return "Ctrl-C"
+        seen = seen.__cause__ or seen.__context__
+    return type(e).__name__
 
 
 def _drop_surplus(study: Any, batch: list[Any], n_trials: int) -> list[Any]:
@@ -289,6 +383,7 @@ def write_results(study: Any, sweep_dir: Path, where: str) -> None:
         "storage": where,
         "n_trials": len(trials),
         "n_complete": by_state["complete"],
+        "n_pruned": by_state["pruned"],
         "n_failed": sum(t.state == TrialState.FAIL and FAILURE in t.user_attrs for t in trials),
         "n_lost": sum(t.state == TrialState.FAIL and FAILURE not in t.user_attrs for t in trials),
         "n_running": by_state["running"],

@@ -1,4 +1,5 @@
-"""Hydra plugin: fmnist_tl's Optuna sweeper (`hydra/sweeper=optuna`) and its samplers (`hydra/sweeper/sampler=...`).
+"""Hydra plugin: fmnist_tl's Optuna sweeper (`hydra/sweeper=optuna`), its samplers (`hydra/sweeper/sampler=...`)
+and pruners (`hydra/sweeper/pruner=...`).
 
 The same config keys and search-space syntax as hydra-optuna-sweeper, on current Optuna (ask/tell);
 the sweep itself is `fmnist_tl.sweeps.sweeper.run_study`. Hydra imports every module under `hydra_plugins`
@@ -26,7 +27,7 @@ class OptunaSweeperConf:
     # The sweeper gets the sampler's config, not a sampler: it builds one per trial
     # (fmnist_tl.sweeps.search_space.SamplerFactory).
     _recursive_: bool = False
-    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
     # An Optuna sampler as a _target_ config (hydra/sweeper/sampler=tpe|random|cmaes|gp|qmc|nsgaii|grid).
     sampler: Any = MISSING
     # minimize or maximize (one objective). null: from the app's objective.mode (max -> maximize,
@@ -50,6 +51,10 @@ class OptunaSweeperConf:
     # counts it lost (workers on the same machine are checked by pid at once instead).
     heartbeat_interval: int = 60
     grace_period: int = 600
+    # An Optuna pruner as a _target_ config (hydra/sweeper/pruner=none|median|percentile|successive_halving|
+    # hyperband, or any optuna.pruners class with its arguments); with none (or null) trials still report
+    # each epoch, and none is stopped. Not stored in the study: every worker and job builds it from this config.
+    pruner: Any = MISSING
 
 
 # Samplers as plain _target_ configs (not dataclasses), so a setting of one sampler in a config
@@ -67,10 +72,35 @@ SAMPLERS: dict[str, dict[str, Any]] = {
     "grid": {"_target_": "optuna.samplers.GridSampler", "seed": APP_SEED},
 }
 
+# Pruners as _target_ configs; choosing one replaces the settings of another (a config group).
+PRUNERS: dict[str, dict[str, Any]] = {
+    "none": {"_target_": "optuna.pruners.NopPruner"},
+    "median": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 2},
+    "percentile": {
+        "_target_": "optuna.pruners.PercentilePruner",
+        "percentile": 25.0,
+        "n_startup_trials": 5,
+        "n_warmup_steps": 2,
+    },
+    "successive_halving": {
+        "_target_": "optuna.pruners.SuccessiveHalvingPruner",
+        "min_resource": 1,
+        "reduction_factor": 3,
+    },
+    "hyperband": {
+        "_target_": "optuna.pruners.HyperbandPruner",
+        "min_resource": 1,
+        "max_resource": "auto",
+        "reduction_factor": 3,
+    },
+}
+
 _store = ConfigStore.instance()
 _store.store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="fmnist_tl")
 for _name, _node in SAMPLERS.items():
     _store.store(group="hydra/sweeper/sampler", name=_name, node=_node, provider="fmnist_tl")
+for _name, _node in PRUNERS.items():
+    _store.store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="fmnist_tl")
 
 
 class FmnistOptunaSweeper(Sweeper):

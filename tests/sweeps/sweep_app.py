@@ -4,7 +4,9 @@ It uses the real sweeper, launcher, job dirs and sweep summary, but a trial cost
 instead of a training run. Knobs (see sweep_app_conf/config.yaml): `rendezvous` makes each worker's
 first trial wait until that many workers have one running, so a test knows every worker took part;
 the environment variable SWEEP_APP_HANG_AT=N makes trial N hang (the command stays the same), so a
-test can kill or interrupt the worker mid-trial.
+test can kill or interrupt the worker mid-trial. A trial "trains" `epochs` epochs whose objective
+climbs to its final value (half of it after the first), reporting each to the sweeper's
+`TrialPruning` as train's Lightning callback does; a pruned trial records `status: pruned`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 _first_trial = True
@@ -38,8 +41,15 @@ def main(cfg: DictConfig) -> float:
     value = {"diverge": float("nan"), "crash": None}.get(str(cfg.outcome), 1.0 - (cfg.x - 0.3) ** 2 - 0.01 * cfg.y)
     if value is None:
         raise RuntimeError("this trial raised")
-    (out / "metrics.json").write_text(json.dumps({"status": "completed", "val/acc": value, "pid": os.getpid()}))
-    return value
+    record = {"status": "completed", "val/acc": value, "epochs": cfg.epochs, "pid": os.getpid()}
+    reporter = instantiate(cfg.callbacks.optuna_trial) if "optuna_trial" in (cfg.callbacks or {}) else None
+    for epoch in range(1, cfg.epochs + 1):
+        record["val/acc"] = value * min(1.0, (epoch + 1) / (cfg.epochs + 1))
+        if reporter is not None and reporter.step(epoch, record["val/acc"], last=epoch == cfg.epochs):
+            record.update(status="pruned", pruned_at_epoch=epoch, epochs=epoch)
+            break
+    (out / "metrics.json").write_text(json.dumps(record))
+    return record["val/acc"]
 
 
 if __name__ == "__main__":

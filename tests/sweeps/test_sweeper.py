@@ -19,9 +19,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -30,12 +33,16 @@ from optuna.trial import TrialState
 
 from fmnist_tl.core.errors import FmnistError
 from fmnist_tl.runtime.build import build
+from fmnist_tl.sweeps.pruning import PRUNED_AT, TrialPruning, build_pruner, pruned_epoch, pruner_config
+from fmnist_tl.sweeps.results import SWEEPER_OVERRIDES
 from fmnist_tl.sweeps.search_space import search_space
 from fmnist_tl.sweeps.study import (
     FAILURE,
     HEARTBEAT,
     WORKER,
+    StudyStore,
     counts_toward_total,
+    finish_trial,
     mark_lost,
     process_start,
     worker_identity,
@@ -127,7 +134,9 @@ def head_optuna_sweeper(sweep_dir: Path, outcomes: list, *overrides: str):
 
 
 def job_params(overrides: list[str]) -> dict[str, str]:
-    return dict(o.split("=", 1) for o in overrides)
+    """A job's overrides without the sweeper's plumbing (how the job reaches its trial)."""
+    pairs = dict(o.split("=", 1) for o in overrides)
+    return {k: v for k, v in pairs.items() if k.lstrip("+") not in SWEEPER_OVERRIDES}
 
 
 def test_failed_trials_are_told_fail_and_the_study_goes_on(tmp_path):
@@ -153,7 +162,7 @@ def test_failed_trials_are_told_fail_and_the_study_goes_on(tmp_path):
         assert 1e-6 <= float(params["model.optimizer.weight_decay"]) <= 1e-2
         assert params["model.head.hidden_dims"] in ("[]", "[128]", "[256]", "[512]", "[256,128]")
         assert 0.0 <= float(params["model.head.dropout"]) <= 0.6
-        assert 3 <= int(params["trainer.max_epochs"]) <= 15
+        assert "trainer.max_epochs" not in params  # fixed at 15: the pruner stops trials early instead
     best = job_params(launched[4])  # the trial that returned 0.7
     best.pop("hydra.sweep.subdir")
     assert {k: str(v) for k, v in results.best_params.items()} == best
@@ -163,10 +172,10 @@ def test_failed_trials_are_told_fail_and_the_study_goes_on(tmp_path):
         tmp_path / "again", list(outcomes), "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2"
     )
     again.sweep([])
-    assert again.launcher.launched == launched
+    assert [job_params(j) for j in again.launcher.launched] == [job_params(j) for j in launched]
     other = head_optuna_sweeper(tmp_path / "other", [0.5] * 2, "hydra.sweeper.n_trials=2", "seed=7")
     other.sweep([])
-    assert other.launcher.launched != launched[:2]
+    assert [job_params(j) for j in other.launcher.launched] != [job_params(j) for j in launched[:2]]
 
 
 def test_a_study_where_every_trial_failed_ends_normally(tmp_path):
@@ -305,6 +314,106 @@ def test_grid_sampler_runs_each_grid_point_once(tmp_path, caplog):
     points = {(p["model.head.hidden_dims"], p["trainer.max_epochs"]) for p in launched}
     assert len(launched) == 6 and points == {(h, e) for h in ("[64]", "[32]") for e in ("1", "2", "3")}
     assert "GridSampler takes no hydra.sweeper.sampler.n_startup_trials: left out" in caplog.text
+
+
+# ---- pruning ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("hydra.sweeper.pruner._target_=optuna.pruners.NoSuchPruner",
+         "hydra.sweeper.pruner._target_=optuna.pruners.NoSuchPruner is not a class"),
+        ("+hydra.sweeper.pruner.patience=3", "hydra.sweeper.pruner: MedianPruner takes no patience"),
+        ("hydra.sweeper.pruner.n_warmup_steps=-1", "hydra.sweeper.pruner: cannot build optuna.pruners.MedianPruner"),
+        ("hydra.sweeper.pruner._target_=optuna.samplers.RandomSampler",
+         "hydra.sweeper.pruner._target_=optuna.samplers.RandomSampler is not an Optuna pruner"),
+        ("~hydra.sweeper.pruner._target_", "hydra.sweeper.pruner needs a _target_"),
+    ],
+)  # fmt: skip
+def test_a_bad_pruner_is_a_one_line_error(tmp_path, capsys, override, message):
+    sweeper = head_optuna_sweeper(tmp_path, [0.5], override)
+    with pytest.raises(SystemExit) as info:
+        sweeper.sweep([])
+    assert info.value.code == 2 and sweeper.launcher.launched == []
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {message}")
+
+
+def test_head_optuna_prunes_by_default_over_a_fixed_epoch_count_and_each_pruner_is_a_choice():
+    cfg = compose_cfg("train", ["hparams_search=head_optuna"], hydra=True)
+    assert cfg.trainer.max_epochs == 15 and "trainer.max_epochs" not in cfg.hydra.sweeper.params
+    assert cfg.hydra.sweeper.pruner._target_ != "optuna.pruners.NopPruner"
+    for name in ("none", "median", "percentile", "successive_halving", "hyperband"):
+        cfg = compose_cfg("train", ["hparams_search=head_optuna", f"hydra/sweeper/pruner={name}"], hydra=True)
+        assert isinstance(build_pruner(pruner_config(cfg.hydra.sweeper.pruner)), optuna.pruners.BasePruner)
+    off = compose_cfg("train", ["hparams_search=head_optuna", "hydra.sweeper.pruner=null"], hydra=True)
+    assert isinstance(build_pruner(pruner_config(off.hydra.sweeper.pruner)), optuna.pruners.NopPruner)
+
+
+def test_each_trial_gets_its_pruning_callback_and_no_on_exception_checkpoint(tmp_path):
+    sweeper = head_optuna_sweeper(tmp_path, [0.5, 0.6], "hydra.sweeper.n_trials=2")
+    sweeper.sweep([])
+    for number, job in enumerate(sweeper.launcher.launched):
+        # The job as Hydra composes it: its callbacks have the trial's TrialPruning and no OnExceptionCheckpoint.
+        cfg = compose_cfg("train", ["hparams_search=head_optuna", *job[:-1]], hydra=True)
+        HydraConfig().set_config(cfg)  # for ${hydra:sweeper.pruner}, as in a launched job
+        assert cfg.callbacks.on_exception_checkpoint is None and cfg.callbacks.model_checkpoint is not None
+        pruning = build(cfg.callbacks.optuna_trial)
+        assert (pruning.storage_spec, pruning.study_name) == (f"sqlite:///{tmp_path}/head_optuna.db", "head_optuna")
+        assert pruning.trial_number == number and pruning.monitor == "val/acc"
+        assert isinstance(pruning.pruner, optuna.pruners.MedianPruner)
+    # The summary shows what each trial tried, not the sweeper's plumbing.
+    for number in (0, 1):
+        job_dir = tmp_path / str(number) / ".hydra"
+        job_dir.mkdir(parents=True)
+        (job_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(sweeper.launcher.launched[number][:-1]))
+    summary = write_summary(tmp_path, plot=False)
+    assert summary.swept == ["model.head.dropout", "model.head.hidden_dims", "model.optimizer.lr",
+                             "model.optimizer.weight_decay"] and summary.common == {}  # fmt: skip
+
+
+def test_a_memory_study_with_a_launcher_of_other_processes_is_refused(tmp_path, capsys):
+    sweeper = head_optuna_sweeper(tmp_path, [0.5], "hydra.sweeper.storage=memory", "hydra/launcher=joblib")
+    with pytest.raises(SystemExit) as info:
+        sweeper.sweep([])
+    assert info.value.code == 2 and sweeper.launcher.launched == []
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: hydra.sweeper.storage=memory") and "hydra/launcher=joblib" in line
+    assert "hydra.sweeper.storage=null" in line
+
+
+def test_a_pruned_trial_reports_its_best_so_far_and_stops_every_rank_together(tmp_path):
+    """TrialPruning against a SQLite study, as a job runs it: the value reported at epoch k is the
+    best so far (what the trial would return), the last epoch is never pruned, and rank 0's
+    decision is what every rank follows."""
+    store = StudyStore(None, tmp_path, "s")
+    study = optuna.create_study(study_name="s", storage=store.storage, direction="maximize")
+    threshold = {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5}
+    trial = study.ask()
+    cb = TrialPruning(store.job_spec(), "s", trial.number, "val/acc", OmegaConf.create(threshold))
+    assert not cb.step(1, 0.7) and not cb.step(2, 0.4)  # best so far 0.7: above the threshold
+    assert cb.step(3, 0.45, last=True) is False  # the last epoch is reported, never pruned
+    assert study.trials[0].intermediate_values == {1: 0.7, 2: 0.7, 3: 0.7}
+
+    class Strategy:
+        def __init__(self, rank0_says: bool | None) -> None:
+            self.rank0_says = rank0_says
+
+        def broadcast(self, obj, src=0):  # what DDP's broadcast does: every rank gets rank 0's object
+            return obj if self.rank0_says is None else self.rank0_says
+
+    trial = study.ask()
+    for rank, rank0_says in ((0, None), (1, True)):
+        cb = TrialPruning(store.job_spec(), "s", trial.number, "val/acc", OmegaConf.create(threshold))
+        trainer = SimpleNamespace(sanity_checking=False, fast_dev_run=False, current_epoch=0, max_epochs=15,
+                                  is_global_zero=rank == 0, callback_metrics={"val/acc": torch.tensor(0.2)},
+                                  strategy=Strategy(rank0_says), should_stop=False)  # fmt: skip
+        cb.on_validation_end(trainer, None)
+        assert trainer.should_stop and cb.pruned_at == 1 and pruned_epoch(trainer) == 1
+    assert study.trials[1].user_attrs[PRUNED_AT] == 1 and study.trials[1].intermediate_values == {1: pytest.approx(0.2)}
+    finish_trial(study, study.trials[1].number, pruned=True)
+    assert study.trials[1].state == TrialState.PRUNED and study.trials[1].value == pytest.approx(0.2)  # its last value
 
 
 # ---- lost trials -----------------------------------------------------------------------------------
@@ -485,3 +594,92 @@ def test_nan_and_raising_trials_fail_in_a_real_sweep_and_the_study_goes_on(tmp_p
         assert trial.state == (TrialState.COMPLETE if outcome == "ok" else TrialState.FAIL)
     assert all("returned nan" in by_outcome[("diverge", y)].user_attrs[FAILURE] for y in (1, 2))
     assert all(by_outcome[("crash", y)].user_attrs[FAILURE] == "RuntimeError: this trial raised" for y in (1, 2))
+
+
+# ---- pruning in real sweeps of the toy app -----------------------------------------------------------
+
+# Prunes every trial whose value after the first of 3 epochs (half its final value) is below 0.45.
+THRESHOLD = (
+    "epochs=3",
+    "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+    "+hydra.sweeper.pruner.lower=0.45",
+)
+
+
+def toy_value(params: dict) -> float:
+    return 1.0 - (params["x"] - 0.3) ** 2 - 0.01 * params["y"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_workers_prune_trials_of_one_study(tmp_path, kind):
+    sweep = tmp_path / "sweep"
+    log = tmp_path / "shared" / "toy.log"
+    args = ["rendezvous=2", "hydra.sweeper.n_trials=6", *THRESHOLD]
+    if kind == "journal":
+        args.append(f"hydra.sweeper.storage='journal:{log}'")
+    workers = [run_app(sweep, *args) for _ in range(2)]
+    for w in workers:
+        finish(w)
+    finish(run_app(sweep, *args))  # a rerun: pruned trials count toward n_trials and are not run again
+
+    if kind == "journal":
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        storage = JournalStorage(JournalFileBackend(str(log)))
+    else:
+        storage = f"sqlite:///{sweep}/toy.db"
+    study = optuna.load_study(study_name="toy", storage=storage)
+    assert len(study.trials) == 6
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned, "no trial was pruned"  # 6 random trials all above 0.9: (x-0.3)^2 + 0.01y < 0.1 each
+    for t in study.trials:
+        metrics = json.loads((sweep / str(t.number) / "metrics.json").read_text())
+        if toy_value(t.params) / 2 < 0.45:
+            assert t.state == TrialState.PRUNED and t.value == pytest.approx(toy_value(t.params) / 2)
+            assert metrics["status"] == "pruned" and metrics["pruned_at_epoch"] == 1 == metrics["epochs"]
+        else:
+            assert t.state == TrialState.COMPLETE and metrics["status"] == "completed" and metrics["epochs"] == 3
+    pids = {json.loads((sweep / str(n) / "metrics.json").read_text())["pid"] for n in range(6)}
+    assert pids == {w.pid for w in workers}  # both workers ran (and pruned) trials
+    rows = read_csv(sweep / "sweep_summary.csv")
+    assert sorted(r["job"] for r in rows) == [str(n) for n in range(6)]
+    assert sum(r["status"] == "pruned" for r in rows) == len(pruned)
+    assert all(r["best"] == "" for r in rows if r["status"] == "pruned")
+    md = (sweep / "sweep_summary.md").read_text()
+    assert f"epochs in jobs: {len(pruned) + 3 * (6 - len(pruned))}" in md and f"{len(pruned)} trials pruned" in md
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert results.n_pruned == len(pruned) and results.n_complete == 6 - len(pruned)
+
+
+@pytest.mark.slow
+def test_a_memory_study_prunes_in_the_basic_launcher_and_is_refused_with_joblib(tmp_path):
+    # The basic launcher runs each job in the sweeper's process: the job reaches the memory study there.
+    finish(run_app(tmp_path / "basic", "hydra.sweeper.storage=memory", "hydra.sweeper.n_trials=4", "x=0.95",
+                   *THRESHOLD))  # fmt: skip
+    statuses = {json.loads(p.read_text())["status"] for p in (tmp_path / "basic").glob("*/metrics.json")}
+    assert statuses == {"pruned"}  # x=0.95: 1 - 0.4225 - 0.01y < 0.9 for every y
+    proc = run_app(tmp_path / "joblib", "hydra.sweeper.storage=memory", "hydra/launcher=joblib", *THRESHOLD)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: hydra.sweeper.storage=memory") and "hydra.sweeper.storage=null" in line
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_writes_its_results_and_advises_a_rerun(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_app(sweep, "hydra.sweeper.n_trials=4", env={"SWEEP_APP_HANG_AT": "2"})
+    deadline = time.time() + 120
+    while not (sweep / "2" / "hanging").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the sweep stopped (Ctrl-C); trial 2 told FAIL as lost")
+    assert "rerun the same sweep command" in last and "ckpt_path" not in err
+    results = OmegaConf.load(sweep / "optimization_results.yaml")  # written by the worker as it stopped
+    assert results.n_complete == 2 and results.n_lost == 1
+    assert (sweep / "sweep_summary.png").is_file() and (sweep / "sweep_summary.csv").is_file()

@@ -24,7 +24,7 @@ from fmnist_tl import summarize
 from fmnist_tl.core.errors import FmnistError
 from fmnist_tl.evaluate import evaluate
 from fmnist_tl.sweeps.summary import write_summary
-from tests.helpers import make_entry_cfg, run_cli, tiny_data_overrides, tiny_overrides
+from tests.helpers import DDP_SIM, make_entry_cfg, run_cli, tiny_data_overrides, tiny_overrides
 
 # ---- summary of hand-made sweep dirs -----------------------------------------------------------
 
@@ -382,3 +382,78 @@ def test_optuna_trials_as_a_submitit_job_array_on_the_local_executor(tiny_mirror
     rows = read_csv(sweep / "sweep_summary.csv")
     assert sorted(r["job"] for r in rows) == ["0", "1"] and {r["status"] for r in rows} == {"completed"}
     assert OmegaConf.load(sweep / "optimization_results.yaml").n_complete == 2
+
+
+# ---- pruning in real head_optuna sweeps -----------------------------------------------------------
+
+# Every trial is pruned after its 2nd of 3 epochs: val/acc is always below 1.1.
+PRUNE_AT_2 = (
+    "trainer.max_epochs=3",
+    "hydra/sweeper/pruner=none",
+    "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+    "+hydra.sweeper.pruner.lower=1.1",
+    "+hydra.sweeper.pruner.n_warmup_steps=2",
+)
+
+
+def pruned_study(sweep: Path, n: int, epochs_recorded: bool = True) -> None:
+    """Every trial of the study: PRUNED after epoch 2 with its last value, and its job dir kept with
+    status pruned. (`epochs_recorded`: train's metrics.json has no epoch count under ddp_spawn, whose
+    processes do not send it back: "epochs" is 0 there, pruned or not.)"""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name="head_optuna", storage=f"sqlite:///{sweep}/head_optuna.db")
+    assert len(study.trials) == n and {t.state for t in study.trials} == {TrialState.PRUNED}
+    for trial in study.trials:
+        metrics = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
+        assert metrics["status"] == "pruned" and metrics["pruned_at_epoch"] == 2
+        assert metrics["epochs"] == (2 if epochs_recorded else 0) and set(trial.intermediate_values) == {1, 2}
+        assert trial.value == pytest.approx(trial.intermediate_values[2]) == pytest.approx(metrics["val/acc"])
+        assert Path(metrics["best_model_path"]).is_file() and math.isfinite(metrics["test/acc"])
+    rows = read_csv(sweep / "sweep_summary.csv")
+    assert [r["status"] for r in rows] == ["pruned"] * n
+    if epochs_recorded:
+        assert all(r["epochs"] == "2" for r in rows)
+        assert f"epochs in jobs: {2 * n}" in (sweep / "sweep_summary.md").read_text()
+    assert OmegaConf.load(sweep / "optimization_results.yaml").n_pruned == n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        (),
+        ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"),
+        ("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "hydra.sweeper.n_jobs=2"),
+    ],
+    ids=["basic", "joblib", "submitit_local"],
+)
+def test_pruned_trials_stop_cleanly_in_every_launcher(tiny_mirror, tmp_path, launcher):
+    proc = run_cli("-m", "hparams_search=head_optuna", "hydra.sweeper.n_trials=2", *launcher,
+                   *tiny_overrides(tiny_mirror, tmp_path), *PRUNE_AT_2)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pruned_study(tmp_path / "logs" / "train" / "studies" / "head_optuna", 2)
+
+
+@pytest.mark.slow
+def test_under_ddp_rank_0_decides_and_every_rank_stops_after_the_same_epoch(tiny_mirror, tmp_path):
+    # A rank that kept training would wait for the other at its next all-reduce: the run would hang.
+    proc = run_cli("-m", "hparams_search=head_optuna", "hydra.sweeper.n_trials=1",
+                   *tiny_overrides(tiny_mirror, tmp_path), *DDP_SIM, *PRUNE_AT_2, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pruned_study(tmp_path / "logs" / "train" / "studies" / "head_optuna", 1, epochs_recorded=False)
+
+
+@pytest.mark.slow
+def test_a_trial_early_stopping_ended_is_completed_not_pruned(tiny_mirror, tmp_path):
+    # Early stopping ends the fit after epoch 1 (val/acc >= 0), before the pruner's warm-up is over.
+    proc = run_cli("-m", "hparams_search=head_optuna", "hydra.sweeper.n_trials=1",
+                   *tiny_overrides(tiny_mirror, tmp_path), *PRUNE_AT_2,
+                   "+callbacks.early_stopping.stopping_threshold=0.0")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "logs" / "train" / "studies" / "head_optuna"
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 1 and "pruned_at_epoch" not in metrics
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert results.n_complete == 1 and results.n_pruned == 0 and results.best_value == pytest.approx(metrics["val/acc"])
