@@ -62,6 +62,8 @@ def interruption(e: BaseException) -> BaseException | None:
 
 def stop_of(e: BaseException) -> Stop | None:
     """The Stop an exception means; None for what is not a stop (a plain SystemExit, GeneratorExit)."""
+    if isinstance(e, SystemExit) and e.code in (EXIT_REFUSED, EXIT_CTRL_C, EXIT_SIGTERM):
+        return None  # already reported by who raised it (the sweeper's advice after Ctrl-C), with its code
     signal = interruption(e)
     if signal is not None:
         sigterm = isinstance(signal, SIGTERMException)
