@@ -21,8 +21,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from fmnist_tl.backbones import (
-    backbone_key,
-    backbone_sha256,
+    backbone_identity,
     build_backbone_of,
     feature_dim,
     fill_rebuilt_backbone,
@@ -33,11 +32,13 @@ from fmnist_tl.backbones import (
     restore_backbone,
     set_frozen_modes,
     strip_backbone,
+    weights_memo_key,
+    weights_sha256,
 )
 from fmnist_tl.config import to_container
 from fmnist_tl.core import FmnistError, skip_nvml_retries_without_a_driver
 from fmnist_tl.data import ImagePreprocess, holds_features
-from fmnist_tl.training.finetune import check_finetune, finetune_options
+from fmnist_tl.training.finetune import check_finetune, finetune_options, phase_message
 from fmnist_tl.training.lr_plan import LRPlan, configure_model_optimization, legacy_lr_plan
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class TransferClassifier(L.LightningModule):
         load = load_weights and not init_from
         # The backbone before the head: an unseeded run draws both inits from the global RNG in this order.
         self.backbone, self.weights_id = build_backbone_of(self.hparams, load)
-        self._backbone_key = backbone_key(backbone, weights, weights_path, load, init_seed)
+        self._weights_memo_key = weights_memo_key(backbone, weights, weights_path, load, init_seed)
         hidden_dims, dropout = head.get("hidden_dims", [256]), head.get("dropout", 0.5)
         self.head = build_head(feature_dim(backbone, weights, image_size), num_classes, hidden_dims, dropout)
         # What the backbone's weights expect; every path from uint8 images to the backbone runs it.
@@ -220,23 +221,28 @@ class TransferClassifier(L.LightningModule):
         return self.freeze_backbone and self.finetune_start is None
 
     @property
-    def backbone_sha256(self) -> str:
+    def weights_sha256(self) -> str:
         """sha256 of the backbone's tensors (the feature cache's key), hashed once while they cannot change."""
-        return backbone_sha256(self.backbone, self._backbone_key if self.backbone_frozen_for_good else None)
+        return weights_sha256(self.backbone, self._weights_memo_key if self.backbone_frozen_for_good else None)
+
+    @property
+    def backbone_identity(self) -> dict[str, Any]:
+        """Network, weights and preprocessing (backbones.backbone_identity)."""
+        return backbone_identity(self.hparams.backbone, self.weights_sha256, self.preprocess)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["weights_id"] = self.weights_id
         if self.lr_plan is not None:
             checkpoint["lr_plan"] = self.lr_plan.state
         if self.backbone_frozen_for_good and rebuildable(self.hparams):  # named weights, a file, a seeded init
-            strip_backbone(checkpoint, self.weights_id, self.backbone_sha256)
+            strip_backbone(checkpoint, self.backbone_identity)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.weights_id = checkpoint.get("weights_id", self.weights_id)
         self._saved_lr_plan = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
         # A head-only checkpoint's backbone: this model's when it is the one the checkpoint was trained
         # on (a resumed head run), else the one its identity rebuilds (a fine-tune run resumed from it).
-        restore_backbone(checkpoint, self.backbone, lambda: self.backbone_sha256)
+        restore_backbone(checkpoint, self.backbone, lambda: self.weights_sha256)
 
     def on_train_start(self) -> None:
         saved, self._saved_lr_plan = self._saved_lr_plan, None
@@ -261,7 +267,7 @@ class TransferClassifier(L.LightningModule):
             self._finetune_announced = True
             if self.trainer.is_global_zero:
                 lrs = {g.get("name"): g["lr"] for g in self.trainer.optimizers[0].param_groups}
-                log.info(self.finetune.phase_message(self.current_epoch, lrs))
+                log.info(phase_message(self.finetune, self.current_epoch, lrs))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, (B, width) (2048 for resnet50), from preprocessed images."""
