@@ -57,6 +57,7 @@ def _column(csv_path, name):
         return [(int(r["epoch"]), float(r[name])) for r in csv.DictReader(f) if r["epoch"] and r.get(name)]
 
 
+@pytest.mark.slow
 def test_train_report_has_curves_from_the_csv_log(trained_run):
     png = trained_run / "curves.png"
     assert png.is_file() and Image.open(png).size[0] > 300
@@ -67,6 +68,7 @@ def test_train_report_has_curves_from_the_csv_log(trained_run):
         assert data[name] == _column(log_file, name) and [e for e, _ in data[name]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_evaluate_plots_the_checkpoint_runs_csv_with_its_finetune_start(
     trained_run, tiny_mirror, tmp_path, monkeypatch
 ):

@@ -310,6 +310,7 @@ def test_grid_sampler_runs_each_grid_point_once(tmp_path, caplog):
 # ---- lost trials -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_only_trials_of_gone_workers_are_marked_lost(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
     here = worker_identity()

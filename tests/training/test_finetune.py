@@ -108,6 +108,7 @@ def recorder(monkeypatch) -> Recorder:
     return rec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "bn, stages",
     [("frozen", ["layer4"]), ("train", ["layer3"])],
@@ -175,6 +176,7 @@ def test_two_phases_in_every_family_train_only_the_top_stage(tiny_cfg, recorder,
     assert changed(straight_head, recorder.head_at_end) == set()
 
 
+@pytest.mark.slow
 def test_resume_across_the_unfreeze_keeps_groups_lrs_and_optimizer_state(tiny_cfg, recorder, tmp_path):
     three = ("model.finetune.start_epoch=1", "trainer.max_epochs=3", *EVERY_EPOCH)
     train(tiny_cfg(*three, *FAST, output="straight"))
@@ -211,6 +213,7 @@ def head_ckpt(tiny_mirror, tmp_path_factory):
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_init_from_starts_from_the_head_run_and_fine_tunes(tiny_cfg, recorder, head_ckpt, tmp_path):
     head_copy = tmp_path / "head.ckpt"
     shutil.copy(head_ckpt, head_copy)
@@ -234,6 +237,7 @@ def test_init_from_starts_from_the_head_run_and_fine_tunes(tiny_cfg, recorder, h
     assert all(torch.equal(v, recorder.states[1][k]) for k, v in tuned.backbone.state_dict().items())
 
 
+@pytest.mark.slow
 def test_resuming_an_init_from_run_needs_no_init_from_file(tiny_cfg, head_ckpt, tmp_path):
     head_copy = tmp_path / "head.ckpt"
     shutil.copy(head_ckpt, head_copy)
@@ -253,6 +257,7 @@ def test_resuming_an_init_from_run_needs_no_init_from_file(tiny_cfg, head_ckpt, 
     assert changed({k: v for k, v in saved.items() if k.startswith("head.")}, resumed)  # it trained on
 
 
+@pytest.mark.slow
 def test_init_from_wrong_architecture_is_clear(head_ckpt, tmp_path):
     with pytest.raises(
         FmnistError, match=r"does not fit this model: it has backbone=resnet18, .*model.backbone=resnet34"
@@ -296,6 +301,7 @@ def test_finetune_built_in_python_is_checked_by_the_same_schema():
         finetune_options({"unfreeze": []}, "resnet18")
 
 
+@pytest.mark.slow
 def test_unfreeze_all_and_requires_grad_fixed_for_the_whole_run():
     m = TransferClassifier(backbone="resnet18", weights=None, finetune={"start_epoch": 2, "unfreeze": "all"})
     assert m.finetune.unfreeze == ["all"] and m.finetune_stages == [m.backbone]
@@ -366,6 +372,7 @@ def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path, backbone, size):
     assert len(finetune_epoch["optimizer_states"][0]["state"]) == 4 + len(top_params)
 
 
+@pytest.mark.slow
 def test_extending_a_fine_tune_run_continues_its_cosine(tiny_cfg, recorder, tmp_path):
     # Phase epochs 1..3 of a 4-epoch run, then extended to 6: the phase's cosine goes on down from
     # the LR of epoch 3, where rebuilding it for 6 epochs would jump back up.
