@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 PROBE_FORMAT = 1
 # A compiled torch candidate is timed only if its eager rate times this could beat the best
-# candidate: compiling is a large fixed cost, and inductor's gain over eager has been measured
-# well below this bound (docs/benchmarks.md: the compiled and eager bf16 rows of bench/results/2026-11-28*.json).
+# candidate: compiling is a large fixed cost, and inductor's gain over eager stays well below this
+# bound (docs/benchmarks.md compares the compiled and eager rows).
 COMPILE_BOUND = 2.0
 
 

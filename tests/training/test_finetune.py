@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -12,15 +13,17 @@ import lightning as L
 import pytest
 import torch
 import torchvision
+from omegaconf import OmegaConf
 
 from fmnist_tl.backbones import registry as backbones
+from fmnist_tl.config.schemas import FinetuneConfig
 from fmnist_tl.core.errors import FmnistError
 from fmnist_tl.runtime.checks import validate_config
 from fmnist_tl.train import train
 from fmnist_tl.training.finetune import finetune_options
 from fmnist_tl.training.lr_plan import finetune_phase_factor, head_phase_factors
 from fmnist_tl.training.model import TransferClassifier
-from tests.helpers import DDP_SIM, make_cfg, run_cli, tiny_overrides
+from tests.helpers import DDP_SIM, REPO, make_cfg, run_cli, tiny_overrides
 
 # A couple of batches per epoch: enough for every trainable tensor to move, fast on 2 cores.
 FAST = (
@@ -292,6 +295,19 @@ def test_bad_finetune_values_rejected_before_training(tiny_cfg, overrides, messa
         validate_config(tiny_cfg(*overrides))
 
 
+def test_model_finetune_has_one_set_of_defaults_and_is_parsed_once():
+    """conf/model/resnet50.yaml's model.finetune is FinetuneConfig's defaults; a parsed one is passed on as is."""
+    yaml_defaults = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "resnet50.yaml").finetune)
+    assert yaml_defaults == dataclasses.asdict(FinetuneConfig())
+    ft = finetune_options({"start_epoch": 1, "unfreeze": "last_2"}, "resnet18")
+    assert isinstance(ft, FinetuneConfig) and ft.unfreeze == ["layer3", "layer4"] and ft.first_epoch == 1
+    assert finetune_options(ft, "resnet18") is ft
+    model = TransferClassifier(backbone="resnet18", weights=None, image_size=32, finetune=ft)
+    assert model.finetune is ft and model.hparams.finetune == ft.as_dict()  # checkpoints hold plain containers
+    assert finetune_options(model.hparams.finetune, "resnet18") == ft
+    assert finetune_options({"init_from": "head.ckpt"}, "resnet18").first_epoch == 0
+
+
 def test_finetune_built_in_python_is_checked_by_the_same_schema():
     with pytest.raises(FmnistError, match=re.escape("model.finetune.bn='x' must be one of frozen, train")):
         TransferClassifier(backbone="resnet18", weights=None, finetune={"bn": "x"})
@@ -301,7 +317,6 @@ def test_finetune_built_in_python_is_checked_by_the_same_schema():
         finetune_options({"unfreeze": []}, "resnet18")
 
 
-@pytest.mark.slow
 def test_unfreeze_all_and_requires_grad_fixed_for_the_whole_run():
     m = TransferClassifier(backbone="resnet18", weights=None, finetune={"start_epoch": 2, "unfreeze": "all"})
     assert m.finetune.unfreeze == ["all"] and m.finetune_stages == [m.backbone]
