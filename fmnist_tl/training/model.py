@@ -225,17 +225,12 @@ class TransferClassifier(L.LightningModule):
         """sha256 of the backbone's tensors (the feature cache's key), hashed once while they cannot change."""
         return weights_sha256(self.backbone, self._weights_memo_key if self.backbone_frozen_for_good else None)
 
-    @property
-    def backbone_identity(self) -> dict[str, Any]:
-        """Network, weights and preprocessing (backbones.backbone_identity)."""
-        return backbone_identity(self.hparams.backbone, self.weights_sha256, self.preprocess)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["weights_id"] = self.weights_id
         if self.lr_plan is not None:
             checkpoint["lr_plan"] = self.lr_plan.state
         if self.backbone_frozen_for_good and rebuildable(self.hparams):  # named weights, a file, a seeded init
-            strip_backbone(checkpoint, self.backbone_identity)
+            strip_backbone(checkpoint, backbone_identity(self.hparams.backbone, self.weights_sha256, self.preprocess))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.weights_id = checkpoint.get("weights_id", self.weights_id)
