@@ -40,3 +40,15 @@ def trained_run(tiny_mirror, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("trained")
     train(make_cfg([*tiny_overrides(tiny_mirror, tmp), "trainer.max_epochs=2"], tmp / "run"))
     return tmp / "run"
+
+
+# Fixtures that train a model. A test that uses one, directly or through another fixture, trains,
+# so it is marked slow (the fast lane, `pytest -m "not slow"`, skips it) whether or not it says so.
+TRAINING_FIXTURES = {"trained_run", "head_ckpt"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
