@@ -190,6 +190,7 @@ def test_trial_cost_floor_times_the_trials_head_in_a_plain_loop_and_compares_it(
     assert row["ms_per_train_step"] == round(2000 / 3, 2)
 
 
+@pytest.mark.slow  # measures each backbone in a subprocess of its own
 def test_backbones_table_is_measured_per_backbone_and_written_flat(tmp_path, capsys):
     from bench.backbones import run as run_backbones
 
