@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
+
 from bench.run import TARGETS, judge, markdown, median_round, passed_precisions
 
 
