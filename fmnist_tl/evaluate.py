@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from fmnist_tl.config import CONFIG_PATH, check_config
 from fmnist_tl.core import EpochProgressBar, FmnistError
-from fmnist_tl.evaluation import finetune_start_of, run_dir_of_checkpoint, saved_config, write_report
+from fmnist_tl.evaluation import run_dir_of_checkpoint, write_report
 from fmnist_tl.runtime import build, check_accelerator, cpu_precision_probe, run_hydra_cli, task_wrapper
 from fmnist_tl.training import RecordTestOutputs, TransferClassifier, resolve_precision
 
@@ -70,7 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         top_pairs=cfg.report.top_pairs,
         num_mistakes=cfg.report.mistakes,
         run_dir=run_dir,
-        finetune_start=finetune_start_of(saved_config(run_dir)) if run_dir else None,
+        finetune_start=model.finetune_start,  # from the checkpoint's own model.finetune
     )
 
 

@@ -49,3 +49,15 @@ def colour_checkpoint(tmp_path_factory) -> Path:
     from tests.colour_data import train_colour_checkpoint
 
     return train_colour_checkpoint(tmp_path_factory.mktemp("colour"))
+
+
+# Fixtures that train a model. A test that uses one, directly or through another fixture, trains,
+# so it is marked slow (the fast lane, `pytest -m "not slow"`, skips it) whether or not it says so.
+TRAINING_FIXTURES = {"trained_run", "head_ckpt", "colour_checkpoint", "fashion_checkpoint"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
+
 from bench.run import TARGETS, judge, markdown, median_round, passed_precisions
 from bench.targets import CEILING_SHARE, IMAGES, cold_run_limit
 
@@ -216,6 +218,7 @@ def test_trial_cost_floor_times_the_trials_head_in_a_plain_loop_and_compares_it(
     assert row["ms_per_train_step"] == round(2000 / 3, 2)
 
 
+@pytest.mark.slow  # measures each backbone in a subprocess of its own
 def test_backbones_table_is_measured_per_backbone_and_written_flat(tmp_path, capsys):
     from bench.backbones import run as run_backbones
 

@@ -2,8 +2,7 @@
 
 from fmnist_tl.backbones.registry import feature_dim, preprocessing, resolve_stages, set_frozen_modes
 from fmnist_tl.backbones.weights import (
-    backbone_key,
-    backbone_sha256,
+    backbone_identity,
     build_backbone,
     build_backbone_of,
     check_backbone,
@@ -15,11 +14,12 @@ from fmnist_tl.backbones.weights import (
     rebuildable,
     restore_backbone,
     strip_backbone,
+    weights_memo_key,
+    weights_sha256,
 )
 
 __all__ = [
-    "backbone_key",
-    "backbone_sha256",
+    "backbone_identity",
     "build_backbone",
     "build_backbone_of",
     "check_backbone",
@@ -35,4 +35,6 @@ __all__ = [
     "restore_backbone",
     "set_frozen_modes",
     "strip_backbone",
+    "weights_memo_key",
+    "weights_sha256",
 ]

@@ -165,7 +165,7 @@ def fetch_torchvision_weights(backbone: str, weights: str) -> tuple[dict[str, to
     return state, f"torchvision:{backbone}.{weights}:sha256={sha256_file(cached)}"
 
 
-# The backbones built in this process, by what determines their weights (`backbone_key`): the
+# The backbones built in this process, by what determines their weights (`weights_memo_key`): the
 # trials of a sweep run one after another in one process (Hydra's basic launcher; joblib reuses
 # its workers too) and would each pay ResNet50's init or weights load and its hash again.
 # One entry: a new key replaces the old one.
@@ -173,10 +173,11 @@ _BUILT: dict[tuple, tuple[dict[str, torch.Tensor], str]] = {}
 _SHA256: dict[tuple, str] = {}
 
 
-def backbone_key(
+def weights_memo_key(
     backbone: str, weights: str | None, weights_path: str | None, load: bool, init_seed: int | None
 ) -> tuple | None:
-    """What determines a built backbone's weights, files by their stat; None when nothing does (unseeded init)."""
+    """This process's memo key for a built backbone and its `weights_sha256`: what determines its weights,
+    files by their stat; None when nothing does (unseeded init)."""
     weights, weights_path = weights_source(weights, weights_path)
     if load and weights_path:
         try:
@@ -207,7 +208,7 @@ def build_backbone(
     """
     check_backbone(backbone, weights)
     weights, weights_path = weights_source(weights, weights_path)
-    key = backbone_key(backbone, weights, weights_path, load, init_seed)
+    key = weights_memo_key(backbone, weights, weights_path, load, init_seed)
     if key is not None and key in _BUILT:
         state, identity = _BUILT[key]
         net = strip_classifier(new_classifier(backbone, weights, "meta"))  # the structure only: no init
@@ -240,9 +241,13 @@ def _build_backbone(
     return strip_classifier(net), identity
 
 
-def backbone_sha256(net: nn.Module, key: tuple | None) -> str:
-    """sha256 of the backbone's tensors (the feature cache's key); computed once per process and
-    `key` (see `_BUILT`). Pass key=None for a backbone that may have changed since it was built."""
+def weights_sha256(net: nn.Module, key: tuple | None = None) -> str:
+    """sha256 of the backbone's tensors, the content half of its identity (`backbone_identity`).
+
+    Args:
+        key: the backbone's `weights_memo_key`: hashed once per process and key. None (a backbone that
+            may have changed since it was built) hashes every time.
+    """
     if key is None or key not in _SHA256:
         sha = module_sha256(net)
         if key is None:
@@ -250,6 +255,27 @@ def backbone_sha256(net: nn.Module, key: tuple | None) -> str:
         _SHA256.clear()
         _SHA256[key] = sha
     return _SHA256[key]
+
+
+def backbone_identity(backbone: str, sha256: str, preprocess: nn.Module) -> dict[str, Any]:
+    """What a backbone's output depends on: network, weights (`weights_sha256`) and preprocessing.
+
+    The one shape used by feature-cache fingerprints, probe and gate records, ONNX models and
+    head-only checkpoints. `preprocess` is the model's ImagePreprocess (image_size, mean, std).
+    """
+    return {
+        "backbone": backbone,
+        "weights_sha256": sha256,
+        "image_size": int(preprocess.image_size),
+        "mean": [round(float(m), 8) for m in preprocess.mean.flatten().tolist()],
+        "std": [round(float(s), 8) for s in preprocess.std.flatten().tolist()],
+    }
+
+
+def identity_sha256(identity: Mapping[str, Any]) -> str:
+    """The weights' sha256 that a checkpoint's backbone_identity records (written as `sha256` before it
+    took backbone_identity's shape)."""
+    return identity["weights_sha256"] if "weights_sha256" in identity else identity["sha256"]
 
 
 def rebuildable(hparams: Mapping[str, Any]) -> bool:
@@ -274,15 +300,17 @@ def backbone_state_of(ckpt: Mapping[str, Any], what: str) -> dict[str, torch.Ten
         net, _ = build_backbone_of(ckpt["hyper_parameters"])
     except FmnistError as e:
         raise FmnistError(f"{what} holds the head only; its backbone cannot be rebuilt: {e}") from e
-    check_backbone_sha256(net, ckpt["backbone_identity"], what)
+    check_weights_sha256(net, ckpt, what)
     return {f"backbone.{k}": v for k, v in net.state_dict().items()}
 
 
-def check_backbone_sha256(net: nn.Module, meta: Mapping[str, Any], what: str, sha: str | None = None) -> None:
-    sha = sha or backbone_sha256(net, None)
-    if sha != meta["sha256"]:
+def check_weights_sha256(net: nn.Module, ckpt: Mapping[str, Any], what: str) -> None:
+    """Refuse a rebuilt backbone whose tensors are not the ones a head-only checkpoint was trained on."""
+    sha, recorded = weights_sha256(net), identity_sha256(ckpt["backbone_identity"])
+    weights_id = ckpt.get("weights_id") or ckpt["backbone_identity"].get("weights_id")
+    if sha != recorded:
         raise FmnistError(
-            f"{what} was trained on a backbone with sha256 {meta['sha256'][:16]}... ({meta.get('weights_id')}), "
+            f"{what} was trained on a backbone with sha256 {recorded[:16]}... ({weights_id}), "
             f"but the one built here has {sha[:16]}...: the weights file changed, or this torch/torchvision "
             "initialises differently; use the same weights (and versions) as the run that wrote it"
         )
@@ -290,26 +318,27 @@ def check_backbone_sha256(net: nn.Module, meta: Mapping[str, Any], what: str, sh
 
 def fill_rebuilt_backbone(checkpoint: dict[str, Any], net: nn.Module, what: str) -> None:
     """Complete a head-only checkpoint with `net`, the backbone its identity rebuilt, once its sha256 checks."""
-    check_backbone_sha256(net, checkpoint["backbone_identity"], what)
+    check_weights_sha256(net, checkpoint, what)
     checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in net.state_dict().items()})
 
 
-def strip_backbone(checkpoint: dict[str, Any], weights_id: str, sha256: str) -> None:
+def strip_backbone(checkpoint: dict[str, Any], identity: dict[str, Any]) -> None:
     """Make `checkpoint` head-only: a frozen backbone is most of a checkpoint's size and never
-    changes, so keep its identity instead (what rebuilds it, and the sha256 that proves the rebuild)."""
+    changes, so keep its `backbone_identity` instead (the hyper-parameters rebuild it, the sha256
+    proves the rebuild)."""
     state = checkpoint["state_dict"]
     for key in [k for k in state if k.startswith("backbone.")]:
         del state[key]
-    checkpoint["backbone_identity"] = {"weights_id": weights_id, "sha256": sha256}
+    checkpoint["backbone_identity"] = identity
 
 
 def restore_backbone(checkpoint: dict[str, Any], net: nn.Module, sha256: Callable[[], str]) -> None:
     """Put the backbone back into a head-only checkpoint's state_dict (no-op for a full one): `net`'s
     tensors when `sha256()` is the one it records, else the backbone its identity rebuilds."""
-    meta = checkpoint.get("backbone_identity")
-    if meta is None:
+    identity = checkpoint.get("backbone_identity")
+    if identity is None:
         return
-    if sha256() == meta["sha256"]:
+    if sha256() == identity_sha256(identity):
         checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in net.state_dict().items()})
     else:
         checkpoint["state_dict"].update(backbone_state_of(checkpoint, "the checkpoint"))

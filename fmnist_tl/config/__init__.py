@@ -8,6 +8,7 @@ from fmnist_tl.config.schemas import (
     at_least,
     check_config,
     in_range,
+    one_of,
     parse,
     to_container,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "FinetuneConfig",
     "in_range",
     "ODD_BATCH",
+    "one_of",
     "parse",
     "to_container",
 ]

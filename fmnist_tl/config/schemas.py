@@ -1,11 +1,10 @@
 """The config schemas: one dataclass per config group, registered in Hydra's ConfigStore.
 
-Each group's YAML (conf/<group>/*.yaml) starts from its schema (`defaults: [schema, _self_]`) and
-holds the user-facing defaults; the schema declares the keys, their types and, next to each field,
-the range it must be in. Hydra refuses unknown keys and wrong types while composing; `check_config()`
-refuses out-of-range values before anything is built. Groups whose nodes are Lightning or torch
-objects (`trainer`, `callbacks`, `logger`, the optimizer and scheduler) stay open: those classes'
-own signatures declare their keys.
+Each group's YAML (conf/<group>/*.yaml) starts from its schema (`defaults: [schema, _self_]`); the
+schema declares the keys, their types and, next to each field, the range it must be in. Hydra refuses
+unknown keys and wrong types while composing; `check_config()` refuses out-of-range values before
+anything is built. Groups of Lightning or torch objects (`trainer`, `callbacks`, `logger`, the
+optimizer and scheduler) stay open: those classes' signatures declare their keys.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fmnist_tl.core import FmnistError
@@ -101,12 +100,7 @@ def trainer_keys(key: str, node: Any) -> None:
 
 
 # Keys that moved to another group. The model owns its preprocessing (its checkpoints carry it).
-MOVED_KEYS = {
-    "data.image_size": "model.image_size",
-    "data.mean": "model.mean",
-    "data.std": "model.std",
-    "data.channels_last": "model.channels_last",
-}
+MOVED_KEYS = {f"data.{key}": f"model.{key}" for key in ("image_size", "mean", "std", "channels_last")}
 
 
 def unknown_key_message(
@@ -132,7 +126,7 @@ def unknown_key_message(
 def checked(default: Any = MISSING, *rules: Rule) -> Any:
     """A field whose value `check_config()` runs through `rules`."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata={"rules": rules})
+        return field(default_factory=lambda: type(default)(default), metadata={"rules": rules})
     return field(default=default, metadata={"rules": rules})
 
 
@@ -167,15 +161,27 @@ class HeadConfig:
 
 @dataclass
 class FinetuneConfig:
+    """model.finetune (conf/model/resnet50.yaml says what each key means), parsed once per job by
+    `fmnist_tl.training.finetune_options`; models and checkpoints hold `as_dict()`."""
+
     start_epoch: int | None = checked(None, at_least(0, optional=True))
     init_from: str | None = None
-    # a stage name, a list of them, or `all`
-    unfreeze: Any = MISSING
-    backbone_lr_factor: float = checked(MISSING, positive)
-    bn: str = checked(MISSING, one_of("frozen", "train"))
+    # A stage name, a list of them, last_K or all; parsed: stage names, input-to-output order, or ["all"].
+    unfreeze: Any = checked(["last_1"])
+    backbone_lr_factor: float = checked(0.1, positive)
+    bn: str = checked("frozen", one_of("frozen", "train"))
     lr: float | None = checked(None, optional(positive))
     warmup_epochs: int = checked(0, at_least(0))
-    schedule: str = checked(MISSING, one_of("cosine", "constant"))
+    schedule: str = checked("cosine", one_of("cosine", "constant"))
+
+    @property
+    def first_epoch(self) -> int | None:
+        """First epoch that trains the backbone; None: head only. A run from `init_from` fine-tunes from 0."""
+        return self.start_epoch if self.start_epoch is not None else (0 if self.init_from else None)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain containers, so that checkpoints load with weights_only=True."""
+        return dataclasses.asdict(self)
 
 
 def optimizer_rules(key: str, node: Any) -> None:
@@ -206,16 +212,13 @@ class ModelConfig:
 
 @dataclass
 class FeaturesConfig:
-    """The `features` group: how the frozen backbone's features are extracted and cached
-    (fmnist_tl.features.extraction, fmnist_tl.features)."""
+    """The `features` group: how the frozen backbone's features are extracted and cached."""
 
     # Where extracted features, probe records and ONNX models are kept.
     cache_dir: str | None = None
-    # Images per forward pass; null: 16 on CPU (a small batch's activations stay in the CPU's caches),
-    # 512 on CUDA (a GPU needs big batches to fill).
+    # Images per forward pass; null: fmnist_tl.features.extraction.default_batch_size (by device).
     batch_size: int | None = checked(None, at_least(1, optional=True))
-    # auto is chosen by the probe (fmnist_tl/features/probe.py): the fastest candidate measured here that
-    # passes the fidelity gate.
+    # auto: the fastest candidate measured here that passes the fidelity gate (features/probe.py).
     backend: str = checked("auto", one_of("auto", "torch", "onnxruntime"))
     precision: str = checked("auto", one_of("auto", "32", "bf16", "16", "int8"))
     # auto: bfloat16 after bf16 extraction (lossless), float16 otherwise.
@@ -224,10 +227,8 @@ class FeaturesConfig:
     compile: Any = checked("auto", one_of("auto", True, False))
     compile_min_images: int = checked(4000, at_least(0))
     progress: bool = True
-    # CPU threads while training/evaluating the head on cached features; null leaves torch's
-    # default. A head step is a few small matmuls: a second thread saves little, and on a busy
-    # or oversubscribed CPU (parallel sweep jobs, shared machines) OpenMP barriers cost far more
-    # (docs/feature-cache.md, "Head steps").
+    # CPU threads for head steps on cached features (null: torch's default). A head step is a few
+    # small matmuls, and on a busy CPU OpenMP barriers cost more than a second thread gives.
     head_threads: int | None = checked(1, at_least(1, optional=True))
     # Below this much work (images at 224 px) auto settings are not probed: torch, fp32.
     probe_min_images: int = checked(4000, at_least(0))
@@ -391,8 +392,6 @@ def parse(schema: type, given: DictConfig | dict | None, prefix: str, see: str) 
 
 def to_container(x: Any) -> Any:
     """Hydra hands DictConfigs; checkpoints must hold plain containers to load with weights_only=True."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if isinstance(x, (DictConfig, ListConfig)):
         return OmegaConf.to_container(x, resolve=True)
     return x

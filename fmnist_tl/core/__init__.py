@@ -12,7 +12,14 @@ from fmnist_tl.core.files import (
     sha256_file,
     tensors_sha256,
 )
-from fmnist_tl.core.machine import cpu_flags, cpu_model, machine_name, skip_nvml_retries_without_a_driver
+from fmnist_tl.core.machine import (
+    cpu_flags,
+    cpu_model,
+    cuda_has_bf16,
+    machine_name,
+    require_bf16,
+    skip_nvml_retries_without_a_driver,
+)
 from fmnist_tl.core.progress import EpochProgressBar, missing_progress_bar, progress_bar
 
 __all__ = [
@@ -22,6 +29,7 @@ __all__ = [
     "atomic_write_text",
     "cpu_flags",
     "cpu_model",
+    "cuda_has_bf16",
     "EpochProgressBar",
     "FmnistError",
     "machine_name",
@@ -30,6 +38,7 @@ __all__ = [
     "progress_bar",
     "remove_stale_temp_files",
     "replace_between",
+    "require_bf16",
     "require_modules",
     "sha256_file",
     "skip_nvml_retries_without_a_driver",

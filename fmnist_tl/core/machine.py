@@ -1,4 +1,4 @@
-"""What a speed measurement depends on: the CPU's model and flags, the GPU's name."""
+"""What a speed measurement depends on (the CPU's model and flags, the GPU's name), and what the GPU supports."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from fmnist_tl.core.errors import FmnistError
 
 
 def _cpuinfo(field: str) -> str | None:
@@ -41,6 +43,18 @@ def machine_name(device: torch.device | str) -> str:
     # on the other through a shared cache. The flags tell them apart; nothing is chosen from them.
     flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:10]
     return f"cpu:{cpu_model()} flags:{flags}"
+
+
+def cuda_has_bf16() -> bool:
+    """True when a CUDA GPU is present and computes in bf16 (Ampere and later)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def require_bf16(setting: str, fix: str, device: torch.device | str | None = None) -> None:
+    """Refuse `setting` (a bf16 precision, e.g. "trainer.precision=bf16-mixed") on a CUDA GPU without
+    bf16, in one line that ends with `fix` (what to use instead). A no-op where there is no CUDA."""
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise FmnistError(f"{setting}: the GPU ({torch.cuda.get_device_name(device)}) has no bf16; use {fix}")
 
 
 NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"

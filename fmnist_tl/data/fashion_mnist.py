@@ -2,9 +2,9 @@
 
 The loaders move uint8 (B, 1, 28, 28) batches; augmentation, then the model's preprocessing
 (`ImagePreprocess`: resizing to the backbone's input size, grey to 3 channels, normalisation) run
-batched on the accelerator in `on_after_batch_transfer`, so the dataset is never materialised at
-224 px (60k x 3 x 224 x 224 float32 would be 36 GB). The model owns the preprocessing (its
-checkpoints carry it), so this module holds no image size or normalisation of its own.
+batched on the accelerator in `on_after_batch_transfer`, so the dataset is never materialised at the
+backbone's input size. The model owns the preprocessing (its checkpoints carry it), so this module
+holds no image size or normalisation of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchvision.datasets import FashionMNIST
 
+from fmnist_tl.config import one_of
 from fmnist_tl.core import FmnistError
 from fmnist_tl.data.raw_files import DEFAULT_SIZES, load_split, prepare_raw
 
@@ -52,7 +53,7 @@ class EpochShuffleSampler(Sampler[int]):
 class DeviceBatches:
     """(features, labels) batches served from tensors already on the device, instead of a DataLoader.
 
-    For cached features: the whole split lives on the device (55k x 2048 bf16 is 225 MB), and each
+    For cached features: the whole split lives on the device (pooled features are small), and each
     batch is an index into it, from a permutation fixed by (seed, epoch): no per-step host work, copy
     or sync on a GPU, no per-item fetch and collate on a CPU. On a CPU the order and batches are
     `EpochShuffleSampler`'s with a DataLoader (same generator, same draw).
@@ -135,6 +136,16 @@ def holds_features(x: torch.Tensor) -> bool:
 
 
 class FashionMNISTDataModule(L.LightningDataModule):
+    """Fashion-MNIST's train split carved into train/val (seeded), and its test split, as uint8 images.
+
+    Args:
+        mirror_dir: a folder holding the IDX files, read before any download.
+        expected_sizes: images per split the IDX files must hold (None: the real dataset's; a
+            split set to None is not checked).
+        cache_features: the `data` group's key, read from the config by
+            `fmnist_tl.features.feature_cache_for`; accepted here so the group instantiates as is.
+    """
+
     def __init__(
         self,
         data_dir: str = "data",
@@ -159,8 +170,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
-        if pin_memory not in ("auto", True, False):
-            raise FmnistError(f"data.pin_memory={pin_memory!r} must be auto, true or false")
+        one_of("auto", True, False)("data.pin_memory", pin_memory)  # the schema's rule, for Python callers
         self.pin_memory = pin_memory
         self.augment = bool(augment)
         self.train_subset = train_subset
@@ -168,8 +178,6 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.expected_sizes = DEFAULT_SIZES if expected_sizes is None else dict(expected_sizes)
         self.download = download
         self.seed = int(seed)
-        # auto/true/false; read by fmnist_tl.features.feature_cache_for, which decides and logs why.
-        self.cache_features = cache_features
         self.class_names = CLASS_NAMES
         self.num_classes = len(CLASS_NAMES)
         self.data_train: Dataset | None = None

@@ -20,10 +20,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from omegaconf import OmegaConf
 
 from fmnist_tl.core import atomic_write_bytes
-from fmnist_tl.training import finetune_options
 
 log = logging.getLogger(__name__)
 
@@ -87,26 +85,6 @@ def lineage_curves(curve_logs: list[Mapping[str, Any]]) -> tuple[dict[str, list[
         for name, points in read_curves(path).items():
             merged[name].update((epoch, value) for epoch, value in points if until is None or epoch <= until)
     return {name: sorted(values.items()) for name, values in merged.items() if values}, read
-
-
-def finetune_start_of(config: Mapping[str, Any] | None) -> int | None:
-    """First epoch (0-based) that trains the backbone in a run with this config, or None."""
-    if not config:
-        return None
-    config = OmegaConf.create(dict(config))
-    finetune = OmegaConf.select(config, "model.finetune", default=None)
-    if finetune is None:
-        return None
-    backbone = OmegaConf.select(config, "model.backbone", default="resnet50")
-    return finetune_options(OmegaConf.to_container(finetune, resolve=True), backbone).first_epoch
-
-
-def saved_config(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's resolved config.yaml (train writes it), else Hydra's .hydra/config.yaml; None if neither."""
-    for path in (Path(run_dir) / "config.yaml", Path(run_dir) / ".hydra" / "config.yaml"):
-        if path.is_file():
-            return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    return None
 
 
 def run_dir_of_checkpoint(checkpoint: str | Path) -> Path | None:

@@ -24,8 +24,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from fmnist_tl.backbones import weights_sha256
 from fmnist_tl.config import FeaturesConfig
-from fmnist_tl.core import FmnistError, module_sha256
+from fmnist_tl.core import FmnistError
 from fmnist_tl.data import holds_features
 from fmnist_tl.features.extraction import extraction_settings, split_entry, store_dtype_for, work_at_224
 from fmnist_tl.features.probe import Plan, Planner, probe_lock
@@ -143,7 +144,7 @@ class FeatureCache(L.Callback):
             torch.set_num_threads(self._threads_before)  # probing and extraction want every core
         backbone_name = pl_module.hparams.get("backbone", type(pl_module.backbone).__name__)
         # The model keeps it once computed (its checkpoints record it too): hashing a big backbone is not free.
-        weights_sha = getattr(pl_module, "backbone_sha256", None) or module_sha256(pl_module.backbone)
+        weights_sha = getattr(pl_module, "weights_sha256", None) or weights_sha256(pl_module.backbone)
         pre = pl_module.preprocess
         device = trainer.strategy.root_device
         plan = self._plan_for(trainer, pl_module, dm, splits, backbone_name, weights_sha, device)

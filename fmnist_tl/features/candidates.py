@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmnist_tl.core import FmnistError, tensors_sha256
+from fmnist_tl.core import FmnistError, cuda_has_bf16, tensors_sha256
 from fmnist_tl.features import onnx_backend
-from fmnist_tl.features.extraction import PRECISIONS, FeatureExtractor, check_backend
+from fmnist_tl.features.extraction import PRECISIONS, FeatureExtractor, check_backend, default_batch_size
 from fmnist_tl.features.manifest import fingerprint_key
 
 
@@ -54,7 +54,7 @@ def candidates(backend: str, precision: str, device: torch.device) -> list[Candi
     out: list[Candidate] = []
     if backend in ("auto", "torch"):
         for p in PRECISIONS:
-            if precision in ("auto", p) and not (p == "bf16" and on_cuda and not torch.cuda.is_bf16_supported()):
+            if precision in ("auto", p) and not (p == "bf16" and on_cuda and not cuda_has_bf16()):
                 out.append(Candidate("torch", p))
     if backend in ("auto", "onnxruntime") and ort and not on_cuda:
         if precision in ("auto", "32"):
@@ -159,7 +159,7 @@ class CandidateRunners:
         self.base = base
         self.settings = settings
         self.device = torch.device(device)
-        self.batch_size = int(settings.batch_size or (512 if self.device.type == "cuda" else 16))
+        self.batch_size = int(settings.batch_size or default_batch_size(self.device))
         self.cal_images = cal_images
         self.calibration = calibration
         self.models_dir = models_dir

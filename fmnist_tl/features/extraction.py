@@ -20,8 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fmnist_tl.backbones import backbone_identity
 from fmnist_tl.config import FeaturesConfig, parse
-from fmnist_tl.core import FmnistError, progress_bar, tensors_sha256
+from fmnist_tl.core import FmnistError, progress_bar, require_bf16, tensors_sha256
 from fmnist_tl.features import onnx_backend
 from fmnist_tl.features.manifest import fingerprint_key
 
@@ -44,10 +45,8 @@ def extraction_settings(cfg: DictConfig | dict | None) -> FeaturesConfig:
 def check_backend(backend: str, precision: str, device: torch.device | None = None) -> None:
     """One-line errors for (backend, precision) settings that cannot run (here, when `device` is given)."""
     on_cuda = device is not None and device.type == "cuda"
-    if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
-        raise FmnistError(
-            f"features.precision=bf16: the GPU ({torch.cuda.get_device_name(device)}) has no bf16; use 16, 32 or auto"
-        )
+    if precision == "bf16" and on_cuda:
+        require_bf16("features.precision=bf16", "16, 32 or auto", device)
     if backend != "onnxruntime" and precision != "int8":
         return
     if backend == "torch":
@@ -66,6 +65,11 @@ def check_backend(backend: str, precision: str, device: torch.device | None = No
         )
 
 
+def default_batch_size(device: torch.device) -> int:
+    """features.batch_size=null: a GPU needs big batches to fill; on a CPU a small batch's activations stay in cache."""
+    return 512 if device.type == "cuda" else 16
+
+
 def work_at_224(n_images: int, image_size: int) -> float:
     """A job's size in 224-px image equivalents: a backbone's cost scales with pixels, so the thresholds
     (features.compile_min_images, features.probe_min_images) are counted in these."""
@@ -81,17 +85,6 @@ def store_dtype_for(setting: str, precision: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Fingerprints
-
-
-def backbone_identity(backbone_name: str, weights_sha256: str, preprocess: nn.Module) -> dict[str, Any]:
-    """What a model, feature entry or gate record made from a backbone depends on: network, weights, preprocessing."""
-    return {
-        "backbone": backbone_name,
-        "weights_sha256": weights_sha256,
-        "image_size": int(preprocess.image_size),
-        "mean": [round(float(m), 8) for m in preprocess.mean.flatten().tolist()],
-        "std": [round(float(s), 8) for s in preprocess.std.flatten().tolist()],
-    }
 
 
 def split_entry(
@@ -158,7 +151,7 @@ class FeatureExtractor:
         self.precision = precision
         self.compile = compile
         self.compile_min_images = int(compile_min_images)
-        self.batch_size = int(batch_size or (512 if self.device.type == "cuda" else 16))
+        self.batch_size = int(batch_size or default_batch_size(self.device))
         self.progress = progress
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.compiled_used = False  # set after a call: did it run the compiled function?

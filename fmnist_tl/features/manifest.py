@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 _CHECKED: dict[tuple, str] = {}
 
 
-def fingerprint_key(fp: dict[str, Any]) -> str:
-    """A short stable name for a fingerprint (a dict of everything that changes an entry)."""
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:24]
+def fingerprint_key(fp: dict[str, Any], digits: int = 24) -> str:
+    """A short stable name for a fingerprint (a dict of everything that changes an entry): the first
+    `digits` hex digits of its sha256. Cache entries and ONNX models use 24, probe and gate records 20."""
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:digits]
 
 
 def manifest_head(fp: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import filelock
 import torch
 from torch import nn
 
+from fmnist_tl.backbones import backbone_identity
 from fmnist_tl.core import FmnistError, atomic_write_json, machine_name
 from fmnist_tl.features import onnx_backend
 from fmnist_tl.features.candidates import (
@@ -35,15 +36,15 @@ from fmnist_tl.features.candidates import (
     time_runner,
     timing_sample,
 )
-from fmnist_tl.features.extraction import backbone_identity, work_at_224
+from fmnist_tl.features.extraction import work_at_224
 from fmnist_tl.features.manifest import fingerprint_key
 
 log = logging.getLogger(__name__)
 
 PROBE_FORMAT = 1
 # A compiled torch candidate is timed only if its eager rate times this could beat the best
-# candidate: compiling is a large fixed cost, and inductor's gain over eager has been measured
-# well below this bound (docs/benchmarks.md: the compiled and eager bf16 rows of bench/results/2026-11-28*.json).
+# candidate: compiling is a large fixed cost, and inductor's gain over eager stays well below this
+# bound (docs/benchmarks.md compares the compiled and eager rows).
 COMPILE_BOUND = 2.0
 # Timings this close to the fastest are a tie: the probe's few batches differ by about this much
 # from run to run (two fresh probes on one machine ranked onnxruntime:int8 and int8-r7 either way,
@@ -54,10 +55,6 @@ PROBE_NOISE = 0.05
 
 # --------------------------------------------------------------------------------------------
 # Small JSON records (probe timings, gate figures), atomic and validated
-
-
-def record_key(fields: dict[str, Any]) -> str:
-    return fingerprint_key(fields)[:20]  # 20 digits: existing probe and gate files keep their names
 
 
 def read_record(path: Path, fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -245,7 +242,7 @@ class Planner:
         `compile_ok`: the job would compile a torch extractor, so a compiled torch candidate may be timed too.
         """
         fields = probe_fields(self.device, self.backbone_name, self.image_size, self.batch_size)
-        path = self.root / f"probe-{record_key(fields)}.json"
+        path = self.root / f"probe-{fingerprint_key(fields, 20)}.json"
         record = read_record(path, fields) or {"fields": fields, "candidates": {}}
         known = {k: v for k, v in record.get("candidates", {}).items() if valid_timing(v)}
         # ONNX Runtime first: on a CPU it is the likely winner, and then slow torch candidates stop early.
@@ -291,7 +288,7 @@ class Planner:
             "device": self.device.type,
             "injected": self.runners.quantiser is not None,
         }
-        path = self.root / f"gate-{record_key(fields)}.json"
+        path = self.root / f"gate-{fingerprint_key(fields, 20)}.json"
         record = read_record(path, fields)
         if record is None or not isinstance(record.get("mean_cosine"), (int, float)):
             if self._reference is None:

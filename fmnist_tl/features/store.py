@@ -22,7 +22,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from fmnist_tl.core import FmnistError, module_sha256
+from fmnist_tl.backbones import weights_sha256
+from fmnist_tl.core import FmnistError
 from fmnist_tl.features.extraction import STORE_DTYPES, FeatureExtractor, split_entry, store_dtype_for
 from fmnist_tl.features.manifest import ManifestStore, manifest_head
 
@@ -150,7 +151,7 @@ def cached_features(
     """One split's features through the cache, outside Lightning (scripts, benchmarks, tests)."""
     store_dtype = store_dtype_for(store_dtype, precision)
     name, fp = split_entry(
-        backbone_name, module_sha256(backbone), preprocess, precision, store_dtype, split, images, labels
+        backbone_name, weights_sha256(backbone), preprocess, precision, store_dtype, split, images, labels
     )
     if extractor is None:
         extractor = FeatureExtractor(backbone, preprocess, precision=precision, **extractor_kwargs)

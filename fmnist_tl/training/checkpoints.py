@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from fmnist_tl.backbones import read_checkpoint
+from fmnist_tl.config import FinetuneConfig
 from fmnist_tl.core import FmnistError
 from fmnist_tl.training.finetune import finetune_options
 from fmnist_tl.training.lr_plan import legacy_lr_plan, schedule_kind
@@ -24,17 +25,23 @@ def check_checkpoint_file(path: str) -> dict[str, Any]:
     return read_checkpoint(path, f"ckpt_path={path}", "pick another checkpoint", mmap=True)
 
 
-def check_resume_schedule(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) -> None:
+def check_resume_schedule(
+    cfg: DictConfig, path: str, checkpoint: dict[str, Any], finetune: FinetuneConfig | None = None
+) -> None:
     """Refuse a resume whose LR schedule cannot go on from the checkpoint's, before anything is built.
 
     A resumed run restores the checkpoint's scheduler state, so it must be the same kind of
-    schedule. An extended cosine or fine-tune schedule is re-planned (schedule.LRPlan); a one-cycle
+    schedule. An extended cosine or fine-tune schedule is re-planned (lr_plan.LRPlan); a one-cycle
     schedule has a warm-up and an end fixed in steps, so it is only resumed as planned.
+
+    Args:
+        finetune: the job's model.finetune, already parsed; None parses `cfg.model.finetune`.
     """
     saved = checkpoint.get("lr_plan") or legacy_lr_plan(checkpoint)
     if not saved:
         return
-    kind = schedule_kind(cfg.model.get("scheduler"), finetune_options(cfg.model.get("finetune"), cfg.model.backbone))
+    finetune = finetune_options(finetune or cfg.model.get("finetune"), cfg.model.backbone)
+    kind = schedule_kind(cfg.model.get("scheduler"), finetune.first_epoch)
     if saved.get("scheduler") != kind:
         raise FmnistError(
             f"ckpt_path={path} was trained with LR schedule {saved.get('scheduler') or 'constant'}, this config has "

@@ -10,8 +10,8 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from fmnist_tl.config import FinetuneConfig
 from fmnist_tl.core import FmnistError
-from fmnist_tl.training.finetune import FinetuneOptions
 
 
 def head_phase_factors(scheduler: Mapping[str, Any] | None, epochs: int) -> list[float]:
@@ -56,9 +56,10 @@ def cosine_from(epoch: int, start: int, factor: float, end: int, floor: float = 
     return floor + (factor - floor) * 0.5 * (1.0 + math.cos(math.pi * min(epoch - start, span) / span))
 
 
-def schedule_kind(scheduler: Mapping[str, Any] | None, finetune: FinetuneOptions) -> str | None:
-    """Which LR schedule a model config trains with: the fine-tune phase's own, a torch scheduler's name, or None."""
-    if finetune.first_epoch is not None:
+def schedule_kind(scheduler: Mapping[str, Any] | None, finetune_start: int | None) -> str | None:
+    """Which LR schedule a model config trains with: the fine-tune phase's own (when `finetune_start`
+    is an epoch), a torch scheduler's name, or None."""
+    if finetune_start is not None:
         return "finetune"
     if not scheduler:
         return None
@@ -187,7 +188,7 @@ def configure_optimization(
     """
     opt_cfg = dict(optimizer)
     built = instantiate(opt_cfg)(list(params))
-    kind = schedule_kind(scheduler, FinetuneOptions())
+    kind = schedule_kind(scheduler, None)
     plan = LRPlan(kind, max_epochs)
     if not scheduler:
         return built, plan
@@ -212,7 +213,7 @@ def configure_finetune_optimization(
     backbone: Iterable[nn.Parameter],
     optimizer: Mapping[str, Any],
     scheduler: Mapping[str, Any] | None,
-    ft: FinetuneOptions,
+    ft: FinetuneConfig,
     max_epochs: int | None,
 ) -> tuple[Any, LRPlan]:
     """Both param groups from the first step, the backbone's at LR 0 until the fine-tune phase starts.
@@ -261,7 +262,7 @@ def configure_model_optimization(
     finetune_params: list[nn.Parameter],
     trainable: list[nn.Parameter],
     hparams: Mapping[str, Any],
-    ft: FinetuneOptions,
+    ft: FinetuneConfig,
     max_epochs: int | None,
     total_steps: Callable[[], int],
 ) -> tuple[Any, LRPlan]:

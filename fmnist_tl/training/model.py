@@ -23,8 +23,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from fmnist_tl.backbones import (
-    backbone_key,
-    backbone_sha256,
+    backbone_identity,
     build_backbone_of,
     feature_dim,
     fill_rebuilt_backbone,
@@ -35,12 +34,14 @@ from fmnist_tl.backbones import (
     restore_backbone,
     set_frozen_modes,
     strip_backbone,
+    weights_memo_key,
+    weights_sha256,
 )
 from fmnist_tl.config import to_container
 from fmnist_tl.core import FmnistError, skip_nvml_retries_without_a_driver
 from fmnist_tl.data import ImagePreprocess, holds_features
 from fmnist_tl.training.checkpoints import CURVE_LOGS, FitHistory
-from fmnist_tl.training.finetune import check_finetune, finetune_options
+from fmnist_tl.training.finetune import check_finetune, finetune_options, phase_message
 from fmnist_tl.training.lr_plan import LRPlan, configure_model_optimization, legacy_lr_plan
 from fmnist_tl.training.trained_on import TrainedOn, check_resumed, checked_identity, with_legacy_identity
 
@@ -177,7 +178,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
         load = load_weights and not init_from
         # The backbone before the head: an unseeded run draws both inits from the global RNG in this order.
         self.backbone, self.weights_id = build_backbone_of(self.hparams, load)
-        self._backbone_key = backbone_key(backbone, weights, weights_path, load, init_seed)
+        self._weights_memo_key = weights_memo_key(backbone, weights, weights_path, load, init_seed)
         hidden_dims, dropout = head.get("hidden_dims", [256]), head.get("dropout", 0.5)
         self.head = build_head(feature_dim(backbone, weights, image_size), num_classes, hidden_dims, dropout)
         # What the backbone's weights expect; every path from uint8 images to the backbone runs it.
@@ -229,9 +230,9 @@ class TransferClassifier(TrainedOn, L.LightningModule):
         return self.freeze_backbone and self.finetune_start is None
 
     @property
-    def backbone_sha256(self) -> str:
+    def weights_sha256(self) -> str:
         """sha256 of the backbone's tensors (the feature cache's key), hashed once while they cannot change."""
-        return backbone_sha256(self.backbone, self._backbone_key if self.backbone_frozen_for_good else None)
+        return weights_sha256(self.backbone, self._weights_memo_key if self.backbone_frozen_for_good else None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["weights_id"] = self.weights_id
@@ -239,7 +240,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
             checkpoint["lr_plan"] = self.lr_plan.state
         checkpoint[CURVE_LOGS] = self.history.logs(self._trainer)
         if self.backbone_frozen_for_good and rebuildable(self.hparams):  # named weights, a file, a seeded init
-            strip_backbone(checkpoint, self.weights_id, self.backbone_sha256)
+            strip_backbone(checkpoint, backbone_identity(self.hparams.backbone, self.weights_sha256, self.preprocess))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_resumed(checkpoint, self.class_names)
@@ -248,7 +249,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
         self.history.resume(checkpoint, self._trainer)
         # A head-only checkpoint's backbone: this model's when it is the one the checkpoint was trained
         # on (a resumed head run), else the one its identity rebuilds (a fine-tune run resumed from it).
-        restore_backbone(checkpoint, self.backbone, lambda: self.backbone_sha256)
+        restore_backbone(checkpoint, self.backbone, lambda: self.weights_sha256)
 
     def on_train_start(self) -> None:
         saved, self._saved_lr_plan = self._saved_lr_plan, None
@@ -273,7 +274,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
             self._finetune_announced = True
             if self.trainer.is_global_zero:
                 lrs = {g.get("name"): g["lr"] for g in self.trainer.optimizers[0].param_groups}
-                log.info(self.finetune.phase_message(self.current_epoch, lrs))
+                log.info(phase_message(self.finetune, self.current_epoch, lrs))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, (B, width) (2048 for resnet50), from preprocessed images."""

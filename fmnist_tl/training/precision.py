@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig
 
-from fmnist_tl.core import FmnistError
+from fmnist_tl.core import cuda_has_bf16, require_bf16
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +20,10 @@ def resolve_precision(trainer_cfg: DictConfig, measure: Callable[[], str] | None
     precision = str(trainer_cfg.get("precision", "auto"))
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if precision.startswith("bf16") and on_cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise FmnistError(
-            f"trainer.precision={precision}: this GPU ({torch.cuda.get_device_name()}) has no bf16; "
-            "use 16-mixed, 32-true or auto"
-        )
+    if precision.startswith("bf16") and on_cuda:
+        require_bf16(f"trainer.precision={precision}", "16-mixed, 32-true or auto")
     if precision != "auto":
         return precision
     if on_cuda:
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+        return "bf16-mixed" if cuda_has_bf16() else "32-true"
     return measure() if measure is not None else "32-true"

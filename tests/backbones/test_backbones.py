@@ -272,6 +272,7 @@ def test_shipped_backbone_caches_trains_evaluates_predicts_and_exports(name, sma
     assert record["verification"]["max_abs_logit_diff"] < 1e-3
 
 
+@pytest.mark.slow
 def test_unknown_backbone_is_one_line_with_close_matches():
     proc = run_cli("model.backbone=convnext_tiyn")
     assert proc.returncode == 2

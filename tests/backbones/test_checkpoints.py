@@ -25,18 +25,19 @@ def save_like_lightning(model: TransferClassifier, path) -> dict:
     return ckpt
 
 
+@pytest.mark.slow
 def test_a_trained_runs_checkpoints_hold_the_head_and_the_backbones_identity(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     manifests = [json.loads(p.read_text()) for p in (trained_run.parent / "cache" / "features").glob("*.json")]
     for path in (trained_run / "checkpoints" / "last.ckpt", metrics["best_model_path"]):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"head"}
-        meta = ckpt["backbone_identity"]
-        assert meta["weights_id"] == "random-init" and ckpt["hyper_parameters"]["init_seed"] == 42
-        # The sha256 the feature cache keyed its entries by.
-        assert {m["fingerprint"]["weights_sha256"] for m in manifests} == {meta["sha256"]}
+        identity = ckpt["backbone_identity"]
+        assert ckpt["weights_id"] == "random-init" and ckpt["hyper_parameters"]["init_seed"] == 42
+        # The identity the feature cache keyed its entries by: one shape for both.
+        assert [{k: m["fingerprint"][k] for k in identity} for m in manifests] == [identity] * len(manifests)
         model = TransferClassifier.from_checkpoint(path)
-        assert module_sha256(model.backbone) == meta["sha256"]
+        assert module_sha256(model.backbone) == identity["weights_sha256"]
         assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["state_dict"].items())
     # A ResNet18 backbone is 45 MB; the head with its AdamW state is what is left.
     assert (trained_run / "checkpoints" / "last.ckpt").stat().st_size < 3e6
@@ -104,3 +105,25 @@ def test_only_a_backbone_that_never_trains_and_can_be_rebuilt_is_left_out(tmp_pa
     for model in (unseeded, finetuned):
         ckpt = save_like_lightning(model, tmp_path / "full.ckpt")
         assert "backbone_identity" not in ckpt and any(k.startswith("backbone.") for k in ckpt["state_dict"])
+
+
+def test_a_head_only_checkpoint_written_before_the_identity_took_one_shape_still_loads(tmp_path):
+    """Checkpoints used to record {"weights_id", "sha256"}; now backbones.backbone_identity's shape."""
+    model = TransferClassifier(backbone="resnet18", weights=None, image_size=32, init_seed=3)
+    ckpt = save_like_lightning(model, tmp_path / "new.ckpt")
+    identity = ckpt["backbone_identity"]
+    assert sorted(identity) == ["backbone", "image_size", "mean", "std", "weights_sha256"]
+    assert (identity["backbone"], identity["image_size"]) == ("resnet18", 32)
+    assert identity["weights_sha256"] == module_sha256(model.backbone)
+    assert identity["mean"] == pytest.approx([0.485, 0.456, 0.406]) and identity["std"] == pytest.approx(
+        [0.229, 0.224, 0.225]
+    )
+    ckpt["backbone_identity"] = {"weights_id": "random-init", "sha256": module_sha256(model.backbone)}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    rebuilt = TransferClassifier.from_checkpoint(tmp_path / "old.ckpt")
+    assert torch.equal(rebuilt.backbone.conv1.weight, model.backbone.conv1.weight)
+    assert torch.equal(rebuilt.head[0].weight, model.head[0].weight)
+    ckpt["backbone_identity"]["sha256"] = "0" * 64  # and the old shape's sha256 is still checked
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    with pytest.raises(FmnistError, match=r"trained on a backbone with sha256 0000000000000000\.\.\. \(random-init\)"):
+        TransferClassifier.from_checkpoint(tmp_path / "bad.ckpt")

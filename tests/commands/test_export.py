@@ -55,6 +55,7 @@ def fresh_images(n: int) -> torch.Tensor:
     return tiny_split(n, 99)[0].unsqueeze(1)
 
 
+@pytest.mark.slow
 def test_onnx_round_trip_with_onnxruntime(tiny_mirror, tmp_path, checkpoint, model, capsys):
     record = export(export_cfg(tiny_mirror, tmp_path, f"ckpt_path={checkpoint}", "format=onnx"))
     out = capsys.readouterr().out
@@ -86,6 +87,7 @@ def test_onnx_round_trip_with_onnxruntime(tiny_mirror, tmp_path, checkpoint, mod
     assert torch.equal(torch_logits(rebuilt, images), torch_logits(model, images))
 
 
+@pytest.mark.slow
 def test_torchscript_round_trip(tiny_mirror, tmp_path, checkpoint, model):
     record = export(export_cfg(tiny_mirror, tmp_path, f"ckpt_path={checkpoint}", "format=torchscript"))
     assert record["verification"]["runtime"] == "torch.jit"
@@ -99,6 +101,7 @@ def test_torchscript_round_trip(tiny_mirror, tmp_path, checkpoint, model):
         assert torch.allclose(got, torch_logits(model, images), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_that_disagrees_with_pytorch_fails_and_writes_nothing(tiny_mirror, tmp_path, checkpoint, monkeypatch):
     real = export_module.run_torchscript
     monkeypatch.setattr(export_module, "run_torchscript", lambda path, images: real(path, images).roll(1, dims=-1))
@@ -108,6 +111,7 @@ def test_export_that_disagrees_with_pytorch_fails_and_writes_nothing(tiny_mirror
     assert not (tmp_path / "export").exists() or not list((tmp_path / "export").iterdir())
 
 
+@pytest.mark.slow
 def test_export_whose_odd_batch_alone_disagrees_says_so(tiny_mirror, tmp_path, checkpoint, monkeypatch):
     real = export_module.run_torchscript
 
@@ -233,6 +237,7 @@ def docs_onnx_snippet(after: str = "Using the ONNX file without PyTorch") -> str
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.slow
 def test_docs_onnx_snippet_runs_as_written_without_torch(tiny_mirror, tmp_path, checkpoint):
     export(export_cfg(tiny_mirror, tmp_path, f"ckpt_path={checkpoint}", "format=onnx", "verify.num_images=16"))
     work = tmp_path / "user"

@@ -59,6 +59,7 @@ def test_fresh_and_resumed_default_runs_print_no_false_warnings(tiny_mirror, tmp
         assert "Trainable params" in proc.stdout  # callbacks.model_summary still prints the summary
 
 
+@pytest.mark.slow
 def test_a_fresh_run_into_a_used_run_dir_starts_fresh(tiny_cfg, tmp_path):
     """ckpt_path=null means a fresh start, even where the run dir already holds last.ckpt."""
     train(tiny_cfg("test=false"))
@@ -70,6 +71,7 @@ def test_a_fresh_run_into_a_used_run_dir_starts_fresh(tiny_cfg, tmp_path):
     assert not torch.equal(first, second)
 
 
+@pytest.mark.slow
 def test_callbacks_none_writes_no_checkpoint_and_reports_the_final_weights(tiny_mirror, tmp_path):
     overrides = [o for o in tiny_overrides(tiny_mirror, tmp_path) if not o.startswith("callbacks.")]
     metrics = train(make_cfg([*overrides, "callbacks=none"], tmp_path / "run"))
@@ -80,6 +82,7 @@ def test_callbacks_none_writes_no_checkpoint_and_reports_the_final_weights(tiny_
     assert report["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_refused_config_leaves_no_run_dir(tmp_path):
     proc = run_cli(f"paths.root_dir={tmp_path}", "trainer.max_epochs=0", timeout=120)
     assert proc.returncode == 2
@@ -87,6 +90,7 @@ def test_refused_config_leaves_no_run_dir(tmp_path):
     assert not list((tmp_path / "logs" / "train" / "runs").iterdir())
 
 
+@pytest.mark.slow
 def test_experiment_replacing_a_chosen_group_says_so_once(tmp_path):
     # ckpt_path=last with no earlier run: a quick refusal after the config is composed and checked.
     args = (f"paths.root_dir={tmp_path}", "experiment=notebook", "ckpt_path=last")
@@ -187,6 +191,7 @@ def test_summarize_without_any_sweep_names_both_places_in_one_line(tmp_path, mon
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_takes_the_furthest_trained_checkpoint_not_the_newest_file(tiny_cfg, tmp_path):
     fast = ("+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false")
     log_dir = tmp_path / "logs"
@@ -202,6 +207,7 @@ def test_ckpt_path_last_takes_the_furthest_trained_checkpoint_not_the_newest_fil
     assert resolve_ckpt_path(cfg) == str(a / "last-v1.ckpt")
 
 
+@pytest.mark.slow
 def test_resuming_a_copied_run_folder_keeps_one_last_and_one_best(tiny_cfg, tmp_path, recwarn, monkeypatch):
     fast = ("+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false")
     train(tiny_cfg(*fast, output="a"))
@@ -218,6 +224,7 @@ def test_resuming_a_copied_run_folder_keeps_one_last_and_one_best(tiny_cfg, tmp_
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
 
 
+@pytest.mark.slow
 def test_last_ckpt_holds_the_last_epoch_also_when_val_stops_improving(tiny_cfg, tmp_path):
     """Lightning 2.6 writes last.ckpt only with a new best: a resume would redo the epochs since."""
     fast = ("+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false")

@@ -287,6 +287,7 @@ def test_load_rgb_refuses_bad_files_with_a_reason_each(tmp_path, monkeypatch):
 # --- predict() from code --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_predict_keeps_input_order_and_matches_the_model(tmp_path, model, checkpoint):
     images, _ = tiny_split(6, 3)
     good = []
@@ -307,6 +308,7 @@ def test_predict_keeps_input_order_and_matches_the_model(tmp_path, model, checkp
         assert result.label == result.top[0][0]
 
 
+@pytest.mark.slow
 def test_predict_expands_folders_and_globs_in_order(tmp_path, model):
     for name in ("b.png", "a.png", "sub/c.png"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -362,6 +364,7 @@ def test_cli_with_a_colour_model(tmp_path, colour_checkpoint, capsys):
 # --- The command line -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_formats_and_exit_code_zero(tmp_path, checkpoint, capsys):
     Image.fromarray(to_u8(shape_image(1.0, 0.0))).save(tmp_path / "a.png")
     Image.fromarray(to_u8(shape_image(0.2, 1.0))).save(tmp_path / "b.jpg")
@@ -413,6 +416,7 @@ def test_an_override_carried_over_from_train_is_one_line_before_the_checkpoint_i
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {arg}: {says}; drop that argument"]
 
 
+@pytest.mark.slow
 def test_an_image_file_named_like_an_override_is_still_an_image(tmp_path, checkpoint, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Image.fromarray(to_u8(shape_image(1.0, 0.0))).save(tmp_path / "a=1.png")

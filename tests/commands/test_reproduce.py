@@ -66,6 +66,7 @@ def test_reproduce_writes_results_from_the_runs_it_made(tiny_mirror, tmp_path):
     assert "not measured yet" not in text and text.startswith("# Title\n") and text.endswith("\n## Next\n")
 
 
+@pytest.mark.slow
 def test_reproduce_offline_with_imagenet_weights_stops_at_once(tmp_path):
     output = tmp_path / "results.md"
     proc = run_cli(
@@ -85,6 +86,7 @@ def test_reproduce_offline_with_imagenet_weights_stops_at_once(tmp_path):
     assert not output.exists() and not (tmp_path / "logs").exists() and not (tmp_path / "README.md").exists()
 
 
+@pytest.mark.slow
 def test_reproduce_rejects_a_bad_override_before_any_run(tmp_path):
     proc = run_cli(
         "--no-readme",

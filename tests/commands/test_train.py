@@ -31,6 +31,7 @@ class RecordBackboneMode(L.Callback):
         assert pl_module.head.training
 
 
+@pytest.mark.slow
 def test_fast_dev_run(tiny_cfg, tmp_path):
     metrics = train(tiny_cfg("debug=fdr"))
     assert metrics["status"] == "completed"
@@ -39,6 +40,7 @@ def test_fast_dev_run(tiny_cfg, tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.slow
 def test_fit_and_test_writes_metrics_and_checkpoints_and_keeps_backbone_frozen(tiny_cfg, tmp_path, monkeypatch):
     cfg = tiny_cfg("trainer.max_epochs=2")
     seen: dict = {}
@@ -78,6 +80,7 @@ def test_fit_and_test_writes_metrics_and_checkpoints_and_keeps_backbone_frozen(t
     assert torch.equal(model.head[0].weight, ckpt["state_dict"]["head.0.weight"])
 
 
+@pytest.mark.slow
 def test_resume_from_last(tiny_cfg, tmp_path):
     first = train(tiny_cfg("trainer.max_epochs=1", output="runs/a"))
     assert first["epochs"] == 1
@@ -92,6 +95,7 @@ def test_resume_from_last(tiny_cfg, tmp_path):
     assert second["global_step"] == 2 * first["global_step"]
 
 
+@pytest.mark.slow
 def test_resume_after_the_run_folder_moved_still_tests(tiny_cfg, tmp_path):
     train(tiny_cfg("trainer.max_epochs=1", output="runs/a"))
     (tmp_path / "runs" / "a").rename(tmp_path / "runs" / "moved")  # the recorded best path is gone
@@ -100,6 +104,7 @@ def test_resume_after_the_run_folder_moved_still_tests(tiny_cfg, tmp_path):
     assert metrics["status"] == "completed" and metrics["test/acc"] is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["model/scheduler=onecycle", "model.scheduler=null"])
 def test_other_schedules_train(tiny_cfg, schedule):
     metrics = train(tiny_cfg(schedule, "test=false"))
@@ -133,6 +138,7 @@ def test_without_an_nvidia_driver_the_cuda_check_stops_retrying_nvml(monkeypatch
     assert not skip_nvml_retries_without_a_driver() and os.environ[NVML_CHECK_ENV] == "1"
 
 
+@pytest.mark.slow
 def test_precision_auto_with_cached_features_is_fp32_and_explicit_is_obeyed(tiny_cfg):
     # The backbone only runs in extraction (which has its own probe); the head trains in fp32.
     assert train(tiny_cfg("trainer.precision=auto", "test=false"))["precision"] == "32-true"
@@ -184,6 +190,7 @@ def test_ddp_sim_two_processes(tiny_mirror, tmp_path):
     assert {m["extracted_by"]["global_rank"] for m in manifests} == {0}
 
 
+@pytest.mark.slow
 def test_cli_without_weights_offline_stops_at_once(tmp_path):
     # The hub is unreachable whatever this machine's network: an empty hub cache, proxies that refuse.
     proc = run_cli(f"paths.root_dir={tmp_path}", env=unreachable_network_env(tmp_path), timeout=120)
@@ -221,6 +228,7 @@ def test_a_run_resuming_from_its_own_run_dir_keeps_it(tiny_cfg, tmp_path):
     assert resumed["epochs"] == 2 and not list((tmp_path / "run").glob("previous-*"))
 
 
+@pytest.mark.slow
 def test_epoch_metrics_are_logged_once_per_epoch(trained_run):
     with open(trained_run / "csv" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -234,6 +242,7 @@ def test_epoch_metrics_are_logged_once_per_epoch(trained_run):
     assert any(r.get("train/loss_step") for r in rows)  # step 0 at least: logged every log_every_n_steps
 
 
+@pytest.mark.slow
 def test_metrics_json_reports_the_best_checkpoints_validation_figures(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     best = torch.load(metrics["best_model_path"], map_location="cpu", weights_only=True)
@@ -268,6 +277,7 @@ class ScriptedValidation(L.LightningModule):
     val_dataloader = train_dataloader
 
 
+@pytest.mark.slow
 def test_the_checkpoint_callback_keeps_the_best_epochs_metrics_across_a_resume(tmp_path):
     from fmnist_tl.training.callbacks import ModelCheckpoint
 

@@ -125,6 +125,7 @@ def test_tensorboard_logger_runs_on_tensorboardx_alone(monkeypatch):
     validate_config(compose_cfg("train", ["logger=tensorboard"]))
 
 
+@pytest.mark.slow
 def test_cli_missing_optional_dependency_one_line(tmp_path):
     hide = (
         "import runpy, sys; sys.modules.update(tensorboard=None, tensorboardX=None); "
@@ -197,6 +198,7 @@ def test_a_moved_key_added_with_plus_is_refused_by_the_schema_check(entry):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "module, override, line",
     [
@@ -256,6 +258,7 @@ def test_entry_schemas_check_ranges(config_name, overrides, message):
         schemas.check_config(compose_cfg(config_name, ["ckpt_path=x.ckpt", *overrides]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "module, override",
     [("fmnist_tl.evaluate", "model.weights=null"), ("fmnist_tl.train", "model.optimzer.lr=1")],
@@ -273,6 +276,7 @@ def test_cli_hydra_error_one_line(module, override, tmp_path):
 
 # One refusal per path to the CLI's error line: our checks (every message is checked in-process
 # above) and Hydra's composition. A CLI costs seconds of imports; the messages do not need one each.
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["model.optimizer.lr=-1", "+nonexistent=1"])
 def test_cli_bad_override_one_line_exit_nonzero(override, tmp_path):
     proc = run_cli(override, f"paths.root_dir={tmp_path}", "model.weights=null")

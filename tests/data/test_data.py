@@ -107,7 +107,7 @@ def test_pin_memory_auto_pins_only_for_a_cuda_trainer(tiny_mirror, tmp_path):
 
     dm.trainer = FakeTrainer()
     assert dm.train_dataloader().pin_memory is True
-    with pytest.raises(FmnistError, match="data.pin_memory='yes' must be auto, true or false"):
+    with pytest.raises(FmnistError, match="data.pin_memory='yes' must be one of auto, true, false"):
         FashionMNISTDataModule(data_dir=str(tmp_path), pin_memory="yes")
 
 

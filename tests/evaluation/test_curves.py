@@ -38,25 +38,13 @@ def test_read_curves_gathers_each_epoch_from_lightning_rows(tmp_path):
     }
 
 
-@pytest.mark.parametrize(
-    "finetune, start",
-    [
-        (None, None),
-        ({"start_epoch": None, "init_from": None}, None),
-        ({"start_epoch": 3, "init_from": None, "unfreeze": ["layer4"]}, 3),
-        ({"start_epoch": None, "init_from": "head.ckpt"}, 0),
-    ],
-)
-def test_finetune_start_from_the_run_config(finetune, start):
-    assert curves.finetune_start_of({"model": {"backbone": "resnet18", "finetune": finetune}}) == start
-
-
 def _column(csv_path, name):
     """The per-epoch values of one column, read here with the csv module alone."""
     with open(csv_path, newline="") as f:
         return [(int(r["epoch"]), float(r[name])) for r in csv.DictReader(f) if r["epoch"] and r.get(name)]
 
 
+@pytest.mark.slow
 def test_train_report_has_curves_from_the_csv_log(trained_run):
     png = trained_run / "curves.png"
     assert png.is_file() and Image.open(png).size[0] > 300
@@ -67,6 +55,7 @@ def test_train_report_has_curves_from_the_csv_log(trained_run):
         assert data[name] == _column(log_file, name) and [e for e, _ in data[name]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_evaluate_plots_the_checkpoint_runs_csv_with_its_finetune_start(
     trained_run, tiny_mirror, tmp_path, monkeypatch
 ):

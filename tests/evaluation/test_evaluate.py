@@ -68,6 +68,7 @@ def test_compute_report_on_hand_made_logits():
     assert [(p["true"], p["predicted"], p["count"]) for p in report["most_confused"]] == [("a", "b", 1), ("c", "a", 1)]
 
 
+@pytest.mark.slow
 def test_train_writes_report_matching_what_trainer_test_logged(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     report = json.loads((trained_run / "report.json").read_text())
@@ -84,6 +85,7 @@ def test_train_writes_report_matching_what_trainer_test_logged(trained_run):
             assert image.format == "PNG" and image.width > 400 and image.height > 150
 
 
+@pytest.mark.slow
 def test_evaluate_command_matches_trainer_test(trained_run, tiny_mirror, tmp_path):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     cfg = eval_cfg(tiny_mirror, tmp_path, f"ckpt_path={metrics['best_model_path']}")

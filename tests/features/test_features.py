@@ -404,6 +404,7 @@ def faint_mirror(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_runs_reach_same_val_acc(faint_mirror, tmp_path):
     def run(cache: str, output: str) -> dict:
         overrides = tiny_overrides(faint_mirror, tmp_path) + [

@@ -23,6 +23,7 @@ from fmnist_tl.data.fashion_mnist import ImagePreprocess
 from fmnist_tl.features import onnx_backend, probe
 from fmnist_tl.features.candidates import Candidate, candidates, split_samples, time_runner
 from fmnist_tl.features.extraction import FeatureExtractor, extraction_settings, split_entry
+from fmnist_tl.features.manifest import fingerprint_key
 from fmnist_tl.features.probe import Planner
 from fmnist_tl.runtime.build import build
 from fmnist_tl.train import train
@@ -414,11 +415,12 @@ def test_gpu_without_bf16_errors(monkeypatch):
         candidates("auto", "int8", torch.device("cuda"))
     assert [c.id for c in candidates("auto", "auto", torch.device("cuda"))] == ["torch:32", "torch:16"]
     cfg = {"precision": "bf16-mixed", "accelerator": "gpu"}
-    with pytest.raises(FmnistError, match=r"trainer.precision=bf16-mixed: this GPU \(Tesla T4\) has no bf16"):
+    with pytest.raises(FmnistError, match=r"trainer.precision=bf16-mixed: the GPU \(Tesla T4\) has no bf16"):
         resolve_precision(cfg)
     assert resolve_precision({"precision": "auto", "accelerator": "gpu"}) == "32-true"
 
 
+@pytest.mark.slow
 def test_cli_error_line_for_int8_on_torch(tiny_mirror, tmp_path):
     proc = run_cli(*tiny_overrides(tiny_mirror, tmp_path), "features.backend=torch", "features.precision=int8")
     assert proc.returncode == 2
@@ -435,7 +437,7 @@ def test_trainer_precision_auto_on_cpu_follows_the_measurement(tmp_path, net, mo
     settings = FeaturesConfig()
     pre = ImagePreprocess(32)
     fields = probe.probe_fields(torch.device("cpu"), "resnet18", 32, 16)
-    path = tmp_path / f"probe-{probe.record_key(fields)}.json"
+    path = tmp_path / f"probe-{fingerprint_key(fields, 20)}.json"
     monkeypatch.setattr(Planner, "measure", lambda self, c: pytest.fail(f"{c.id} measured although recorded"))
     for bf16, expected in ((30.0, "bf16-mixed"), (5.0, "32-true")):
         record = {"fields": fields, "candidates": {"torch:32": {"img_per_s": 10.0}, "torch:bf16": {"img_per_s": bf16}}}

@@ -25,19 +25,19 @@ from tests.helpers import TINY_SIZES, write_tiny_mirror
 
 def test_a_backbone_built_before_is_copied_not_rebuilt(monkeypatch):
     first = TransferClassifier(backbone="resnet18", weights=None, image_size=32, init_seed=11)
-    first_sha = first.backbone_sha256
+    first_sha = first.weights_sha256
     inits, hashes = [], []
     monkeypatch.setattr(weights_module, "_build_backbone", lambda *a: inits.append(a))  # would fail if called
     monkeypatch.setattr(weights_module, "module_sha256", lambda m: hashes.append(m))
     second = TransferClassifier(backbone="resnet18", weights=None, image_size=32, init_seed=11)
-    assert inits == [] and second.backbone_sha256 == first_sha and hashes == []
+    assert inits == [] and second.weights_sha256 == first_sha and hashes == []
     for (name, a), b in zip(first.backbone.state_dict().items(), second.backbone.state_dict().values(), strict=True):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name  # equal, but a copy of its own
     assert not any(p.requires_grad for p in second.backbone.parameters())
     monkeypatch.undo()
     # Another seed, or no seed at all, is built anew.
     other = TransferClassifier(backbone="resnet18", weights=None, image_size=32, init_seed=12)
-    assert other.backbone_sha256 != first_sha == module_sha256(first.backbone)
+    assert other.weights_sha256 != first_sha == module_sha256(first.backbone)
     unseeded = [TransferClassifier(backbone="resnet18", weights=None, image_size=32) for _ in range(2)]
     assert module_sha256(unseeded[0].backbone) != module_sha256(unseeded[1].backbone)
 
@@ -46,11 +46,11 @@ def test_a_backbone_that_trains_is_hashed_each_time():
     model = TransferClassifier(
         backbone="resnet18", weights=None, image_size=32, init_seed=11, finetune={"start_epoch": 0}
     )
-    before = model.backbone_sha256
+    before = model.weights_sha256
     with torch.no_grad():
         model.backbone.conv1.weight.add_(1.0)
     assert (
-        model.backbone_sha256
+        model.weights_sha256
         != before
         == module_sha256(TransferClassifier(backbone="resnet18", weights=None, image_size=32, init_seed=11).backbone)
     )

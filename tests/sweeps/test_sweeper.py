@@ -419,6 +419,7 @@ def test_a_pruned_trial_reports_its_best_so_far_and_stops_every_rank_together(tm
 # ---- lost trials -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_only_trials_of_gone_workers_are_marked_lost(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
     here = worker_identity()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -12,15 +13,17 @@ import lightning as L
 import pytest
 import torch
 import torchvision
+from omegaconf import OmegaConf
 
 from fmnist_tl.backbones import registry as backbones
+from fmnist_tl.config.schemas import FinetuneConfig
 from fmnist_tl.core.errors import FmnistError
 from fmnist_tl.runtime.checks import validate_config
 from fmnist_tl.train import train
 from fmnist_tl.training.finetune import finetune_options
 from fmnist_tl.training.lr_plan import finetune_phase_factor, head_phase_factors
 from fmnist_tl.training.model import TransferClassifier
-from tests.helpers import DDP_SIM, make_cfg, run_cli, tiny_overrides
+from tests.helpers import DDP_SIM, REPO, make_cfg, run_cli, tiny_overrides
 
 # A couple of batches per epoch: enough for every trainable tensor to move, fast on 2 cores.
 FAST = (
@@ -108,6 +111,7 @@ def recorder(monkeypatch) -> Recorder:
     return rec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "bn, stages",
     [("frozen", ["layer4"]), ("train", ["layer3"])],
@@ -175,6 +179,7 @@ def test_two_phases_in_every_family_train_only_the_top_stage(tiny_cfg, recorder,
     assert changed(straight_head, recorder.head_at_end) == set()
 
 
+@pytest.mark.slow
 def test_resume_across_the_unfreeze_keeps_groups_lrs_and_optimizer_state(tiny_cfg, recorder, tmp_path):
     three = ("model.finetune.start_epoch=1", "trainer.max_epochs=3", *EVERY_EPOCH)
     train(tiny_cfg(*three, *FAST, output="straight"))
@@ -211,6 +216,7 @@ def head_ckpt(tiny_mirror, tmp_path_factory):
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_init_from_starts_from_the_head_run_and_fine_tunes(tiny_cfg, recorder, head_ckpt, tmp_path):
     head_copy = tmp_path / "head.ckpt"
     shutil.copy(head_ckpt, head_copy)
@@ -234,6 +240,7 @@ def test_init_from_starts_from_the_head_run_and_fine_tunes(tiny_cfg, recorder, h
     assert all(torch.equal(v, recorder.states[1][k]) for k, v in tuned.backbone.state_dict().items())
 
 
+@pytest.mark.slow
 def test_resuming_an_init_from_run_needs_no_init_from_file(tiny_cfg, head_ckpt, tmp_path):
     head_copy = tmp_path / "head.ckpt"
     shutil.copy(head_ckpt, head_copy)
@@ -253,6 +260,7 @@ def test_resuming_an_init_from_run_needs_no_init_from_file(tiny_cfg, head_ckpt, 
     assert changed({k: v for k, v in saved.items() if k.startswith("head.")}, resumed)  # it trained on
 
 
+@pytest.mark.slow
 def test_init_from_wrong_architecture_is_clear(head_ckpt, tmp_path):
     with pytest.raises(
         FmnistError, match=r"does not fit this model: it has backbone=resnet18, .*model.backbone=resnet34"
@@ -285,6 +293,19 @@ def test_init_from_wrong_architecture_is_clear(head_ckpt, tmp_path):
 def test_bad_finetune_values_rejected_before_training(tiny_cfg, overrides, message):
     with pytest.raises(FmnistError, match=re.escape(message)):
         validate_config(tiny_cfg(*overrides))
+
+
+def test_model_finetune_has_one_set_of_defaults_and_is_parsed_once():
+    """conf/model/resnet50.yaml's model.finetune is FinetuneConfig's defaults; a parsed one is passed on as is."""
+    yaml_defaults = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "resnet50.yaml").finetune)
+    assert yaml_defaults == dataclasses.asdict(FinetuneConfig())
+    ft = finetune_options({"start_epoch": 1, "unfreeze": "last_2"}, "resnet18")
+    assert isinstance(ft, FinetuneConfig) and ft.unfreeze == ["layer3", "layer4"] and ft.first_epoch == 1
+    assert finetune_options(ft, "resnet18") is ft
+    model = TransferClassifier(backbone="resnet18", weights=None, image_size=32, finetune=ft)
+    assert model.finetune is ft and model.hparams.finetune == ft.as_dict()  # checkpoints hold plain containers
+    assert finetune_options(model.hparams.finetune, "resnet18") == ft
+    assert finetune_options({"init_from": "head.ckpt"}, "resnet18").first_epoch == 0
 
 
 def test_finetune_built_in_python_is_checked_by_the_same_schema():
@@ -366,6 +387,7 @@ def test_ddp_sim_two_phase_run(tiny_mirror, tmp_path, backbone, size):
     assert len(finetune_epoch["optimizer_states"][0]["state"]) == 4 + len(top_params)
 
 
+@pytest.mark.slow
 def test_extending_a_fine_tune_run_continues_its_cosine(tiny_cfg, recorder, tmp_path):
     # Phase epochs 1..3 of a 4-epoch run, then extended to 6: the phase's cosine goes on down from
     # the LR of epoch 3, where rebuilding it for 6 epochs would jump back up.
@@ -382,12 +404,12 @@ def test_extending_a_fine_tune_run_continues_its_cosine(tiny_cfg, recorder, tmp_
 
 def test_log_lines_count_epochs_from_1_as_the_progress_bar_and_curves_do():
     """start_epoch=3 is the 4th epoch: the bar shows 'Epoch 4', curves.png 'fine-tune from epoch 4'."""
-    from fmnist_tl.training.finetune import check_finetune
+    from fmnist_tl.training.finetune import check_finetune, phase_message
 
     ft = finetune_options({"start_epoch": 3, "unfreeze": "last_1"}, "resnet18")
-    line = ft.phase_message(3, {"head": 1e-3, "backbone": 1e-4})
+    line = phase_message(ft, 3, {"head": 1e-3, "backbone": 1e-4})
     assert line.startswith("Fine-tune phase from epoch 4 (model.finetune.start_epoch=3): ")
-    resumed = ft.phase_message(5, {"head": 1e-3, "backbone": 1e-4})
+    resumed = phase_message(ft, 5, {"head": 1e-3, "backbone": 1e-4})
     assert resumed.startswith("Fine-tune phase from epoch 4 (model.finetune.start_epoch=3, resumed at epoch 6): ")
     with pytest.raises(FmnistError, match=r"raise trainer.max_epochs above 3 \(fine-tuning runs from epoch 4 to"):
         check_finetune(ft, True, 3, check_files=False)

@@ -124,6 +124,7 @@ def test_malicious_checkpoint_refused_for_resume_and_predict(tiny_cfg, tmp_path)
     assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_clear(tiny_cfg, tmp_path):
     metrics = train(tiny_cfg())
     last = Path(metrics["best_model_path"]).parent / "last.ckpt"
@@ -195,6 +196,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer", ["checkpoint", "cache"])
 def test_kill_9_during_checkpoint_and_cache_writes_never_leaves_a_bad_file(writer, tmp_path):
     target = tmp_path / "ckpts" / "last.ckpt"
@@ -231,6 +233,7 @@ def _assert_same_run(straight: dict, resumed: dict, a_ckpt: Path, b_ckpt: Path) 
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_parity_two_epochs_vs_one_plus_resume(tiny_cfg, tmp_path):
     # The default cosine: extending a finished 1-epoch run to 2 re-plans its cosine from the LR of
     # epoch 0, which is the 2-epoch run's schedule (a restored T_max=1 would put epoch 1 at LR 0).
@@ -250,6 +253,7 @@ class _StopAfterFirstEpoch(L.Callback):
         trainer.should_stop = True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["model/scheduler=cosine", "model/scheduler=onecycle"])
 def test_interrupted_run_resumed_equals_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch, schedule):
     straight = train(tiny_cfg(*PARITY, schedule, "trainer.max_epochs=3", output="straight"))
@@ -274,6 +278,7 @@ def _epoch_lrs(run: Path) -> list[float]:
         return [float(r["lr-AdamW"]) for r in csv.DictReader(f) if r.get("lr-AdamW")]  # once per epoch, in order
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_continues_the_cosine_without_cycling(tiny_cfg, tmp_path, caplog):
     fast = ("+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false")
     train(tiny_cfg(*fast, "trainer.max_epochs=2", output="a"))
@@ -294,6 +299,7 @@ def test_extending_a_finished_run_continues_the_cosine_without_cycling(tiny_cfg,
     assert torch.load(last, weights_only=True)["lr_plan"]["max_epochs"] == 5
 
 
+@pytest.mark.slow
 def test_one_cycle_is_not_extended_and_the_schedule_kind_must_match(tiny_cfg, tmp_path):
     fast = ("+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false")
     train(tiny_cfg(*fast, "model/scheduler=onecycle", output="a"))
@@ -305,6 +311,7 @@ def test_one_cycle_is_not_extended_and_the_schedule_kind_must_match(tiny_cfg, tm
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_without_a_recorded_plan_still_resumes_and_extends(tiny_cfg, tmp_path):
     """A checkpoint from before lr_plan existed: its cosine is a CosineAnnealingLR state."""
     fast = ("+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false")
@@ -320,6 +327,7 @@ def test_checkpoint_without_a_recorded_plan_still_resumes_and_extends(tiny_cfg, 
     assert _epoch_lrs(tmp_path / "b") == pytest.approx([0.5e-3 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in (1, 2)])
 
 
+@pytest.mark.slow
 def test_last_never_picks_exception_checkpoint(tiny_cfg, tmp_path):
     """ckpt_path=last resolves to checkpoints/last.ckpt only, never on_exception.ckpt."""
     train(tiny_cfg(output="logs/train/runs/a"))
@@ -333,6 +341,7 @@ def test_last_never_picks_exception_checkpoint(tiny_cfg, tmp_path):
 # ---------------------------------------------------------------- 6. NaN / Inf
 
 
+@pytest.mark.slow
 def test_diverging_lr_stops_with_clear_error(tiny_cfg, tmp_path):
     with pytest.raises(FmnistError, match="training diverged: loss is nan.*lower model.optimizer.lr"):
         train(tiny_cfg("model.optimizer.lr=1e6", "trainer.max_epochs=3"))
@@ -340,6 +349,7 @@ def test_diverging_lr_stops_with_clear_error(tiny_cfg, tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_injected_nan_keeps_best_checkpoint_finite(tiny_cfg, tmp_path, monkeypatch):
     original = TransferClassifier.logits
 
@@ -372,6 +382,7 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow
 def test_enospc_on_checkpoint_keeps_previous(tiny_cfg, tmp_path, monkeypatch):
     train(tiny_cfg())
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -414,6 +425,7 @@ def test_pickle_marker_payload_is_live():
         pickle.loads(blob)
 
 
+@pytest.mark.slow
 def test_enospc_on_feature_cache_keeps_existing_entries(tiny_cfg, tmp_path, monkeypatch):
     first = train(tiny_cfg(output="a"))
     assert {v["status"] for v in first["feature_cache"].values()} == {"extracted"}
@@ -429,6 +441,7 @@ def test_enospc_on_feature_cache_keeps_existing_entries(tiny_cfg, tmp_path, monk
     assert {v["status"] for v in again["feature_cache"].values()} == {"hit"}
 
 
+@pytest.mark.slow
 def test_enospc_on_report_keeps_previous_report(tiny_cfg, tmp_path, monkeypatch):
     train(tiny_cfg())
     run = tmp_path / "run"
