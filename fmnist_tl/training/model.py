@@ -260,8 +260,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
         if self.freeze_backbone:
-            # requires_grad=False alone still lets BatchNorm update its running stats in train mode,
-            # and dropout and stochastic depth drop features: the frozen part runs in eval mode.
+            # requires_grad=False alone lets BatchNorm stats move and dropout drop features: run it in eval mode.
             stages = self.finetune_stages if mode and self.finetune_active else []
             set_frozen_modes(self.backbone, stages, train_norm=self.finetune.bn == "train")
         return self
@@ -334,8 +333,7 @@ class TransferClassifier(TrainedOn, L.LightningModule):
         self.log_dict(self.metrics.compute("test"))
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.logits(x).float().softmax(-1)
+        return self.logits(batch[0] if isinstance(batch, (list, tuple)) else batch).float().softmax(-1)
 
     def configure_optimizers(self) -> Any:
         skip_nvml_retries_without_a_driver()  # the optimizer checks for CUDA at every step

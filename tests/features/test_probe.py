@@ -20,7 +20,7 @@ from fmnist_tl.core import machine
 from fmnist_tl.core.errors import FmnistError
 from fmnist_tl.core.files import module_sha256
 from fmnist_tl.data.fashion_mnist import ImagePreprocess
-from fmnist_tl.features import onnx_backend, probe
+from fmnist_tl.features import onnx_backend, probe, ranking
 from fmnist_tl.features.candidates import Candidate, candidates, split_samples, time_runner
 from fmnist_tl.features.extraction import FeatureExtractor, extraction_settings, split_entry
 from fmnist_tl.features.manifest import fingerprint_key
@@ -201,7 +201,7 @@ def test_near_equal_timings_are_a_tie_that_fidelity_breaks(
         assert gates["onnxruntime:int8"]["passed"] and gates["onnxruntime:int8-r7"]["passed"]
         assert gates[expected]["worst_cosine"] > min(g["worst_cosine"] for g in gates.values())
         tie = plan.summary()["tie"]
-        assert tie["by"] == "fidelity" and tie["chosen"] == expected and tie["within"] == probe.PROBE_NOISE
+        assert tie["by"] == "fidelity" and tie["chosen"] == expected and tie["within"] == ranking.PROBE_NOISE
         assert sorted(tie["candidates"]) == ["onnxruntime:int8", "onnxruntime:int8-r7"]
         assert "within 5%, a tie: the most faithful wins (worst cosine to fp32" in plan.reason
         chosen.append(plan.candidate.id)
