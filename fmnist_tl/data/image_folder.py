@@ -146,34 +146,39 @@ def per_class_counts(sizes: Sequence[int], value: float | int) -> list[int]:
     return counts
 
 
-def draw_split(
-    labels: torch.Tensor,
-    value: float | int,
-    seed: int,
-    split: str,
-    key: str,
-    classes: Sequence[str],
-    root: Path,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(drawn positions, the rest) of `labels`, stratified per class and seeded; both sorted."""
-    sizes = [int((labels == c).sum()) for c in range(len(classes))]
-    counts = per_class_counts(sizes, value)
+def draw_splits(
+    labels: torch.Tensor, sizes: dict[str, float | int], seed: int, classes: Sequence[str], root: Path
+) -> dict[str, torch.Tensor]:
+    """Positions in `labels` (the train folder's) of each drawn split and of what is left for
+    training ("train"), stratified per class and seeded; each split's share is counted on the
+    whole train folder (`per_class_counts`). Every class must keep an image in every split."""
+    class_sizes = [int((labels == c).sum()) for c in range(len(classes))]
+    counts = {split: per_class_counts(class_sizes, value) for split, value in sizes.items()}
     g = torch.Generator().manual_seed(int(seed))
-    drawn = []
-    for c, (n, k) in enumerate(zip(sizes, counts, strict=True)):
-        if k == 0 or k >= n:
-            left = "no" if k == 0 else "all its"
-            where = "training" if k >= n else SPLIT_NAMES[split]
+    owner = torch.full((len(labels),), -1)  # index into `sizes` of the split a position went to, -1: train
+    for c, n in enumerate(class_sizes):
+        taken = [counts[split][c] for split in sizes]
+        for split, k in zip(sizes, taken, strict=True):
+            if k == 0:
+                raise FmnistError(
+                    f"data.{split}_size={sizes[split]} leaves class '{classes[c]}' ({n} images) with no "
+                    f"{SPLIT_NAMES[split]} image: change data.{split}_size, add images to that class, or give "
+                    f"the split its own folder ({root / split}/<class>/)"
+                )
+        if sum(taken) >= n:
+            asked = " and ".join(f"data.{split}_size={value}" for split, value in sizes.items())
             raise FmnistError(
-                f"data.{key}={value} leaves class '{classes[c]}' ({n} images) with no {where} image "
-                f"(the {SPLIT_NAMES[split]} split would take {left} images): change data.{key}, add images "
-                f"to that class, or give the split its own folder ({root / split}/<class>/)"
+                f"{asked} leave class '{classes[c]}' ({n} images) with no training image: lower them "
+                "or add images to that class"
             )
         positions = torch.nonzero(labels == c).flatten()
-        drawn.append(positions[torch.randperm(n, generator=g)[:k]])
-    mask = torch.zeros(len(labels), dtype=torch.bool)
-    mask[torch.cat(drawn)] = True
-    return torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
+        order = positions[torch.randperm(n, generator=g)]
+        start = 0
+        for i, k in enumerate(taken):
+            owner[order[start : start + k]] = i
+            start += k
+    drawn = {split: torch.nonzero(owner == i).flatten() for i, split in enumerate(sizes)}
+    return {**drawn, "train": torch.nonzero(owner == -1).flatten()}
 
 
 def weights_crop_size(backbone: str, weights: str | None) -> int:
@@ -376,6 +381,7 @@ class ImageFolderDataModule(SplitsDataModule):
         self.open_store()
 
     def setup(self, stage: str | None = None) -> None:
+        self._check_model()
         if self.data_train is not None:
             return
         files = self._scan()
@@ -390,19 +396,28 @@ class ImageFolderDataModule(SplitsDataModule):
                 span = torch.arange(start, start + n)
                 rows[split] = span[valid[span]]
             start += n
-        for split, key in (("test", "test_size"), ("val", "val_size")):
-            if split not in rows:
-                train = rows["train"]
-                drawn, rest = draw_split(
-                    labels[train], getattr(self, key), self.seed, split, key, self.class_names, self.root
-                )
-                rows[split], rows["train"] = train[drawn], train[rest]
+        missing = {split: getattr(self, f"{split}_size") for split in ("val", "test") if split not in rows}
+        if missing:
+            train = rows["train"]
+            drawn = draw_splits(labels[train], missing, self.seed, self.class_names, self.root)
+            rows.update({split: train[positions] for split, positions in drawn.items()})
         for split in SPLITS:
             view = StoredRows(store.images, rows[split])
             setattr(self, f"data_{split}", StoredSplit(view, labels[rows[split]]))
         self.split_rows = rows
         # The uint8 images stay reachable when a split is swapped for cached features (reports need them).
         self.image_splits = {s: getattr(self, f"data_{s}").tensors for s in SPLITS}
+
+    def _check_model(self) -> None:
+        """A model whose head has another number of classes than the folder is a config mistake."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        wanted = getattr(getattr(model, "hparams", {}), "get", lambda *_: None)("num_classes")
+        self._scan()
+        if wanted is not None and int(wanted) != len(self.class_names):
+            raise FmnistError(
+                f"model.num_classes={wanted} but {self.root} has {len(self.class_names)} class folders "
+                f"({', '.join(self.class_names)}): set model.num_classes={len(self.class_names)}"
+            )
 
     # --- what the rest of the project asks a datamodule ----------------------------------------
     def input_spec(self) -> dict[str, Any]:
