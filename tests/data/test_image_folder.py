@@ -292,7 +292,7 @@ def test_bad_folders_are_one_line_errors(tmp_path):
 def test_a_split_size_that_leaves_a_class_without_images_is_refused(tmp_path):
     root = make_folder(tmp_path / "ds", classes=("big", "small"), per_class=2)
     make_folder(root, classes=("big",), per_class=20)
-    dm = datamodule(root, tmp_path, val_size=2, test_size=0.1)
+    dm = datamodule(root, tmp_path, val_size=0.5, test_size=0.1)
     with pytest.raises(FmnistError, match=r"data.test_size=0.1 leaves class 'small' \(2 images\) with no test image"):
         dm.setup()
     dm = datamodule(root, tmp_path, val_size=0.5, test_size=0.5)
