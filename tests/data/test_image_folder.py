@@ -296,7 +296,7 @@ def test_a_split_size_that_leaves_a_class_without_images_is_refused(tmp_path):
     with pytest.raises(FmnistError, match=r"data.test_size=0.1 leaves class 'small' \(2 images\) with no test image"):
         dm.setup()
     dm = datamodule(root, tmp_path, val_size=0.5, test_size=0.5)
-    with pytest.raises(FmnistError, match=r"test_size=0.5 leave class 'small' \(2 images\) with no training image"):
+    with pytest.raises(FmnistError, match=r"test_size=0.5 leave class 'big' \(20 images\) with no training image"):
         dm.setup()
 
 
