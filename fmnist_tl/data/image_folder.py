@@ -5,8 +5,8 @@ grey, any size), or DIR/train, DIR/val, DIR/test each in that layout (val and te
 missing val or test split is drawn from train, stratified per class and seeded (`data.val_size`,
 `data.test_size`: a fraction or a count). Class names are the class folders' names, sorted.
 
-Images are decoded once into a memory-mapped uint8 store at `data.stored_size`
-(fmnist_tl.data.image_store); a split is a view of rows of it (`StoredRows`), gathered batch by batch,
+Images are decoded once into a uint8 store on disk at `data.stored_size`
+(fmnist_tl.data.image_store); a split is a view of rows of it (`StoredRows`), read batch by batch,
 so memory stays bounded however many images there are. From there everything runs as for
 Fashion-MNIST (fmnist_tl.data.splits): the loaders, the feature cache (keyed by the store,
 `split_fingerprint`), and the model's own preprocessing on the device.
@@ -196,12 +196,16 @@ def weights_crop_size(backbone: str, weights: str | None) -> int:
 class StoredRows:
     """Rows of the store standing in for a split's uint8 (N, 3, S, S) tensor.
 
-    Indexing (an int, a slice, an index tensor) gathers only those rows from the memory-mapped file,
-    so the feature cache, the probe and the report slice a split as they would a tensor, and
-    nothing ever holds the whole split in memory.
+    Indexing (an int, a slice, an index tensor) reads only those rows from the store's file, so the
+    feature cache, the probe and the report slice a split as they would a tensor, and nothing ever
+    holds the whole split in memory.
     """
 
-    def __init__(self, store: torch.Tensor, rows: torch.Tensor) -> None:
+    ndim = 4
+    dtype = torch.uint8
+    device = torch.device("cpu")
+
+    def __init__(self, store: ImageStore, rows: torch.Tensor) -> None:
         self.store, self.rows = store, rows
 
     def __len__(self) -> int:
@@ -209,25 +213,12 @@ class StoredRows:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((len(self.rows), *self.store.shape[1:]))
-
-    @property
-    def ndim(self) -> int:
-        return self.store.ndim
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.store.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.store.device
+        return torch.Size((len(self.rows), 3, self.store.size, self.store.size))
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         rows = self.rows[index]
-        if rows.ndim == 0:
-            return self.store[int(rows)].clone()
-        return self.store.index_select(0, rows)
+        images = self.store.read_rows(rows)
+        return images[0] if rows.ndim == 0 else images
 
     def pin_memory(self) -> StoredRows:
         return self  # batches are gathered into fresh tensors anyway
@@ -402,7 +393,7 @@ class ImageFolderDataModule(SplitsDataModule):
             drawn = draw_splits(labels[train], missing, self.seed, self.class_names, self.root)
             rows.update({split: train[positions] for split, positions in drawn.items()})
         for split in SPLITS:
-            view = StoredRows(store.images, rows[split])
+            view = StoredRows(store, rows[split])
             setattr(self, f"data_{split}", StoredSplit(view, labels[rows[split]]))
         self.split_rows = rows
         # The uint8 images stay reachable when a split is swapped for cached features (reports need them).

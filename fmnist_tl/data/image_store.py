@@ -1,4 +1,4 @@
-"""A folder's images decoded once into a uint8 store on disk, memory-mapped when read.
+"""A folder's images decoded once into a uint8 store on disk, read back row by row.
 
 One store per (file list, file sizes and mtimes, stored size): its folder under the cache is named
 by a hash of those, so a changed, added or removed file makes a new store and an unchanged folder
@@ -7,6 +7,12 @@ order of the file list) and `manifest.json` (the fingerprint, the files and labe
 could not be read). A store is built in a temporary folder (disk space reserved up front, the
 manifest written last) and renamed into place: a decode stopped by Ctrl-C, a crash or a full disk
 leaves no folder under the store's name, so no later run trusts half a store.
+
+Reading: `ImageStore.read_rows` copies just the rows asked for (one `os.preadv` per run of
+consecutive rows) into a fresh tensor. The file is not memory-mapped for reading on purpose: mapped
+pages that were read count in the process's RSS until the kernel drops them, so a pass over a
+15 GB store (100k images at 224 px) would show 15 GB of RSS; read through the page cache, RSS stays
+at the batch being read.
 
 Decoding runs in worker processes, one per core (Pillow's JPEG draft mode decodes at a reduced
 scale where the stored size allows); each writes its rows straight into the file
@@ -45,11 +51,12 @@ POOL_MIN_FILES = 64
 
 @dataclass
 class ImageStore:
-    """An opened store: `images` is uint8 (N, 3, S, S) backed by the file (pages read on demand)."""
+    """An opened store of `count` uint8 (3, size, size) rows; `read_rows` reads them."""
 
     path: Path
     key: str
-    images: torch.Tensor
+    count: int
+    size: int
     skipped: list[tuple[str, str]]  # (file, reason) of files left out (data.on_bad_file=skip)
     decoded: bool  # True when this call decoded it, False when it opened an existing store
     skipped_rows: tuple[int, ...] = ()  # their rows, left zero
@@ -57,9 +64,35 @@ class ImageStore:
     @property
     def valid(self) -> torch.Tensor:
         """Bool mask of the rows that hold an image."""
-        mask = torch.ones(len(self.images), dtype=torch.bool)
+        mask = torch.ones(self.count, dtype=torch.bool)
         mask[list(self.skipped_rows)] = False
         return mask
+
+    def _fd(self) -> int:
+        # One descriptor per process (DataLoader workers forked from this one open their own).
+        fd = self.__dict__.get("_fd_of", {}).get(os.getpid())
+        if fd is None:
+            fd = os.open(self.path / DATA_FILE, os.O_RDONLY)
+            self.__dict__.setdefault("_fd_of", {})[os.getpid()] = fd
+        return fd
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_fd_of"}
+
+    def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """uint8 (len(rows), 3, size, size): the given rows, in the given order."""
+        r = rows.reshape(-1).long().numpy()
+        out = np.empty((len(r), 3 * self.size * self.size), dtype=np.uint8)
+        row_bytes = out.shape[1]
+        if len(r):
+            breaks = np.flatnonzero(np.diff(r) != 1) + 1
+            fd = self._fd()
+            for start, end in zip(np.r_[0, breaks], np.r_[breaks, len(r)], strict=True):
+                want = (end - start) * row_bytes
+                got = os.preadv(fd, [out[start:end]], int(r[start]) * row_bytes)
+                if got != want:
+                    raise FmnistError(f"image store {self.path}: rows missing from its data file; delete the folder")
+        return torch.from_numpy(out).view(len(r), 3, self.size, self.size)
 
 
 def store_fingerprint(root: Path, files: Sequence[str], size: int) -> dict:
@@ -130,11 +163,9 @@ def _open(path: Path, key: str, count: int, size: int) -> ImageStore | None:
             return None
     except (OSError, ValueError):
         return None
-    # Copy-on-write mapping: a writable array torch can wrap; nothing is ever written back.
-    array = np.memmap(data, dtype=np.uint8, mode="c", shape=(count, 3, size, size))
     skipped = [(rel, reason) for _, rel, reason in manifest.get("skipped", [])]
     rows = tuple(int(row) for row, _, _ in manifest.get("skipped", []))
-    return ImageStore(path, key, torch.from_numpy(array), skipped, decoded=False, skipped_rows=rows)
+    return ImageStore(path, key, count, size, skipped, decoded=False, skipped_rows=rows)
 
 
 def _build(
