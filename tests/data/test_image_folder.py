@@ -348,7 +348,7 @@ def test_cli_bad_root_and_model_class_count_are_one_error_line_exit_2(tmp_path):
         f"error: data.root={tmp_path / 'missing'} does not exist: point it at a folder with one subfolder of "
         "images per class (or train/, val/ and test/ folders holding those)"
     ]
-    make_folder(tmp_path / "ds", per_class=4)
+    make_folder(tmp_path / "ds", per_class=10)
     result = run_cli("data=image_folder", f"data.root={tmp_path / 'ds'}", *common, "trainer.max_epochs=1")
     assert result.returncode == 2, result.stderr
     assert "error: model.num_classes=10 but" in result.stderr and "set model.num_classes=3" in result.stderr
@@ -372,15 +372,17 @@ def test_fashion_mnist_as_a_folder_of_pngs_gives_bit_identical_features_and_the_
     fm.prepare_data()
     fm.setup()
     root = tmp_path / "fmnist-pngs"
+    # Folder names sort into label order ("0-T-shirt-top", "1-Trouser", ...; a "/" cannot be in one).
+    names = [f"{i}-{name.replace('/', '-')}" for i, name in enumerate(fm.class_names)]
     for split in ("train", "val", "test"):
         images, labels = fm.split_tensors(split)
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-            folder = root / split / fm.class_names[int(label)]
+            folder = root / split / names[int(label)]
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image[0].numpy(), "L").save(folder / f"{i:05d}.png")
     folder = datamodule(root, tmp_path, stored_size=28)
     folder.setup()
-    assert folder.class_names == fm.class_names
+    assert folder.class_names == tuple(names)
     backbone = __import__("torchvision").models.resnet18(num_classes=10).eval()
     pre = ImagePreprocess(32)
     for split in ("train", "val", "test"):
@@ -415,4 +417,5 @@ def test_fashion_mnist_as_a_folder_of_pngs_gives_bit_identical_features_and_the_
     folder_metrics = train(
         make_cfg([*common, "data=image_folder", f"data.root={root}", "data.stored_size=28"], tmp_path / "run-folder")
     )
-    assert folder_metrics == fm_metrics
+    scores = [{k: v for k, v in m.items() if k.startswith(("val/", "test/"))} for m in (fm_metrics, folder_metrics)]
+    assert "test/acc" in scores[0] and scores[1] == scores[0]  # exactly: same features, same order, same seed
