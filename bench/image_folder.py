@@ -154,7 +154,7 @@ def _extractor(backbone: str, size: int):
     import torchvision
 
     from fmnist_tl.data import ImagePreprocess
-    from fmnist_tl.features.extraction import FeatureExtractor
+    from fmnist_tl.features import FeatureExtractor
 
     torch.manual_seed(0)
     if backbone == "pool":  # no network: the data path's own cost and memory (global average pooling)

@@ -141,7 +141,7 @@ def checked(default: Any = MISSING, *rules: Rule) -> Any:
 
 @dataclass
 class DataConfig:
-    """The keys every `data` config has (conf/data/*.yaml picks one of the schemas below)."""
+    """The keys every `data` config has; each datamodule's schema adds its own (config/data_schemas.py)."""
 
     _target_: str = MISSING
     batch_size: int = checked(MISSING, at_least(1))
@@ -151,46 +151,6 @@ class DataConfig:
     augment: bool = False
     seed: int = MISSING
     cache_features: Any = checked("auto", one_of("auto", True, False))
-
-
-@dataclass
-class FashionMNISTDataConfig(DataConfig):
-    _target_: str = "fmnist_tl.data.FashionMNISTDataModule"
-    data_dir: str = MISSING
-    mirror_dir: str | None = None
-    download: bool = True
-    val_size: int = checked(MISSING, at_least(1))
-    train_subset: int | None = checked(None, at_least(1, optional=True))
-    test_subset: int | None = checked(None, at_least(1, optional=True))
-    # null: do not check that split's size (a mirror holding a subset)
-    expected_sizes: dict[str, int | None] = field(default_factory=dict)
-
-
-def fraction_or_count(key: str, value: Any) -> None:
-    """A split's size drawn from another: a fraction in (0, 1) or a count >= 1."""
-    ok = not isinstance(value, bool) and (
-        (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value < 1)
-    )
-    if not ok:
-        raise FmnistError(f"{key}={value!r} must be a fraction in (0, 1) or a count >= 1")
-
-
-@dataclass
-class ImageFolderDataConfig(DataConfig):
-    """`data=image_folder`: a folder of labelled images (fmnist_tl.data.ImageFolderDataModule)."""
-
-    _target_: str = "fmnist_tl.data.ImageFolderDataModule"
-    root: str = MISSING
-    stored_size: int | None = checked(None, at_least(8, optional=True))
-    backbone: str | None = None
-    weights: str | None = None
-    val_size: Any = checked(MISSING, fraction_or_count)
-    test_size: Any = checked(MISSING, fraction_or_count)
-    on_bad_file: str = checked("error", one_of("error", "skip"))
-    cache_dir: str = MISSING
-    run_dir: str | None = None
-    decode_workers: int | None = checked(None, at_least(1, optional=True))
-    progress: bool = True
 
 
 @dataclass
@@ -364,7 +324,8 @@ class ExportConfig:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
-GROUPS = {"data": FashionMNISTDataConfig, "model": ModelConfig, "features": FeaturesConfig, "paths": PathsConfig}
+# The data group's schemas are registered by config/data_schemas.py.
+GROUPS = {"model": ModelConfig, "features": FeaturesConfig, "paths": PathsConfig}
 ENTRIES = {"train": TrainConfig, "evaluate": EvaluateConfig, "export": ExportConfig}
 
 
@@ -373,7 +334,6 @@ def register() -> None:
     cs = ConfigStore.instance()
     for group, node in GROUPS.items():
         cs.store(group=group, name="schema", node=node)
-    cs.store(group="data", name="image_folder_schema", node=ImageFolderDataConfig)
     for name, node in ENTRIES.items():
         cs.store(name=f"{name}_schema", node=node)
 

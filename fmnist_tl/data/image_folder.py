@@ -25,11 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import Dataset
 
 from fmnist_tl.config import fraction_or_count
 from fmnist_tl.core import FmnistError, atomic_write_text
-from fmnist_tl.data.image_store import ImageStore, open_or_build
+from fmnist_tl.data.image_store import ImageStore, StoredRows, StoredSplit, open_or_build
 from fmnist_tl.data.images import IMAGE_EXTENSIONS
 from fmnist_tl.data.splits import SplitsDataModule
 
@@ -187,60 +186,6 @@ def weights_crop_size(backbone: str, weights: str | None) -> int:
     enum = torchvision.models.get_model_weights(backbone)
     meta = enum[weights] if weights in enum.__members__ else enum.DEFAULT
     return int(meta.transforms().crop_size[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Splits as views of the store
-
-
-class StoredRows:
-    """Rows of the store standing in for a split's uint8 (N, 3, S, S) tensor.
-
-    Indexing (an int, a slice, an index tensor) reads only those rows from the store's file, so the
-    feature cache, the probe and the report slice a split as they would a tensor, and nothing ever
-    holds the whole split in memory.
-    """
-
-    ndim = 4
-    dtype = torch.uint8
-    device = torch.device("cpu")
-
-    def __init__(self, store: ImageStore, rows: torch.Tensor) -> None:
-        self.store, self.rows = store, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((len(self.rows), 3, self.store.size, self.store.size))
-
-    def __getitem__(self, index: Any) -> torch.Tensor:
-        rows = self.rows[index]
-        images = self.store.read_rows(rows)
-        return images[0] if rows.ndim == 0 else images
-
-    def pin_memory(self) -> StoredRows:
-        return self  # batches are gathered into fresh tensors anyway
-
-
-class StoredSplit(Dataset):
-    """(image, label) items of a split; `.tensors` as a TensorDataset has them (fmnist_tl.data.splits)."""
-
-    def __init__(self, images: StoredRows, labels: torch.Tensor) -> None:
-        self.tensors = (images, labels)
-
-    def __len__(self) -> int:
-        return len(self.tensors[1])
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tensors[0][i], self.tensors[1][i]
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        # One gather per batch instead of one per image.
-        images = self.tensors[0][torch.as_tensor(indices)]
-        labels = self.tensors[1][indices]
-        return list(zip(images, labels, strict=True))
 
 
 def random_resized_crop_flip(

@@ -31,10 +31,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import filelock
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from fmnist_tl.core import FmnistError, progress_bar
 from fmnist_tl.data.images import BadImage, load_rgb
@@ -216,6 +218,60 @@ def _build(
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - started
     log.info("Decoded %d images into %s in %.1f s (%.0f img/s)", len(files), path, seconds, len(files) / seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits as views of the store (fmnist_tl.data.image_folder)
+
+
+class StoredRows:
+    """Rows of the store standing in for a split's uint8 (N, 3, S, S) tensor.
+
+    Indexing (an int, a slice, an index tensor) reads only those rows from the store's file, so the
+    feature cache, the probe and the report slice a split as they would a tensor, and nothing ever
+    holds the whole split in memory.
+    """
+
+    ndim = 4
+    dtype = torch.uint8
+    device = torch.device("cpu")
+
+    def __init__(self, store: ImageStore, rows: torch.Tensor) -> None:
+        self.store, self.rows = store, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), 3, self.store.size, self.store.size))
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        rows = self.rows[index]
+        images = self.store.read_rows(rows)
+        return images[0] if rows.ndim == 0 else images
+
+    def pin_memory(self) -> StoredRows:
+        return self  # batches are gathered into fresh tensors anyway
+
+
+class StoredSplit(Dataset):
+    """(image, label) items of a split; `.tensors` as a TensorDataset has them (fmnist_tl.data.splits)."""
+
+    def __init__(self, images: StoredRows, labels: torch.Tensor) -> None:
+        self.tensors = (images, labels)
+
+    def __len__(self) -> int:
+        return len(self.tensors[1])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensors[0][i], self.tensors[1][i]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # One gather per batch instead of one per image.
+        images = self.tensors[0][torch.as_tensor(indices)]
+        labels = self.tensors[1][indices]
+        return list(zip(images, labels, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
