@@ -144,6 +144,7 @@ def save_safetensors(model: TransferClassifier, path: Path, metadata: dict[str, 
 def load_test_images(cfg: DictConfig, model: TransferClassifier, count: int) -> torch.Tensor:
     """The first `count` uint8 test images of cfg.data, once it is checked to be the data the model was trained on."""
     datamodule = build(cfg.data)
+    datamodule.follow(model)
     datamodule.prepare_data()
     datamodule.setup("test")
     model.check_data(datamodule)

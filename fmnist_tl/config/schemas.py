@@ -135,20 +135,14 @@ def checked(default: Any = MISSING, *rules: Rule) -> Any:
 
 @dataclass
 class DataConfig:
-    _target_: str = "fmnist_tl.data.FashionMNISTDataModule"
-    data_dir: str = MISSING
-    mirror_dir: str | None = None
-    download: bool = True
-    val_size: int = checked(MISSING, at_least(1))
+    """The keys every `data` config has; each datamodule's schema adds its own (config/data_schemas.py)."""
+
+    _target_: str = MISSING
     batch_size: int = checked(MISSING, at_least(1))
     eval_batch_size: int | None = checked(None, at_least(1, optional=True))
     num_workers: int = checked(0, at_least(0))
     pin_memory: Any = checked("auto", one_of("auto", True, False))
     augment: bool = False
-    train_subset: int | None = checked(None, at_least(1, optional=True))
-    test_subset: int | None = checked(None, at_least(1, optional=True))
-    # null: do not check that split's size (a mirror holding a subset)
-    expected_sizes: dict[str, int | None] = field(default_factory=dict)
     seed: int = MISSING
     cache_features: Any = checked("auto", one_of("auto", True, False))
 
@@ -331,7 +325,8 @@ class ExportConfig:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
-GROUPS = {"data": DataConfig, "model": ModelConfig, "features": FeaturesConfig, "paths": PathsConfig}
+# The data group's schemas are registered by config/data_schemas.py.
+GROUPS = {"model": ModelConfig, "features": FeaturesConfig, "paths": PathsConfig}
 ENTRIES = {"train": TrainConfig, "evaluate": EvaluateConfig, "export": ExportConfig}
 
 

@@ -1,4 +1,4 @@
-"""Fashion-MNIST as a LightningDataModule, its IDX files, and any image file turned into model input."""
+"""Fashion-MNIST and folders of labelled images as LightningDataModules; any image file as model input."""
 
 from fmnist_tl.data.fashion_mnist import (
     IMAGENET_MEAN,
@@ -7,7 +7,9 @@ from fmnist_tl.data.fashion_mnist import (
     ImagePreprocess,
     holds_features,
 )
+from fmnist_tl.data.image_folder import ImageFolderDataModule
 from fmnist_tl.data.images import BadImage, expand_inputs, load_image, load_rgb
+from fmnist_tl.data.splits import SplitsDataModule
 
 __all__ = [
     "BadImage",
@@ -16,7 +18,9 @@ __all__ = [
     "holds_features",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ImageFolderDataModule",
     "ImagePreprocess",
     "load_image",
     "load_rgb",
+    "SplitsDataModule",
 ]

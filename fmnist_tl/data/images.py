@@ -1,7 +1,6 @@
-"""Any image file to model input, as the checkpoint's data was: for a Fashion-MNIST model a 28x28 uint8
-tensor, grey, a light object on a dark background, the object fitted into 28x28 keeping its aspect
-ratio (`load_image`); for a model trained on a folder of images, RGB at the stored size, the shorter
-side resized and the centre cropped as the backbone weights' own transforms do (`load_rgb`).
+"""Any image file to model input: a Fashion-MNIST-like 28x28 uint8 tensor (grey, a light object on a
+dark background, the object fitted into 28x28 keeping its aspect ratio: `load_image`), or a colour
+square as the torchvision weights' transforms cut it (`load_rgb`: folders of your own images).
 
 Safety: images larger than Pillow's decompression-bomb limit are refused from their header, before
 any pixel is decoded, and EPS (which Pillow would hand to Ghostscript) is not among the formats opened.
@@ -20,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from fmnist_tl.core import FmnistError
@@ -47,9 +45,12 @@ class BadImage(Exception):
     """A file that cannot be turned into model input; the message is the reason shown to the user."""
 
 
-def open_image(path: Path, side: int = WORKING_SIDE) -> Image.Image:
-    """Open and decode one image (first frame, EXIF orientation applied) with bounded memory: a JPEG
-    is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps both sides at least `side`."""
+def open_image(path: Path, draft_side: int = WORKING_SIDE) -> Image.Image:
+    """Open and decode one image (first frame, EXIF orientation applied) with bounded memory.
+
+    A JPEG is decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft mode) when both sides stay at least
+    `draft_side` pixels: the IDCT itself skips the detail a smaller output would lose.
+    """
     if path.stat().st_size == 0:
         raise BadImage("empty file (0 bytes)")
     with warnings.catch_warnings():
@@ -65,8 +66,7 @@ def open_image(path: Path, side: int = WORKING_SIDE) -> Image.Image:
             raise BadImage(f"corrupt image header ({type(e).__name__}: {e})") from e
     try:
         image.seek(0)  # animations: the first frame
-        # JPEG only: decode at 1/2, 1/4 or 1/8 scale when the photo is much larger than needed.
-        image.draft(None, (side, side))
+        image.draft(None, (draft_side, draft_side))  # JPEG only (see above)
         ImageOps.exif_transpose(image, in_place=True)  # loads the pixels; truncated data fails here
         return image
     except DECODE_ERRORS as e:
@@ -160,9 +160,10 @@ def to_fashion_mnist(image: Image.Image, invert: str = "auto") -> np.ndarray:
     return np.rint(grey * 255.0).astype(np.uint8)
 
 
-def _open(path: str | os.PathLike, side: int = WORKING_SIDE) -> Image.Image:
+def _open(path: str | os.PathLike, draft_side: int = WORKING_SIDE) -> Image.Image:
+    """open_image, with the file system's refusals as BadImage too."""
     try:
-        return open_image(Path(path), side)
+        return open_image(Path(path), draft_side)
     except FileNotFoundError as e:
         raise BadImage("no such file") from e
     except IsADirectoryError as e:
@@ -180,7 +181,8 @@ def load_image(path: str | os.PathLike, invert: str = "auto") -> torch.Tensor:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any decoded Pillow image -> RGB; transparent pixels become white, 16-bit and float grey is scaled."""
+    """Any decoded Pillow image as 8-bit RGB: transparency composited on white, grey replicated,
+    16-bit and float grey scaled to 8 bits (as `grey_and_alpha` reads them)."""
     if image.mode in HIGH_BIT_MODES:
         grey, _ = grey_and_alpha(image)
         return Image.fromarray(np.rint(grey * 255.0).astype(np.uint8), mode="L").convert("RGB")
@@ -194,21 +196,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """One file -> uint8 tensor (3, size, size): the shorter side resized to `size` (bilinear, antialiased),
-    then the centre cropped, as torchvision's weights transforms do (EXIF orientation applied, alpha
-    composited on white, a JPEG decoded at reduced scale when it is over twice as large); raises BadImage."""
-    size = int(size)
-    if size < 1:
-        raise FmnistError(f"size={size} must be >= 1")
-    # Draft mode keeps 2x the size, as Pillow's thumbnail(reducing_gap=2) does: the DCT-scaled JPEG is then
-    # resized by the same antialiased filter as any other image, and differs from a full decode by little.
-    with _open(path, side=2 * size) as image:
+    """One file -> uint8 tensor (3, size, size), cut as the torchvision weights' transforms cut it:
+    the shorter side resized to `size` (bilinear, antialiased), then the centre square; EXIF
+    orientation applied, transparency on white. Raises BadImage (unreadable, truncated, not an
+    image, over the decompression-bomb limit: refused from the header)."""
+    with _open(path, draft_side=int(size)) as image:
         try:
             rgb = to_rgb(image)
-            resized = TF.resize(rgb, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-            return TF.pil_to_tensor(TF.center_crop(resized, [size, size])).contiguous()
+            # torchvision's own functions on the PIL image: the weights' transforms, bit for bit.
+            rgb = TF.center_crop(TF.resize(rgb, int(size), interpolation=TF.InterpolationMode.BILINEAR), int(size))
         except DECODE_ERRORS as e:
             raise BadImage(f"truncated or corrupt image data ({type(e).__name__}: {e})") from e
+        return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class FeatureCache(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "use_cached_features"):
-            log.info("Feature cache off: the trainer has no FashionMNISTDataModule to serve features from")
+            log.info("Feature cache off: the trainer's datamodule cannot serve features (no use_cached_features)")
             return
         splits = [s for s in STAGE_SPLITS.get(stage, ()) if not holds_features(dm.split_tensors(s)[0])]
         if not splits:  # already serving features (e.g. a second test in the same process)
@@ -152,10 +152,13 @@ class FeatureCache(L.Callback):
         store_dtype = store_dtype_for(self.settings.store_dtype, precision)
         quant_key = plan.quantization["key"] if plan.quantization else None
         jobs = []
+        # A datamodule that knows its splits' identity (an image folder's store) saves hashing the pixels.
+        split_fingerprint = getattr(dm, "split_fingerprint", None)
         for split in splits:
             images, labels = dm.split_tensors(split)
+            data_sha = split_fingerprint(split) if split_fingerprint is not None else None
             name, fp = split_entry(
-                backbone_name, weights_sha, pre, precision, store_dtype, split, images, labels, quant_key
+                backbone_name, weights_sha, pre, precision, store_dtype, split, images, labels, quant_key, data_sha
             )
             jobs.append((split, name, fp, images, labels, self.store.lock(name)))
 

@@ -97,12 +97,14 @@ def split_entry(
     images: torch.Tensor,
     labels: torch.Tensor,
     quantization: str | None = None,
+    data_sha256: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(entry name, fingerprint) of one split's features; the name ends in the fingerprint's key.
 
     The fingerprint holds everything that changes the stored features. The device, compile and the
     backend do not (beyond float noise); an int8 model does, so int8 entries also hold its key
-    (weights, calibration, settings).
+    (weights, calibration, settings). `data_sha256` identifies the split's images and labels when
+    the datamodule knows them more cheaply than by hashing them (a folder's image store: its key).
     """
     fp = {
         "format": CACHE_FORMAT,
@@ -111,7 +113,7 @@ def split_entry(
         "store_dtype": store_dtype,
         "split": split,
         # The split's exact images and labels, after subset and train/val carving.
-        "data_sha256": tensors_sha256({"images": images, "labels": labels}),
+        "data_sha256": data_sha256 or tensors_sha256({"images": images, "labels": labels}),
         "count": len(labels),
     }
     if quantization is not None:

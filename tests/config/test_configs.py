@@ -19,6 +19,7 @@ from fmnist_tl.config import schemas
 from fmnist_tl.config.compose import CONFIG_MODULE
 from fmnist_tl.core.errors import FmnistError
 from fmnist_tl.data.fashion_mnist import FashionMNISTDataModule
+from fmnist_tl.data.image_folder import ImageFolderDataModule
 from fmnist_tl.features.cache import feature_cache_for
 from fmnist_tl.runtime.build import build, finetune_trainer_overrides
 from fmnist_tl.runtime.checks import validate_config
@@ -67,7 +68,8 @@ def test_every_config_option_composes_and_instantiates(option, tmp_path):
 
     The model is random-init (model.weights=null after validation); nothing is fitted.
     """
-    cfg = compose_cfg("train", [option, f"paths.root_dir={tmp_path}"], hydra=True)
+    required = [f"data.root={tmp_path}"] if option == "data=image_folder" else []  # the folder: built, not set up
+    cfg = compose_cfg("train", [option, f"paths.root_dir={tmp_path}", *required], hydra=True)
     HydraConfig().set_config(cfg)
     for plugin in (cfg.hydra.sweeper, cfg.hydra.launcher):
         if not plugin._target_.startswith("hydra._internal."):  # Hydra's basic ones: only Hydra may build them
@@ -84,7 +86,7 @@ def test_every_config_option_composes_and_instantiates(option, tmp_path):
     model = build(cfg.model, _recursive_=False, weights=None)
     assert isinstance(model, TransferClassifier)
     datamodule = build(cfg.data)
-    assert isinstance(datamodule, FashionMNISTDataModule)
+    assert isinstance(datamodule, ImageFolderDataModule if option == "data=image_folder" else FashionMNISTDataModule)
     feature_cache_for(cfg, model, datamodule)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
