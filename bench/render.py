@@ -1,6 +1,6 @@
 """Render bench/results/*.json into the committed Markdown: `python -m bench.render`.
 
-The README's per-machine and per-backbone tables, the benchmarks page (every results file) and the
+The README's per-machine and backbone-sweep tables, the benchmarks page (every results file) and the
 backbones page (the newest backbone sweep and per-backbone cost) are written between markers
 (`<!-- bench NAME:start -->` ... `<!-- bench NAME:end -->`) in the Markdown itself, so GitHub and the
 docs site show the same figures; tests/test_docs.py fails while a page differs from what this renders.
@@ -305,7 +305,6 @@ def markdown_blocks(results_dir: Path = RESULTS_DIR) -> dict[str, list[tuple[str
 def readme_blocks(results_dir: Path = RESULTS_DIR) -> list[tuple[str, str, Callable[[], str]]]:
     return [
         (README_START, README_END, lambda: machines_table(results_dir, link_files=True, per_class=True)),
-        (BACKBONES_START, BACKBONES_END, lambda: backbones_table(results_dir)),
         (SWEEP_START, SWEEP_END, lambda: backbone_sweep_table(results_dir)),
     ]
 

@@ -108,24 +108,19 @@ def test_every_docs_page_is_in_the_site_nav():
         assert f": {page.name}" in nav, page.name
 
 
-def test_the_readmes_per_machine_and_per_backbone_tables_are_the_rendered_ones(tmp_path):
+def test_the_readmes_per_machine_and_backbone_sweep_tables_are_the_rendered_ones(tmp_path):
     from bench.render import (
-        BACKBONES_END,
-        BACKBONES_START,
         README_END,
         README_START,
         SWEEP_END,
         SWEEP_START,
         backbone_sweep_table,
-        backbones_table,
         fill_readme,
         machines_table,
     )
 
     text = (REPO / "README.md").read_text()
     assert text.split(README_START)[1].split(README_END)[0] == "\n" + machines_table(link_files=True, per_class=True)
-    backbones = text.split(BACKBONES_START)[1].split(BACKBONES_END)[0]
-    assert backbones == "\n" + backbones_table() and "| vit_b_16 | 224 | 768 |" in backbones
     sweep = text.split(SWEEP_START)[1].split(SWEEP_END)[0]
     assert sweep == "\n" + backbone_sweep_table() and "| convnext_tiny |" in sweep
     # A new full bench file becomes a row of its own: `python -m bench.render --readme README.md`.
@@ -147,12 +142,11 @@ def test_the_readmes_per_machine_and_per_backbone_tables_are_the_rendered_ones(t
     (results / "2031-01-02.json").write_text(json.dumps(report))
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\nrest\n")
-    with pytest.raises(SystemExit, match="has no <!-- bench backbones:start -->"):
+    with pytest.raises(SystemExit, match="has no <!-- bench backbone-sweep:start -->"):
         fill_readme(readme, results)
-    blocks = f"{BACKBONES_START}{BACKBONES_END}\n{SWEEP_START}{SWEEP_END}"
+    blocks = f"{SWEEP_START}{SWEEP_END}"
     readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\n{blocks}\nrest\n")
     assert fill_readme(readme, results) and not fill_readme(readme, results)
-    assert "No `python -m bench --backbones` results yet." in readme.read_text()
     (row,) = [line for line in readme.read_text().splitlines() if line.startswith("| [`2031-01-02`]")]
     assert "(bench/results/2031-01-02.json)" in row and "| Some CPU 9000 (AVX512) | full | 0.2 |" in row
     assert "| 9.5 |" in row and row.endswith("| 0.82 | 2000 | 1883 | - | 2 | 3 of 4; not: cold_run_s |")

@@ -375,7 +375,7 @@ def test_a_colour_folder_trains_evaluates_predicts_and_exports_as_its_commands_r
     )
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     assert {p["label"] for p in json.loads(predicted.stdout)} <= {"cat", "dog", "eel"}
-    exported = run_cli(*data, *common, f"ckpt_path={ckpt}", "format=onnx", module="fmnist_tl.export")
+    exported = run_cli(*data, common[0], f"ckpt_path={ckpt}", "format=onnx", module="fmnist_tl.export")
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert "top-1 agreement 100.00%" in exported.stdout
     (onnx_file,) = (tmp_path / "logs" / "export" / "runs").glob("*/model.onnx")
