@@ -11,8 +11,8 @@ leaves no folder under the store's name, so no later run trusts half a store.
 Reading: `ImageStore.read_rows` copies just the rows asked for (one `os.preadv` per run of
 consecutive rows) into a fresh tensor. The file is not memory-mapped for reading on purpose: mapped
 pages that were read count in the process's RSS until the kernel drops them, so a pass over a
-15 GB store (100k images at 224 px) would show 15 GB of RSS; read through the page cache, RSS stays
-at the batch being read.
+large store would show the whole store as RSS; read through the page cache, RSS stays at the
+batch being read.
 
 Decoding runs in worker processes, one per core (Pillow's JPEG draft mode decodes at a reduced
 scale where the stored size allows); each writes its rows straight into the file

@@ -10,10 +10,9 @@ from fmnist_tl.features.candidates import Candidate
 
 log = logging.getLogger(__name__)
 
-# Timings this close to the fastest are a tie: the probe's few batches differ by about this much
-# from run to run (two fresh probes on one machine ranked onnxruntime:int8 and int8-r7 either way,
-# 856 vs 827 and 1076 vs 1024 img/s). A tie goes to the most faithful candidate, then to the first
-# in candidates()' order, so one machine makes one choice.
+# Timings this close to the fastest are a tie: the probe's few batches differ by about this much from
+# run to run. A tie goes to the most faithful candidate, then to the first in candidates()' order,
+# so one machine makes one choice.
 PROBE_NOISE = 0.05
 
 
