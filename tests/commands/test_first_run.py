@@ -245,7 +245,9 @@ def _bar_lines(stdout: str, label: str) -> list[str]:
 
 @pytest.mark.slow
 def test_progress_bar_counts_epochs_from_one_on_one_line_with_few_metrics(tiny_mirror, tmp_path):
-    args = (*cli_overrides(tiny_mirror, tmp_path), "trainer.precision=32-true", "debug=fdr")
+    # The rich bar as a terminal shows it (a pipe gets plain lines: test_train's plain-line test).
+    bar = "+callbacks.rich_progress_bar.plain=false"
+    args = (*cli_overrides(tiny_mirror, tmp_path), "trainer.precision=32-true", "debug=fdr", bar)
     proc = run_cli(*args, env={"COLUMNS": "100"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (epoch,) = _bar_lines(proc.stdout, "Epoch")

@@ -7,6 +7,7 @@ import logging
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from fmnist_tl.evaluate import evaluate
@@ -61,9 +62,12 @@ def test_evaluate_plots_the_checkpoint_runs_csv_with_its_finetune_start(
 ):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    config = run / "config.yaml"
-    # As if the run had fine-tuned from its second epoch: the marker comes from the run's saved config.
-    config.write_text(config.read_text().replace("start_epoch: null", "start_epoch: 1", 1))
+    ckpt = next((run / "checkpoints").glob("epoch_*.ckpt"))
+    # As if the run had fine-tuned from its second epoch: the marker comes from the model the
+    # checkpoint holds (its model.finetune), not from a config file beside it.
+    saved = torch.load(ckpt, weights_only=True)
+    saved["hyper_parameters"]["finetune"]["start_epoch"] = 1
+    torch.save(saved, ckpt)
     plotted = {}
 
     def spy(data, finetune_start, title):
@@ -72,7 +76,6 @@ def test_evaluate_plots_the_checkpoint_runs_csv_with_its_finetune_start(
 
     real = curves.plot_curves
     monkeypatch.setattr(curves, "plot_curves", spy)
-    ckpt = next((run / "checkpoints").glob("epoch_*.ckpt"))
     cfg = make_entry_cfg(
         "evaluate",
         [
