@@ -47,17 +47,17 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, write metrics.json into the run dir; return the metrics."""
     started = time.time()
-    validate_config(cfg)
+    finetune = validate_config(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path:
-        check_resume_schedule(cfg, ckpt_path, check_checkpoint_file(ckpt_path))
+        check_resume_schedule(cfg, ckpt_path, check_checkpoint_file(ckpt_path), finetune)
         remove_stale_temp_files(Path(ckpt_path).parent)
     set_aside_previous_run(Path(cfg.paths.output_dir), ckpt_path)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Weights and data problems surface here, before a Trainer exists, so they leave no checkpoint.
-    model = build_model(cfg, ckpt_path)
+    model = build_model(cfg, ckpt_path, finetune)
     datamodule: L.LightningDataModule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -66,7 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # With cached features the backbone never runs in the trainer (extraction has its own probe), and
     # the head trains in fp32; otherwise auto on a CPU measures fp32 against bf16.
     precision = resolve_precision(cfg.trainer, None if feature_cache else cpu_precision_probe(cfg, model))
-    trainer = build_trainer(cfg, [feature_cache] if feature_cache else [], precision)
+    trainer = build_trainer(cfg, [feature_cache] if feature_cache else [], precision, finetune)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     pruned = pruned_epoch(trainer)  # before the test resets the trainer's metrics

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import callbacks
 from omegaconf import DictConfig
 
+from fmnist_tl.config import FinetuneConfig
 from fmnist_tl.core import FmnistError, missing_progress_bar
 from fmnist_tl.features import extraction_settings, features_cache_dir, measured_trainer_precision
 from fmnist_tl.training import (
@@ -48,14 +49,14 @@ def cpu_precision_probe(cfg: DictConfig, model: Any) -> Callable[[], str]:
     return measure
 
 
-def finetune_trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+def finetune_trainer_overrides(cfg: DictConfig, finetune: FinetuneConfig | None = None) -> dict[str, Any]:
     """DDP for a run with head-only epochs before its fine-tune phase.
 
     The stages to unfreeze require grad from the first step (so every rank's DDP registers the same
     parameters) but get no gradient until model.finetune.start_epoch; DDP accepts that only with
     find_unused_parameters=True. Such parameters keep grad None, so the optimizer leaves them alone.
     """
-    start = finetune_options(cfg.model.get("finetune"), cfg.model.backbone).first_epoch
+    start = finetune_options(finetune or cfg.model.get("finetune"), cfg.model.backbone).first_epoch
     strategy = cfg.trainer.get("strategy")
     if not start or not isinstance(strategy, str) or not strategy.startswith("ddp") or "find_unused" in strategy:
         return {}
@@ -81,16 +82,14 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [build(c) for c in group.values() if c is not None and "_target_" in c]
 
 
-def build_model(cfg: DictConfig, ckpt_path: str | None) -> TransferClassifier:
+def build_model(cfg: DictConfig, ckpt_path: str | None, finetune: FinetuneConfig) -> TransferClassifier:
     """The model; resuming a fine-tune run builds it without reading any weights.
 
     A fine-tune checkpoint holds the whole model, so neither init_from nor ImageNet weights are read.
     A head-only run still builds its weights: the feature cache extracts in setup, before Lightning
     restores the checkpoint. init_seed: a random init that a head-only checkpoint can rebuild.
     """
-    resume_finetune = (
-        bool(ckpt_path) and finetune_options(cfg.model.get("finetune"), cfg.model.backbone).first_epoch is not None
-    )
+    resume_finetune = bool(ckpt_path) and finetune.first_epoch is not None
     extra = {"load_weights": False} if resume_finetune else {}
     model: TransferClassifier = build(cfg.model, _recursive_=False, init_seed=cfg.seed, **extra)
     if resume_finetune:  # weights_id is the checkpoint's once Lightning restores it
@@ -100,7 +99,9 @@ def build_model(cfg: DictConfig, ckpt_path: str | None) -> TransferClassifier:
     return model
 
 
-def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback], precision: str) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, extra_callbacks: list[L.Callback], precision: str, finetune: FinetuneConfig
+) -> L.Trainer:
     """The Trainer of the config's trainer, callbacks and logger groups, with the callbacks every run has."""
     callback_list = instantiate_group(cfg.get("callbacks"))
     if cfg.trainer.get("fast_dev_run"):
@@ -121,7 +122,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback], precision:
         plugins=[AtomicCheckpointIO()],
         # No ModelCheckpoint configured (callbacks=none) means no checkpoint, not Lightning's default one.
         enable_checkpointing=any(isinstance(cb, callbacks.ModelCheckpoint) for cb in callback_list),
-        **finetune_trainer_overrides(cfg),
+        **finetune_trainer_overrides(cfg, finetune),
     )
     log.info("Precision %s", precision)
     return trainer

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_tl.backbones import check_backbone, preprocessing
-from fmnist_tl.config import check_config
+from fmnist_tl.config import FinetuneConfig, check_config
 from fmnist_tl.core import FmnistError, require_modules
 from fmnist_tl.training import check_finetune, finetune_options
 
@@ -47,8 +47,9 @@ def check_accelerator(trainer: DictConfig) -> None:
         )
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Reject bad values before anything is built or written, with one line naming the key.
+def validate_config(cfg: DictConfig) -> FinetuneConfig:
+    """Reject bad values before anything is built or written, with one line naming the key; return
+    model.finetune parsed, for the job to pass on (parsed once, not again in every layer).
 
     Keys and types were checked by Hydra while composing (fmnist_tl/config/schemas.py); here the ranges
     declared next to each field, then what depends on more than one key or on files.
@@ -71,6 +72,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise FmnistError(f"model.weights_path={m.weights_path} does not exist")
     if ckpt not in (None, "last") and not Path(ckpt).is_file():
         raise FmnistError(f"ckpt_path={ckpt} does not exist; pass a .ckpt file or ckpt_path=last")
+    return ft
 
 
 def config_hash(cfg: DictConfig) -> str:

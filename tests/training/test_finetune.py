@@ -413,3 +413,19 @@ def test_log_lines_count_epochs_from_1_as_the_progress_bar_and_curves_do():
     assert resumed.startswith("Fine-tune phase from epoch 4 (model.finetune.start_epoch=3, resumed at epoch 6): ")
     with pytest.raises(FmnistError, match=r"raise trainer.max_epochs above 3 \(fine-tuning runs from epoch 4 to"):
         check_finetune(ft, True, 3, check_files=False)
+
+
+def test_a_job_parses_model_finetune_once_for_its_checks_and_once_in_the_model(tiny_cfg, monkeypatch):
+    """validate_config parses it and the job passes the result on (resume check, model build, DDP
+    strategy); the model parses its own hyper-parameters once, as a model read from a checkpoint must."""
+    import fmnist_tl.training.finetune as finetune_module
+    from fmnist_tl.runtime.build import build_model, finetune_trainer_overrides
+
+    parsed = []
+    real = finetune_module.parse
+    monkeypatch.setattr(finetune_module, "parse", lambda *a, **k: parsed.append(a[2]) or real(*a, **k))
+    cfg = tiny_cfg("model.finetune.start_epoch=1", "trainer.max_epochs=2", "+trainer.strategy=ddp")
+    finetune = validate_config(cfg)
+    model = build_model(cfg, None, finetune)
+    assert finetune_trainer_overrides(cfg, finetune) == {"strategy": "ddp_find_unused_parameters_true"}
+    assert model.finetune == finetune and len(parsed) == 2
