@@ -24,21 +24,10 @@ from fmnist_tl.core import FmnistError
 from fmnist_tl.data import BadImage
 from fmnist_tl.demo import Predictor, accuracy_line, example_files, main, report_markdown, run_dir_of
 from fmnist_tl.predict import predict
-from fmnist_tl.training import TransferClassifier
 from tests.commands.test_predict import bad_files
 from tests.helpers import DEBIAN_MIRROR, REPO
 
 needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(), reason="Debian's chromium is absent (CI installs it)")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(trained_run) -> Path:
-    return Path(json.loads((trained_run / "metrics.json").read_text())["best_model_path"])
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint) -> TransferClassifier:
-    return TransferClassifier.from_checkpoint(checkpoint)
 
 
 def fashion_mnist_test_image(folder: Path, index: int = 0) -> Path:

@@ -31,16 +31,6 @@ from tests.helpers import REPO, make_entry_cfg, run_cli, tiny_data_overrides, ti
 CLASS_NAMES = tuple(FashionMNIST.classes)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(trained_run) -> str:
-    return json.loads((trained_run / "metrics.json").read_text())["best_model_path"]
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint) -> TransferClassifier:
-    return TransferClassifier.from_checkpoint(checkpoint)
-
-
 def export_cfg(tiny_mirror, tmp_path, *extra: str):
     return make_entry_cfg("export", [*tiny_data_overrides(tiny_mirror, tmp_path), *extra], tmp_path / "export")
 

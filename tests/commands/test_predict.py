@@ -25,16 +25,6 @@ from tests.colour_data import SIZE, colour_images
 from tests.helpers import run_cli, tiny_split
 
 
-@pytest.fixture(scope="module")
-def checkpoint(trained_run) -> Path:
-    return Path(json.loads((trained_run / "metrics.json").read_text())["best_model_path"])
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint) -> TransferClassifier:
-    return TransferClassifier.from_checkpoint(checkpoint)
-
-
 def shape_image(fg: float, bg: float, h: int = 60, w: int = 40) -> np.ndarray:
     """A 40x24 block (the 'object') on a background, values in [0, 1]."""
     a = np.full((h, w), bg, dtype=np.float32)
