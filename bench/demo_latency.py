@@ -1,7 +1,8 @@
 """The demo page in a real browser: `python -m bench.demo_latency [--checkpoint CKPT] [--predictions 200]`.
 
 Starts `python -m fmnist_tl.demo` (default: a random-init ResNet50 at 224 px, the project's default
-model; speed does not depend on the weights), opens it in headless Chromium (Debian's
+model; speed does not depend on the weights) once per `--runtimes` (default: onnx, the page's CPU
+default, then torch, side by side in one run), opens it in headless Chromium (Debian's
 /usr/bin/chromium through Playwright) and uploads real Fashion-MNIST test images one after the
 other. For each it times the round trip as a user sees it: from handing the file to the page's
 input to the top label shown. It samples the server's RSS (/proc) after the warm-up and every 50
@@ -175,15 +176,15 @@ def rss_mb(pid: int) -> float:
 
 
 def measure(
-    checkpoint: Path, predictions: int, warmup: int, folder: Path, screenshot: Path | None = None
+    checkpoint: Path, predictions: int, warmup: int, folder: Path, screenshot: Path | None = None, runtime: str = "auto"
 ) -> dict[str, Any]:
     images = fashion_mnist_pngs(folder, min(predictions, 100))
-    with serve(checkpoint) as (url, proc), open_page(url) as (page, requests):
+    with serve(checkpoint, "--runtime", runtime) as (url, proc), open_page(url) as (page, requests):
         for path in images[:warmup]:
             upload(page, path)
             shown_label(page)
         rss = {"after_warmup": round(rss_mb(proc.pid), 1)}
-        log(f"warm; server RSS {rss['after_warmup']:.0f} MB; {predictions} predictions")
+        log(f"{runtime}: warm; server RSS {rss['after_warmup']:.0f} MB; {predictions} predictions")
         round_trips, server_ms = [], []
         for i in range(predictions):
             clear(page)
@@ -227,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--screenshot", type=Path, help="save the page after the last prediction (docs/demo.png)")
+    parser.add_argument(
+        "--runtimes",
+        nargs="+",
+        choices=["onnx", "torch"],
+        default=["onnx", "torch"],
+        help="the demo's --runtime values to time, side by side; the first is held to the goals (default: onnx torch)",
+    )
     args = parser.parse_args(argv)
     if args.predictions < 50:
         parser.error("--predictions must be >= 50 (RSS is sampled every 50)")
@@ -238,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
         checkpoint = args.checkpoint or resnet50_checkpoint(Path(tmp))
-        figures = measure(checkpoint, args.predictions, args.warmup, Path(tmp), args.screenshot)
+        runs = {}
+        for i, runtime in enumerate(args.runtimes):
+            shot = args.screenshot if i == 0 else None
+            runs[runtime] = measure(checkpoint, args.predictions, args.warmup, Path(tmp), shot, runtime)
+    figures = runs[args.runtimes[0]]
     cores = len(os.sched_getaffinity(0))
     report = {
         "date": dt.date.today().isoformat(),
@@ -252,7 +264,18 @@ def main(argv: list[str] | None = None) -> int:
         },
         "model": "given checkpoint" if args.checkpoint else "resnet50, random init, 224 px",
         "predictions": args.predictions,
+        "runtime": args.runtimes[0],
         **figures,
+        "side_by_side": {
+            runtime: {
+                "round_trip_ms_median": run["round_trip_ms"]["median"],
+                "round_trip_ms_p90": run["round_trip_ms"]["p90"],
+                "server_ms_median": run["server_ms_median"],
+                "rss_mb_after_warmup": run["rss_mb"]["after_warmup"],
+                "rss_growth_mb": run["rss_growth_mb"],
+            }
+            for runtime, run in runs.items()
+        },
         # Not `targets`: that key marks a `python -m bench` file (the README's per-machine table).
         "goals": {
             "round_trip_ms_median_max": 300,
@@ -263,14 +286,18 @@ def main(argv: list[str] | None = None) -> int:
         "notes": (
             "Round trip: from handing the PNG to the page's file input to the top label shown, in headless "
             "Chromium, one prediction at a time; server_ms is the page's own latency line (decode, "
-            f"preprocessing, forward pass). Browser and server share the {cores} cores; the load average "
-            "says how busy the machine was besides."
+            f"preprocessing, forward pass). The top-level figures are the demo's --runtime {args.runtimes[0]}; "
+            "side_by_side has every runtime timed in this run, one after the other. Browser and server share "
+            f"the {cores} cores; the load average says how busy the machine was besides."
         ),
     }
     path = args.results_dir / f"{report['date']}-demo.json"
     atomic_write_json(path, report)
+    for runtime, run in report["side_by_side"].items():
+        print(f"{runtime}: {run}")
     print(
-        f"round trip median {figures['round_trip_ms']['median']} ms (p90 {figures['round_trip_ms']['p90']}), "
+        f"{args.runtimes[0]}: round trip median {figures['round_trip_ms']['median']} ms "
+        f"(p90 {figures['round_trip_ms']['p90']}), "
         f"server {figures['server_ms_median']} ms, RSS growth {figures['rss_growth_mb']} MB over "
         f"{args.predictions} predictions; wrote {path}"
     )

@@ -16,12 +16,13 @@ A file that is not a readable image gets its reason in the page; the server keep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from fmnist_tl.core import FmnistError, require_modules, sha256_file
 from fmnist_tl.data import BadImage, expand_inputs
 from fmnist_tl.predict import classify, image_loader, load_model, resolve_device
-from fmnist_tl.runtime import task_wrapper
+from fmnist_tl.runtime import OnnxClassifier, task_wrapper
 from fmnist_tl.training import TransferClassifier
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "docs" / "examples"
@@ -64,13 +65,18 @@ class Result:
 class Predictor:
     """The model, loaded once, and what one uploaded file turns into.
 
-    Every prediction runs on one thread of its own: Gradio runs events on a pool of up to 40
-    threads, and each thread that runs torch gets its own malloc arena and caches, so the server's
-    RSS would grow with every new thread the pool hands a request to.
+    `forward` maps uint8 images to probabilities: predict's `classify` with the model, or the same
+    function run by ONNX Runtime (`OnnxClassifier`). Every prediction runs on one thread of its own:
+    Gradio runs events on a pool of up to 40 threads, and each thread that runs torch gets its own
+    malloc arena and caches, so the server's RSS would grow with every new thread the pool hands a
+    request to.
     """
 
-    def __init__(self, model: TransferClassifier, top_k: int) -> None:
+    def __init__(
+        self, model: TransferClassifier, top_k: int, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
         self.model = model
+        self.forward = forward or (lambda images: classify(model, images))
         self.names = model.class_names
         if not 1 <= top_k <= len(self.names):
             raise FmnistError(f"--top-k {top_k}: must be between 1 and {len(self.names)} (the model's classes)")
@@ -79,7 +85,7 @@ class Predictor:
         # The first forward pass sets up the kernels; do it before the first visitor waits for it.
         spec = model.input_spec
         blank = torch.zeros(1, spec["channels"], spec["height"], spec["width"], dtype=torch.uint8)
-        self._thread.submit(classify, model, blank).result()
+        self._thread.submit(self.forward, blank).result()
 
     def __call__(self, path: str | os.PathLike, invert: str = "auto") -> Result:
         """Raises BadImage (the reason to show) for a file that is not a readable image."""
@@ -89,7 +95,7 @@ class Predictor:
     def _predict(self, path: str | os.PathLike, invert: str) -> Result:
         start = time.perf_counter()
         images = image_loader(self.model, invert)(path)[None]
-        probs = classify(self.model, images)[0]
+        probs = self.forward(images)[0]
         seconds = time.perf_counter() - start
         values, indices = probs.topk(self.top_k)
         top = {self.names[i]: v for i, v in zip(indices.tolist(), values.tolist(), strict=True)}
@@ -129,7 +135,7 @@ def accuracy_line(checkpoint: Path, run_dir: Path | None) -> str:
     return f"test accuracy: **{acc:.2%}** (metrics.json)"
 
 
-def identity_markdown(model: TransferClassifier, checkpoint: Path, device: torch.device) -> str:
+def identity_markdown(model: TransferClassifier, checkpoint: Path, runs_on: str) -> str:
     hp = model.hparams
     run_dir = run_dir_of(checkpoint)
     names = model.class_names
@@ -139,7 +145,7 @@ def identity_markdown(model: TransferClassifier, checkpoint: Path, device: torch
             f"**Checkpoint** `{checkpoint.name}` · sha256 `{sha256_file(checkpoint)[:12]}`"
             + (f" · run `{run_dir}`" if run_dir else ""),
             f"**Backbone** {hp.backbone} ({model.weights_id}) · **image size** {model.preprocess.image_size} px"
-            f" · device {device}",
+            f" · {runs_on}",
             f"**{len(names)} classes:** {', '.join(names)}",
             accuracy_line(checkpoint, run_dir),
         ]
@@ -219,8 +225,11 @@ def build_page(predictor: Predictor, identity: str, run_dir: Path | None, exampl
             if examples:
                 gr.Examples(examples=[[path] for path in examples], inputs=[image], label="Examples (docs/examples/)")
             inputs, outputs = [image, invert], [label, seen, status]
-            image.change(on_image, inputs, outputs, api_name="predict", concurrency_limit=1, preprocess=False)
-            invert.change(on_image, inputs, outputs, api_name=False, concurrency_limit=1, preprocess=False)
+            # No progress overlay: its running timer redraws the page while the model computes, and
+            # the browser then takes CPU time from the prediction it is waiting for.
+            events = {"concurrency_limit": 1, "preprocess": False, "show_progress": "hidden"}
+            image.change(on_image, inputs, outputs, api_name="predict", **events)
+            invert.change(on_image, inputs, outputs, api_name=False, **events)
         with gr.Tab("Run report"):
             text, plots = report_markdown(run_dir)
             gr.Markdown(text, elem_id="report")
@@ -267,6 +276,34 @@ def launch(page: Any, host: str, port: int, max_upload_mb: float) -> None:
 # Command line
 
 
+def choose_forward(
+    model: TransferClassifier, device: torch.device, runtime: str, examples: Sequence[str]
+) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
+    """(forward for Predictor, what the page says runs it): ONNX Runtime on CPU, checked against
+    PyTorch on the examples and a few random images; PyTorch on a GPU, or where asked."""
+    if runtime == "onnx" and device.type != "cpu":
+        raise FmnistError(f"--runtime onnx runs on CPU; drop --device {device} or use --runtime torch")
+    if runtime == "torch" or device.type != "cpu":
+        return None, f"PyTorch on {device}"
+    load = image_loader(model)
+    spec = model.input_spec
+    generator = torch.Generator().manual_seed(0)
+    shape = (4, spec["channels"], spec["height"], spec["width"])
+    images = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)]
+    for path in examples[:16]:
+        with contextlib.suppress(BadImage):
+            images.append(load(path)[None])
+    print("fmnist_tl demo: exporting the model to ONNX Runtime (--runtime torch skips this)", flush=True)
+    try:
+        forward = OnnxClassifier(model, torch.cat(images))
+    except FmnistError as e:
+        if runtime == "onnx":
+            raise
+        print(f"warning: {e}; PyTorch runs the model", file=sys.stderr)
+        return None, f"PyTorch on {device}"
+    return forward, f"ONNX Runtime on CPU (max logit difference from PyTorch {forward.max_abs_logit_diff:.1g})"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fmnist_tl.demo", description="A web page to try a fmnist_tl checkpoint on your images."
@@ -276,6 +313,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to show (default 3)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--runtime",
+        choices=["auto", "onnx", "torch"],
+        default="auto",
+        help="what runs the model: onnx (ONNX Runtime, CPU; exported and checked against PyTorch at start), "
+        "torch, or auto (default: onnx on CPU, torch on a GPU)",
+    )
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20 MB)")
     parser.add_argument(
         "--examples", type=Path, default=EXAMPLES_DIR, help="folder of example images (default docs/examples/)"
@@ -297,12 +341,12 @@ def run(argv: Sequence[str] | None = None) -> None:
         raise FmnistError(f"--checkpoint {checkpoint}: no such file; pass a .ckpt written by fmnist_tl.train")
     device = resolve_device(args.device)
     model = load_model(checkpoint, device)
-    predictor = Predictor(model, args.top_k)
+    examples = example_files(args.examples)
+    forward, runs_on = choose_forward(model, device, args.runtime, examples)
+    predictor = Predictor(model, args.top_k, forward)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host}: the page is reachable from other machines", file=sys.stderr)
-    page = build_page(
-        predictor, identity_markdown(model, checkpoint, device), run_dir_of(checkpoint), example_files(args.examples)
-    )
+    page = build_page(predictor, identity_markdown(model, checkpoint, runs_on), run_dir_of(checkpoint), examples)
     launch(page, args.host, args.port, args.max_upload_mb)
 
 

@@ -10,7 +10,6 @@ export, writing nothing. model.safetensors and export.json go beside it (docs/ev
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import warnings
@@ -21,27 +20,16 @@ import hydra
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import save as safetensors_bytes
-from torch import nn
 
 from fmnist_tl.config import CONFIG_PATH, ODD_BATCH, check_config
 from fmnist_tl.core import FmnistError, atomic_path, atomic_write_bytes, atomic_write_json, require_modules, sha256_file
 from fmnist_tl.features import export_onnx
-from fmnist_tl.runtime import build, run_hydra_cli, task_wrapper
+from fmnist_tl.runtime import UInt8Classifier, build, channels_last_input, export_layout, run_hydra_cli, task_wrapper
 from fmnist_tl.training import TransferClassifier
 
 log = logging.getLogger(__name__)
 
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
-
-
-def channels_last_input(model: TransferClassifier) -> bool:
-    """Whether the export takes (N, H, W, C), as a decoded photo is held, rather than the loaders' (N, C, H, W)."""
-    return model.input_spec["kind"] != "fashion_mnist"
-
-
-def export_layout(model: TransferClassifier, images: torch.Tensor) -> torch.Tensor:
-    """The datamodule's uint8 (N, C, H, W) images in the layout the exported model takes."""
-    return images.permute(0, 2, 3, 1).contiguous() if channels_last_input(model) else images
 
 
 def input_description(model: TransferClassifier) -> str:
@@ -52,24 +40,6 @@ def input_description(model: TransferClassifier) -> str:
         f"uint8 (N, {spec['height']}, {spec['width']}, {spec['channels']}) RGB: the shorter side resized to "
         f"{spec['height']}, then the centre cropped (fmnist_tl.data.load_rgb)"
     )
-
-
-class UInt8Classifier(nn.Module):
-    """uint8 images in the export's layout (`export_layout`) -> logits (N, C): the model's preprocessing,
-    backbone and head in one graph."""
-
-    def __init__(self, model: TransferClassifier) -> None:
-        super().__init__()
-        self.channels_last_input = channels_last_input(model)
-        self.preprocess = copy.deepcopy(model.preprocess)
-        # Plain (NCHW-contiguous) copies: channels_last is a CPU/GPU speed trick, not part of the model.
-        self.backbone = copy.deepcopy(model.backbone).to(memory_format=torch.contiguous_format).eval()
-        self.head = copy.deepcopy(model.head).eval()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last_input:
-            images = images.permute(0, 3, 1, 2)
-        return self.head(self.backbone(self.preprocess(images)))
 
 
 def reference_logits(model: TransferClassifier, images: torch.Tensor) -> torch.Tensor:

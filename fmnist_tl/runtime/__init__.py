@@ -17,6 +17,7 @@ from fmnist_tl.runtime.record import (
     summarize_stopped_sweep,
     write_run_record,
 )
+from fmnist_tl.runtime.serving import OnnxClassifier, UInt8Classifier, channels_last_input, export_layout
 from fmnist_tl.runtime.task import Stop, full_error_wanted, run_hydra_cli, stop_of, task_wrapper
 
 __all__ = [
@@ -24,12 +25,15 @@ __all__ = [
     "build_model",
     "build_trainer",
     "check_accelerator",
+    "channels_last_input",
     "check_logger_dependencies",
     "config_hash",
     "cpu_precision_probe",
+    "export_layout",
     "finetune_trainer_overrides",
     "full_error_wanted",
     "instantiate_group",
+    "OnnxClassifier",
     "record_failed_job",
     "run_hydra_cli",
     "run_metrics",
@@ -38,6 +42,7 @@ __all__ = [
     "stop_of",
     "summarize_stopped_sweep",
     "task_wrapper",
+    "UInt8Classifier",
     "run_test",
     "validate_config",
     "write_run_record",

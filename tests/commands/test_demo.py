@@ -17,13 +17,24 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bench.demo_latency import CHROMIUM, clear, open_page, serve, shown_label, upload
 from fmnist_tl.core import FmnistError
 from fmnist_tl.data import BadImage
-from fmnist_tl.demo import Predictor, accuracy_line, example_files, main, report_markdown, run_dir_of
+from fmnist_tl.demo import (
+    Predictor,
+    accuracy_line,
+    build_page,
+    choose_forward,
+    example_files,
+    main,
+    report_markdown,
+    run_dir_of,
+)
 from fmnist_tl.predict import predict
+from fmnist_tl.runtime import OnnxClassifier
 from tests.commands.test_predict import bad_files
 from tests.helpers import DEBIAN_MIRROR, REPO
 
@@ -94,6 +105,44 @@ def test_the_page_predicts_what_predict_predicts_and_shows_the_models_input(mode
     # The view is the model's input: a Fashion-MNIST image is a light object on a black background.
     seen = predictor(fashion_mnist_test_image(tmp_path)).seen
     assert seen[0, 0].max() < 30 and seen.max() > 150
+
+
+def test_onnx_runtime_predicts_what_predict_predicts(model, tmp_path):
+    """The default CPU forward pass: the model exported to ONNX Runtime, checked at start."""
+    examples = example_files(REPO / "docs" / "examples")
+    forward, runs_on = choose_forward(model, torch.device("cpu"), "auto", examples)
+    assert isinstance(forward, OnnxClassifier) and runs_on.startswith("ONNX Runtime on CPU")
+    predictor = Predictor(model, top_k=3, forward=forward)
+    files = [*examples, *(str(fashion_mnist_test_image(tmp_path, i)) for i in range(8))]
+    for expected in predict(files, model=model, top_k=3):
+        if expected.ok:
+            got = predictor(expected.path)
+            assert list(got.top) == [name for name, _ in expected.top]
+            assert list(got.top.values()) == pytest.approx([p for _, p in expected.top], abs=1e-4)
+
+
+def test_onnx_logits_off_from_pytorchs_are_refused_and_auto_falls_back(model, monkeypatch, capsys):
+    real_logits = OnnxClassifier.logits
+    monkeypatch.setattr(OnnxClassifier, "logits", lambda self, images: real_logits(self, images) + 0.5)
+    with pytest.raises(FmnistError, match="ONNX Runtime's logits differ from PyTorch's"):
+        choose_forward(model, torch.device("cpu"), "onnx", [])
+    forward, runs_on = choose_forward(model, torch.device("cpu"), "auto", [])
+    assert forward is None and runs_on == "PyTorch on cpu"
+    assert "warning: ONNX Runtime's logits differ" in capsys.readouterr().err
+
+
+def test_onnx_runtime_on_a_gpu_is_refused_and_auto_keeps_pytorch_there(model):
+    with pytest.raises(FmnistError, match="--runtime onnx runs on CPU"):
+        choose_forward(model, torch.device("cuda"), "onnx", [])
+    assert choose_forward(model, torch.device("cuda"), "auto", []) == (None, "PyTorch on cuda")
+    assert choose_forward(model, torch.device("cpu"), "torch", []) == (None, "PyTorch on cpu")
+
+
+def test_predictions_show_no_progress_overlay(model):
+    """Its running timer redraws the page while the model computes, taking CPU from the prediction."""
+    page = build_page(Predictor(model, top_k=3), "identity", None, [])
+    events = [d for d in page.config["dependencies"] if d["targets"] and d["targets"][0][1] == "change"]
+    assert len(events) == 2 and all(d["show_progress"] == "hidden" for d in events)
 
 
 def test_every_bad_upload_gets_predicts_reason(model, tmp_path):
