@@ -66,9 +66,9 @@ def patient(wrapped: dict[str, Any], patience: int) -> dict[str, Any]:
     return {"_target_": "optuna.pruners.PatientPruner", "wrapped_pruner": wrapped, "patience": patience}
 
 
-def halving(min_resource: int, bootstrap: int = 0) -> dict[str, Any]:
+def halving(min_resource: int, bootstrap: int = 0, factor: int = 3) -> dict[str, Any]:
     return {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": min_resource,
-            "reduction_factor": 3, "bootstrap_count": bootstrap}  # fmt: skip
+            "reduction_factor": factor, "bootstrap_count": bootstrap}  # fmt: skip
 
 
 def hyperband(min_resource: int) -> dict[str, Any]:
@@ -95,6 +95,7 @@ CANDIDATES: dict[str, dict[str, Any] | None] = {
     "sha-m2": halving(2),
     "hyperband-m1": hyperband(1),
     "median-s3-w1": median(3, 1),
+    "sha-m2-r4": halving(2, factor=4),
 }
 
 
@@ -128,7 +129,7 @@ def search(name: str, seed: int, n_trials: int, curves: Curves, cfg: Any) -> dic
             best = max(best, value)
             if name.endswith("-epoch"):
                 reporter.best = None  # so step reports this epoch's value, not the best so far
-            if reporter.step(epoch, value):
+            if reporter.step(epoch, value, last=epoch == curves.epochs):  # as on_validation_end asks
                 break
         epochs.append(epoch)
         if reporter.pruned_at is not None:
@@ -136,7 +137,8 @@ def search(name: str, seed: int, n_trials: int, curves: Curves, cfg: Any) -> dic
             pruned += 1
         else:
             study.tell(trial, best)  # train returns the best checkpoint's value
-    # A search whose trials were all pruned finds nothing (only a tiny --epochs does that).
+    # A search whose trials were all pruned finds nothing: successive halving with a bootstrap_count
+    # prunes the first trials at each rung, and in a sequential search that can be every trial.
     done = [study.best_trial] if any(t.state.name == "COMPLETE" for t in study.trials) else []
     return {"candidate": name, "seed": seed, "head_epochs": sum(epochs), "pruned": pruned,
             "best_val_acc": done[0].value if done else 0.0, "best_trial": done[0].number if done else None}  # fmt: skip
