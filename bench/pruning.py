@@ -1,31 +1,40 @@
-"""Which pruner head_optuna uses: the same 20-trial search with none, median, successive halving and
-hyperband, the same sampler and seeds; plus what a pruning decision costs on SQLite.
+"""Which pruner head_optuna uses: the same 20-trial search without pruning and with each candidate
+pruner, the same sampler and seeds; plus what a pruning decision costs on SQLite.
 
-    python -m bench.pruning [--seeds 0 1 2] [--trials 20] [--results bench/results/DATE-pruning.json]
+    python -m bench.pruning [--train 20000 --val 5000] [--seeds 0 1 2] [--extra-seeds 3] [--jobs 2]
+                            [--results bench/results/DATE-pruning.json]
+    python -m bench.pruning --decision-only [--decision median-s5-w2] [--results FILE]
 
 - **Features (a proxy).** The targets assume warm caches of real 224 px ImageNet features; no
   ImageNet weights are available here, so the trials train on the features of a random-init
-  ResNet18 at --size px (default 32) of real Fashion-MNIST images: --train images of the train
-  split for training, the next --val for validation (as data.val_size holds out). A head's epoch
-  then costs a fraction of a second, so the whole comparison takes minutes on 2 shared cores.
+  ResNet18 at --size px (default 32) of real Fashion-MNIST images, split as the project splits the
+  train file (data.val_size held out by a permutation seeded with the config's seed): --val images
+  for validation, --train of the rest for training (55,000 is all of them). Extracted once into
+  --cache.
 - **The search is head_optuna's**: its search space (conf/hparams_search/head_optuna.yaml, with
   trainer.max_epochs fixed at --epochs), its TPE sampler and settings, built per trial by the
   sweeper's own `SamplerFactory`; each trial reports through the sweeper's own `TrialPruning.step`
-  (the best val/acc so far after each epoch) to an in-memory study with the candidate's pruner,
-  built by `build_pruner`. The head, AdamW, batch size and per-epoch cosine schedule are the
-  project's (model.head, model.optimizer, data.batch_size, model/scheduler=cosine).
-- **Same trial, same curve.** A trial's training is seeded by (seed, its parameters), so a
-  configuration that two candidates both sample learns the same curve; it is trained once, as far
-  as the furthest candidate needed it ("head epochs" count what each search would have run).
+  (the best val/acc so far after each epoch; the `-epoch` candidates report each epoch's own value
+  instead) to an in-memory study with the candidate's pruner, built by `build_pruner`. The head,
+  AdamW, batch size and per-epoch cosine schedule are the project's (model.head, model.optimizer,
+  data.batch_size, model/scheduler=cosine).
+- **Same trial, same curve.** A trial's training is seeded by (seed, its parameters), with its own
+  RNG state, so a configuration learns the same curve whichever candidate samples it and whatever
+  else trains in between; it is trained once, as far as the furthest candidate needed it ("head
+  epochs" count what each search would have run). Curves are kept per seed in --cache, so a rerun
+  or a new candidate trains only configurations not seen before.
+- **Seeds are independent** (a curve's key holds its seed): --jobs runs them in parallel processes.
 - **Decision cost.** A SQLite study in a temp dir, opened as a job opens it (`TrialPruning.trial`),
-  with --trials trials of --epochs reports each under the chosen pruner: the time of
-  report + should_prune per epoch, and of opening the trial (a trial's fixed cost).
+  with --trials trials of --epochs reports each under the --decision pruner (default: the one
+  head_optuna configures): the time of report + should_prune per epoch, and of opening the trial (a
+  trial's fixed cost). --decision-only measures only this (into --results' decision_cost, if given).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -38,109 +47,60 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-TARGETS = {"epochs_share": 0.45, "best_val_acc_drop_pt": 0.3, "decision_ms": 20.0, "fixed_s": 3.0}
-# The candidates: name -> hydra.sweeper.pruner (None: no pruning).
+from bench.pruning_curves import Curves, features  # noqa: E402
+
+GOALS = {"epochs_share": 0.45, "best_val_acc_drop_pt": 0.3, "decision_ms": 20.0, "fixed_s": 3.0}
+
+
+def median(startup: int, warmup: int) -> dict[str, Any]:
+    return {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": startup, "n_warmup_steps": warmup}
+
+
+def percentile(p: float, startup: int, warmup: int) -> dict[str, Any]:
+    # Optuna keeps the top `percentile` % when maximizing: under 50 prunes more than the median.
+    return {"_target_": "optuna.pruners.PercentilePruner", "percentile": p, "n_startup_trials": startup,
+            "n_warmup_steps": warmup}  # fmt: skip
+
+
+def patient(wrapped: dict[str, Any], patience: int) -> dict[str, Any]:
+    return {"_target_": "optuna.pruners.PatientPruner", "wrapped_pruner": wrapped, "patience": patience}
+
+
+def halving(min_resource: int, bootstrap: int = 0, factor: int = 3) -> dict[str, Any]:
+    return {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": min_resource,
+            "reduction_factor": factor, "bootstrap_count": bootstrap}  # fmt: skip
+
+
+def hyperband(min_resource: int) -> dict[str, Any]:
+    return {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": min_resource, "max_resource": 15,
+            "reduction_factor": 3}  # fmt: skip
+
+
+# The candidates: name -> hydra.sweeper.pruner (None: no pruning), the likelier ones to meet the
+# targets first. A name ending in -epoch reports each epoch's own val/acc instead of the best so far.
 CANDIDATES: dict[str, dict[str, Any] | None] = {
     "none": None,
-    "median": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 2},
-    "median-w4": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 4},
-    "sha-r3": {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 1, "reduction_factor": 3},
-    "sha-r3-m2": {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 2, "reduction_factor": 3},
-    "hyperband-r3": {
-        "_target_": "optuna.pruners.HyperbandPruner",
-        "min_resource": 1,
-        "max_resource": 15,
-        "reduction_factor": 3,
-    },  # fmt: skip
+    **{f"median-s{s}-w{w}": median(s, w) for s, w in ((5, 2), (5, 3), (8, 2))},
+    "percentile40-s5-w3": percentile(40, 5, 3),
+    **{f"hyperband-m{m}": hyperband(m) for m in (2, 3)},
+    "median-s5-w2-epoch": median(5, 2),
+    "percentile45-s5-w2": percentile(45, 5, 2),
+    **{f"median-s{s}-w{w}": median(s, w) for s, w in ((3, 2), (5, 1), (8, 3), (5, 4))},
+    "sha-m2-b2": halving(2, 2),
+    "patient1-median-s5-w2": patient(median(5, 2), 1),
+    "percentile40-s5-w2": percentile(40, 5, 2),
+    **{f"median-s{s}-w{w}": median(s, w) for s, w in ((3, 3), (8, 1))},
+    "percentile35-s5-w3": percentile(35, 5, 3),
+    "sha-m3": halving(3),
+    "sha-m2": halving(2),
+    "hyperband-m1": hyperband(1),
+    "median-s3-w1": median(3, 1),
+    "sha-m2-r4": halving(2, factor=4),
 }
 
 
-def features(size: int, n_train: int, n_val: int) -> tuple[Any, Any, Any, Any]:
-    """Random-init ResNet18 features of real Fashion-MNIST images (train, val), made once."""
-    import torch
-    import torchvision
-    from torch.nn import functional as F
-
-    from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD
-    from fmnist_tl.data.raw_files import parse_idx, read_gz
-
-    mirror = Path("/usr/share/datasets/fashion-mnist")
-    images = parse_idx(read_gz(mirror / "train-images-idx3-ubyte.gz"), "train images", "images", None)
-    labels = parse_idx(read_gz(mirror / "train-labels-idx1-ubyte.gz"), "train labels", "labels", None)
-    images, labels = images[: n_train + n_val], labels[: n_train + n_val].long()
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None)
-    net.fc = torch.nn.Identity()
-    net.eval()
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    out = []
-    with torch.inference_mode():
-        for batch in images.split(512):
-            x = F.interpolate(batch.float().unsqueeze(1) / 255, size=(size, size), mode="bilinear")
-            out.append(net((x.expand(-1, 3, -1, -1) - mean) / std))
-    feats = torch.cat(out)
-    feats = (feats - feats[:n_train].mean(0)) / (feats[:n_train].std(0) + 1e-6)
-    return feats[:n_train], labels[:n_train], feats[n_train:], labels[n_train:]
-
-
-class Curves:
-    """Each configuration's val/acc per epoch, trained once and only as far as any search needed."""
-
-    def __init__(self, data: tuple[Any, ...], cfg: Any, epochs: int) -> None:
-        self.data, self.cfg, self.epochs = data, cfg, epochs
-        self.runs: dict[tuple, dict[str, Any]] = {}
-        self.seconds = 0.0
-        self.trained = 0
-
-    def value(self, seed: int, params: dict[str, Any], epoch: int) -> float:
-        import hashlib
-
-        import hydra
-        import torch
-        import yaml
-        from torch import nn
-
-        from fmnist_tl.training import build_head
-
-        key = (seed, tuple(sorted(params.items())))
-        run = self.runs.get(key)
-        if run is None:
-            digest = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:4], "big")
-            torch.manual_seed(digest)
-            x = self.data[0]
-            head = build_head(x.shape[1], 10, yaml.safe_load(params["model.head.hidden_dims"]),
-                              params["model.head.dropout"])  # fmt: skip
-            opt_cfg = {**self.cfg.model.optimizer, "lr": params["model.optimizer.lr"],
-                       "weight_decay": params["model.optimizer.weight_decay"]}  # fmt: skip
-            optimizer = hydra.utils.instantiate(opt_cfg)(head.parameters())
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
-            run = self.runs[key] = {"head": head, "opt": optimizer, "sched": schedule, "curve": [],
-                                    "gen": torch.Generator().manual_seed(digest)}  # fmt: skip
-        xt, yt, xv, yv = self.data
-        batch = int(self.cfg.data.batch_size)
-        while len(run["curve"]) < epoch:
-            start = time.perf_counter()
-            head, optimizer = run["head"], run["opt"]
-            head.train()
-            order = torch.randperm(len(yt), generator=run["gen"])
-            for i in range(0, len(order), batch):
-                idx = order[i : i + batch]
-                loss = nn.functional.cross_entropy(head(xt[idx]), yt[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            run["sched"].step()
-            head.eval()
-            with torch.inference_mode():
-                acc = (head(xv).argmax(1) == yv).float().mean().item()
-            run["curve"].append(acc)
-            self.seconds += time.perf_counter() - start
-            self.trained += 1
-        return run["curve"][epoch - 1]
-
-
-def search(name: str, pruner_cfg: dict | None, seed: int, n_trials: int, curves: Curves, cfg: Any) -> dict[str, Any]:
-    """head_optuna's search (one sampler seed) with one pruner, as the sweeper runs it."""
+def search(name: str, seed: int, n_trials: int, curves: Curves, cfg: Any) -> dict[str, Any]:
+    """head_optuna's search (one sampler seed) with one candidate pruner, as the sweeper runs it."""
     import optuna
     from omegaconf import OmegaConf
 
@@ -148,6 +108,7 @@ def search(name: str, pruner_cfg: dict | None, seed: int, n_trials: int, curves:
     from fmnist_tl.sweeps.search_space import SamplerFactory, search_space
     from fmnist_tl.sweeps.study import StudyStore
 
+    pruner_cfg = CANDIDATES[name]
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     params.pop("trainer.max_epochs", None)
     distributions, _ = search_space(params, [])
@@ -162,17 +123,47 @@ def search(name: str, pruner_cfg: dict | None, seed: int, n_trials: int, curves:
         study.sampler = make_sampler(number)
         trial = study.ask(distributions)
         reporter = TrialPruning(store.job_spec(), study.study_name, trial.number, "val/acc", pruner_cfg)
+        best = 0.0
         for epoch in range(1, curves.epochs + 1):
-            if reporter.step(epoch, curves.value(seed, trial.params, epoch)):
+            value = curves.value(seed, trial.params, epoch)
+            best = max(best, value)
+            if name.endswith("-epoch"):
+                reporter.best = None  # so step reports this epoch's value, not the best so far
+            if reporter.step(epoch, value, last=epoch == curves.epochs):  # as on_validation_end asks
                 break
         epochs.append(epoch)
         if reporter.pruned_at is not None:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             pruned += 1
         else:
-            study.tell(trial, reporter.best)
+            study.tell(trial, best)  # train returns the best checkpoint's value
+    # A search whose trials were all pruned finds nothing: successive halving with a bootstrap_count
+    # prunes the first trials at each rung, and in a sequential search that can be every trial.
+    done = [study.best_trial] if any(t.state.name == "COMPLETE" for t in study.trials) else []
     return {"candidate": name, "seed": seed, "head_epochs": sum(epochs), "pruned": pruned,
-            "best_val_acc": study.best_value, "best_trial": study.best_trial.number}  # fmt: skip
+            "best_val_acc": done[0].value if done else 0.0, "best_trial": done[0].number if done else None}  # fmt: skip
+
+
+def run_seed(job: tuple[int, argparse.Namespace]) -> tuple[list[dict[str, Any]], int, float]:
+    """Every candidate's search for one sampler seed (a process of its own under --jobs)."""
+    import optuna
+    import torch
+
+    from fmnist_tl.config import compose_config
+
+    seed, args = job
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(1)  # features.head_threads=1, as a head trial on cached features trains
+    cfg = compose_config("train", ["hparams_search=head_optuna"], return_hydra_config=True)
+    data = features(args.size, args.train, args.val, int(cfg.seed), args.cache)
+    name = f"curves-{args.size}px-{args.train}-{args.val}-e{args.epochs}-b{cfg.data.batch_size}-seed{seed}.json"
+    curves = Curves(data, cfg, args.epochs, args.cache / name)
+    runs = []
+    for candidate in args.candidates:
+        runs.append(search(candidate, seed, args.trials, curves, cfg))
+        curves.save()
+        print(f"[pruning] {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
+    return runs, curves.trained, curves.seconds
 
 
 def decision_cost(pruner_cfg: dict | None, n_trials: int, epochs: int) -> dict[str, Any]:
@@ -211,72 +202,95 @@ def decision_cost(pruner_cfg: dict | None, n_trials: int, epochs: int) -> dict[s
             "open_trial_s_median": statistics.median(opens), "open_trial_s_max": max(opens)}  # fmt: skip
 
 
+def row(name: str, runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """One candidate against no pruning, over the given seeds (share of epochs, drop of the best)."""
+    base = {r["seed"]: r for r in runs if r["candidate"] == "none"}
+    mine = [r for r in runs if r["candidate"] == name and r["seed"] in seeds and r["seed"] in base]
+    if not mine:
+        return {}
+    shares = [r["head_epochs"] / base[r["seed"]]["head_epochs"] for r in mine]
+    drops = [100 * (base[r["seed"]]["best_val_acc"] - r["best_val_acc"]) for r in mine]
+    mean = statistics.fmean
+    return {
+        "seeds": [r["seed"] for r in mine],
+        "head_epochs_mean": round(mean(r["head_epochs"] for r in mine), 1),
+        "epochs_share_of_none": round(mean(shares), 3),
+        "pruned_mean": round(mean(r["pruned"] for r in mine), 2),
+        "best_val_acc_mean": round(mean(r["best_val_acc"] for r in mine), 4),
+        "best_val_acc_drop_pt_mean": round(mean(drops), 2),
+        "best_val_acc_drop_pt_max": round(max(drops), 2),
+        "meets_targets": mean(shares) <= GOALS["epochs_share"] and mean(drops) <= GOALS["best_val_acc_drop_pt"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler seeds of the recorded mean")
+    parser.add_argument("--extra-seeds", type=int, nargs="*", default=[], help="more seeds, a robustness check")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=15, help="trainer.max_epochs, fixed")
     parser.add_argument("--size", type=int, default=32, help="image size for the random-init ResNet18")
-    parser.add_argument("--train", type=int, default=10000)
+    parser.add_argument("--train", type=int, default=55000)
     parser.add_argument("--val", type=int, default=5000)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
-    parser.add_argument("--decision", default="median", choices=list(CANDIDATES), help="pruner for the SQLite cost")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds searched in parallel processes")
+    parser.add_argument("--cache", type=Path, default=REPO / "cache" / "bench-pruning", help="features and curves")
+    parser.add_argument("--decision", choices=list(CANDIDATES), help="the SQLite cost's pruner (head_optuna's)")
+    parser.add_argument("--decision-only", action="store_true", help="measure only the decision cost")
     parser.add_argument("--results", type=Path, help="write the results JSON here")
     args = parser.parse_args(argv)
+    if "none" not in args.candidates:
+        args.candidates.insert(0, "none")
 
     import optuna
     import torch
 
     from fmnist_tl.config import compose_config
     from fmnist_tl.core import atomic_write_text, cpu_model
+    from fmnist_tl.sweeps.pruning import pruner_config
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    torch.set_num_threads(1)  # features.head_threads=1, as a head trial on cached features trains
+    command = "python -m bench.pruning " + " ".join(sys.argv[1:] if argv is None else argv)
     load_start = os.getloadavg()
     cfg = compose_config("train", ["hparams_search=head_optuna"], return_hydra_config=True)
+    decision = CANDIDATES[args.decision] if args.decision else pruner_config(cfg.hydra.sweeper.pruner)
+    machine = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+               "optuna": optuna.__version__}  # fmt: skip
+    if args.decision_only:
+        cost = {"pruner": decision, **decision_cost(decision, args.trials, args.epochs), "command": command}
+        cost |= {"load_average": {"start": load_start, "end": os.getloadavg()}, "machine": machine}
+        print(json.dumps(cost, indent=1))
+        if args.results:  # into the comparison's file when there is one, the rest of it kept
+            doc = json.loads(args.results.read_text()) if args.results.is_file() else {"goals": GOALS}
+            atomic_write_text(args.results, json.dumps({**doc, "decision_cost": cost}, indent=2, default=str) + "\n")
+        return 0
+
     start = time.perf_counter()
     torch.set_num_threads(2)
-    data = features(args.size, args.train, args.val)
+    features(args.size, args.train, args.val, int(cfg.seed), args.cache)
     extract_s = time.perf_counter() - start
-    torch.set_num_threads(1)
-    curves = Curves(data, cfg, args.epochs)
-    runs = []
-    for seed in args.seeds:
-        for name in args.candidates:
-            run = search(name, CANDIDATES[name], seed, args.trials, curves, cfg)
-            runs.append(run)
-            print(f"[pruning] {json.dumps(run)}", file=sys.stderr)
+    seeds = args.seeds + [s for s in args.extra_seeds if s not in args.seeds]
+    jobs = [(seed, args) for seed in seeds]
+    if args.jobs > 1:
+        # spawn, not fork: the parent's OpenMP threads (feature extraction) must not be forked.
+        with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+            done = pool.map(run_seed, jobs, chunksize=1)
+    else:
+        done = [run_seed(job) for job in jobs]
+    runs = [r for seed_runs, _, _ in done for r in seed_runs]
+    trained, seconds = sum(d[1] for d in done), sum(d[2] for d in done)
     rows = []
-    by_name = {n: [r for r in runs if r["candidate"] == n] for n in args.candidates}
-    base = {r["seed"]: r for r in by_name.get("none", [])}
-    for name, mine in by_name.items():
-        shares = [r["head_epochs"] / base[r["seed"]]["head_epochs"] for r in mine if r["seed"] in base]
-        drops = [100 * (base[r["seed"]]["best_val_acc"] - r["best_val_acc"]) for r in mine if r["seed"] in base]
-        rows.append(
-            {
-                "candidate": name,
-                "pruner": CANDIDATES[name],
-                "head_epochs_mean": statistics.fmean(r["head_epochs"] for r in mine),
-                "epochs_share_of_none": round(statistics.fmean(shares), 3) if shares else None,
-                "pruned_mean": statistics.fmean(r["pruned"] for r in mine),
-                "best_val_acc_mean": round(statistics.fmean(r["best_val_acc"] for r in mine), 4),
-                "best_val_acc_drop_pt_mean": round(statistics.fmean(drops), 2) if drops else None,
-                "best_val_acc_drop_pt_max": round(max(drops), 2) if drops else None,
-                "meets_targets": bool(shares and drops)
-                and statistics.fmean(shares) <= TARGETS["epochs_share"]
-                and statistics.fmean(drops) <= TARGETS["best_val_acc_drop_pt"],
-            }
-        )
-    cost = decision_cost(CANDIDATES[args.decision], args.trials, args.epochs)
+    for name in args.candidates:
+        rows.append({"candidate": name, "pruner": CANDIDATES[name],
+                     "reports": "epoch val/acc" if name.endswith("-epoch") else "best val/acc so far",
+                     **row(name, runs, args.seeds)})  # fmt: skip
+        if len(seeds) > len(args.seeds):
+            rows[-1]["all_seeds"] = {k: v for k, v in row(name, runs, seeds).items() if k != "meets_targets"}
+    cost = {"pruner": decision, **decision_cost(decision, args.trials, args.epochs)}
     doc = {
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python -m bench.pruning " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": len(os.sched_getaffinity(0)),
-            "torch": torch.__version__,
-            "optuna": optuna.__version__,
-        },  # fmt: skip
+        "command": command,
+        "machine": machine,
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "proxy": {
             "features": f"random-init ResNet18 at {args.size} px, real Fashion-MNIST images, standardised",
@@ -284,19 +298,20 @@ def main(argv: list[str] | None = None) -> int:
             "val_images": args.val,
             "max_epochs": args.epochs,
             "seeds": args.seeds,
+            "extra_seeds": args.extra_seeds,
             "trials": args.trials,
             "extraction_s": round(extract_s, 1),
-            "head_epochs_trained": curves.trained,
-            "head_epoch_s_mean": round(curves.seconds / max(1, curves.trained), 3),
+            "head_epochs_trained": trained,
+            "head_epoch_s_mean": round(seconds / max(1, trained), 3),
         },
         # "goals", not "targets": bench/render.py reads a file with targets as a `python -m bench` run.
-        "goals": TARGETS,
+        "goals": GOALS,
         "rows": rows,
-        "decision_cost": {"pruner": CANDIDATES[args.decision], **cost},
-        "runs": runs,
+        "decision_cost": cost,
+        "runs": {f"{r['candidate']} seed {r['seed']}": r for r in runs},
         "notes": "",
     }
-    print(json.dumps({"rows": rows, "decision_cost": doc["decision_cost"]}, indent=1))
+    print(json.dumps({"rows": rows, "decision_cost": cost}, indent=1))
     if args.results:
         atomic_write_text(args.results, json.dumps(doc, indent=2, default=str) + "\n")
     return 0

@@ -39,7 +39,13 @@ from fmnist_tl.runtime import (
     write_run_record,
 )
 from fmnist_tl.sweeps import pruned_epoch
-from fmnist_tl.training import check_checkpoint_file, check_resume_schedule, resolve_ckpt_path, resolve_precision
+from fmnist_tl.training import (
+    check_checkpoint_file,
+    check_resume_schedule,
+    fit_progress,
+    resolve_ckpt_path,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +75,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, [feature_cache] if feature_cache else [], precision, finetune)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    pruned = pruned_epoch(trainer)  # before the test resets the trainer's metrics
+    # Before the test resets the trainer's metrics, which is where ddp_spawn's processes left these.
+    pruned, progress = pruned_epoch(trainer), fit_progress(trainer)
     tested, test = run_test(cfg, trainer, model, datamodule, precision)
 
-    metrics = run_metrics(cfg, trainer, model, test, tested, precision, feature_cache, started, ckpt_path, pruned)
+    metrics = run_metrics(
+        cfg, trainer, model, test, tested, precision, feature_cache, started, ckpt_path, pruned, progress
+    )
     if trainer.is_global_zero:
         write_run_record(cfg, metrics)
     return metrics

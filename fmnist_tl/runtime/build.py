@@ -17,6 +17,7 @@ from fmnist_tl.core import FmnistError, missing_progress_bar
 from fmnist_tl.features import extraction_settings, features_cache_dir, measured_trainer_precision
 from fmnist_tl.training import (
     AtomicCheckpointIO,
+    FitProgress,
     ReseedEachEpoch,
     SilenceKnownNoise,
     TransferClassifier,
@@ -115,6 +116,7 @@ def build_trainer(
             *extra_callbacks,
             ReseedEachEpoch(cfg.seed),
             SilenceKnownNoise(),
+            FitProgress(),
             *missing_progress_bar(callback_list, cfg.trainer),
         ],
         logger=instantiate_group(cfg.get("logger")) or False,

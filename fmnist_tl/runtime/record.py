@@ -20,7 +20,7 @@ from fmnist_tl.core import atomic_write_json, atomic_write_text
 from fmnist_tl.evaluation import write_report
 from fmnist_tl.runtime.checks import config_hash
 from fmnist_tl.sweeps import write_summary
-from fmnist_tl.training import ModelCheckpoint, RecordTestOutputs, TransferClassifier
+from fmnist_tl.training import ModelCheckpoint, RecordTestOutputs, TransferClassifier, fit_progress
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,12 @@ def run_metrics(
     started: float,
     resumed_from: str | None,
     pruned_at_epoch: int | None = None,
+    progress: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """metrics.json's record of a completed run (or of a sweep trial its pruner stopped after
-    `pruned_at_epoch`), with the best checkpoint's validation figures."""
+    `pruned_at_epoch`), with the best checkpoint's validation figures. `progress`: the fit's
+    (epochs, global_step), `fit_progress` read before the test (the trainer's own after it, if not given)."""
+    epochs, global_step = progress or fit_progress(trainer)
     val = {k: _metric(trainer, k) for k in ("val/acc", "val/f1", "val/loss")}
     if isinstance(trainer.checkpoint_callback, ModelCheckpoint):
         val.update({k: v for k, v in trainer.checkpoint_callback.best_validation().items() if k in val})
@@ -127,8 +130,8 @@ def run_metrics(
         **({} if pruned_at_epoch is None else {"pruned_at_epoch": pruned_at_epoch}),
         **val,
         **test,
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
+        "epochs": epochs,
+        "global_step": global_step,
         "best_model_path": tested,
         "wall_time_s": round(time.time() - started, 2),
         "weights_id": model.weights_id,

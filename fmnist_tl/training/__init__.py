@@ -2,12 +2,14 @@
 
 from fmnist_tl.training.callbacks import (
     AtomicCheckpointIO,
+    FitProgress,
     ModelCheckpoint,
     ModelSummary,
     OnExceptionCheckpoint,
     RecordTestOutputs,
     ReseedEachEpoch,
     SilenceKnownNoise,
+    fit_progress,
     silence_known_noise,
 )
 from fmnist_tl.training.checkpoints import check_checkpoint_file, check_resume_schedule, resolve_ckpt_path
@@ -23,6 +25,8 @@ __all__ = [
     "check_finetune",
     "check_resume_schedule",
     "finetune_options",
+    "fit_progress",
+    "FitProgress",
     "legacy_lr_plan",
     "ModelCheckpoint",
     "ModelSummary",

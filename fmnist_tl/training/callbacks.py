@@ -1,5 +1,6 @@
 """The Lightning callbacks and plugin every run uses: atomic checkpoint IO, the checkpoint callbacks,
-per-epoch reseeding and the recorder of test outputs that the evaluation report is computed from.
+per-epoch reseeding, the recorder of test outputs that the evaluation report is computed from, and
+the fit's progress as the main process sees it (also under ddp_spawn).
 
 Configs target these by name (conf/callbacks/default.yaml), so they live apart from the CLIs.
 """
@@ -304,3 +305,25 @@ class SilenceKnownNoise(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         silence_known_noise()
+
+
+# trainer.callback_metrics keys: ddp_spawn's processes send callback_metrics back to the main process,
+# not the fit loop's progress, which stays at 0 there.
+FIT_EPOCHS, FIT_STEPS = "fit/epochs", "fit/global_step"
+
+
+class FitProgress(L.Callback):
+    """The epochs and optimizer steps the fit ran, into trainer.callback_metrics (see `fit_progress`)."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.callback_metrics[FIT_EPOCHS] = torch.tensor(trainer.current_epoch)
+        trainer.callback_metrics[FIT_STEPS] = torch.tensor(trainer.global_step)
+
+
+def fit_progress(trainer: L.Trainer) -> tuple[int, int]:
+    """(epochs, global_step) of the trainer's last fit, in the process that started it, also after
+    ddp_spawn. Read it right after fit: a test resets the trainer's metrics."""
+    metrics = trainer.callback_metrics
+    if FIT_EPOCHS in metrics:
+        return int(metrics[FIT_EPOCHS]), int(metrics[FIT_STEPS])
+    return trainer.current_epoch, trainer.global_step

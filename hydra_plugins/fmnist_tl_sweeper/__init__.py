@@ -82,9 +82,11 @@ PRUNERS: dict[str, dict[str, Any]] = {
         "n_startup_trials": 5,
         "n_warmup_steps": 2,
     },
+    # head_optuna's pruner (bench/pruning.py, docs/sweeps.md): every trial gets 2 epochs before its
+    # first judgement, as trials judged after one lost the best ones; the top third go on at 2 and 6.
     "successive_halving": {
         "_target_": "optuna.pruners.SuccessiveHalvingPruner",
-        "min_resource": 1,
+        "min_resource": 2,
         "reduction_factor": 3,
     },
     "hyperband": {

@@ -184,6 +184,8 @@ def test_ddp_sim_two_processes(tiny_mirror, tmp_path):
     (metrics_file,) = (tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["status"] == "completed" and metrics["test/acc"] is not None
+    # The fit ran in ddp_spawn's processes: its epochs and steps still reach the main process's record.
+    assert metrics["epochs"] == 1 and metrics["global_step"] > 0
     # data.cache_features=auto is on here: rank 0 extracted each split once, the other rank loaded it.
     manifests = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "features").glob("*.json")]
     assert sorted(m["fingerprint"]["split"] for m in manifests) == ["test", "train", "val"]

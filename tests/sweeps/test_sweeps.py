@@ -396,10 +396,9 @@ PRUNE_AT_2 = (
 )
 
 
-def pruned_study(sweep: Path, n: int, epochs_recorded: bool = True) -> None:
+def pruned_study(sweep: Path, n: int) -> None:
     """Every trial of the study: PRUNED after epoch 2 with its last value, and its job dir kept with
-    status pruned. (`epochs_recorded`: train's metrics.json has no epoch count under ddp_spawn, whose
-    processes do not send it back: "epochs" is 0 there, pruned or not.)"""
+    status pruned and the 2 epochs it ran (also under ddp_spawn, whose processes send them back)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -408,14 +407,12 @@ def pruned_study(sweep: Path, n: int, epochs_recorded: bool = True) -> None:
     for trial in study.trials:
         metrics = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
         assert metrics["status"] == "pruned" and metrics["pruned_at_epoch"] == 2
-        assert metrics["epochs"] == (2 if epochs_recorded else 0) and set(trial.intermediate_values) == {1, 2}
+        assert metrics["epochs"] == 2 and set(trial.intermediate_values) == {1, 2}
         assert trial.value == pytest.approx(trial.intermediate_values[2]) == pytest.approx(metrics["val/acc"])
         assert Path(metrics["best_model_path"]).is_file() and math.isfinite(metrics["test/acc"])
     rows = read_csv(sweep / "sweep_summary.csv")
-    assert [r["status"] for r in rows] == ["pruned"] * n
-    if epochs_recorded:
-        assert all(r["epochs"] == "2" for r in rows)
-        assert f"epochs in jobs: {2 * n}" in (sweep / "sweep_summary.md").read_text()
+    assert [r["status"] for r in rows] == ["pruned"] * n and all(r["epochs"] == "2" for r in rows)
+    assert f"epochs in jobs: {2 * n}" in (sweep / "sweep_summary.md").read_text()
     assert OmegaConf.load(sweep / "optimization_results.yaml").n_pruned == n
 
 
@@ -442,7 +439,7 @@ def test_under_ddp_rank_0_decides_and_every_rank_stops_after_the_same_epoch(tiny
     proc = run_cli("-m", "hparams_search=head_optuna", "hydra.sweeper.n_trials=1",
                    *tiny_overrides(tiny_mirror, tmp_path), *DDP_SIM, *PRUNE_AT_2, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    pruned_study(tmp_path / "logs" / "train" / "studies" / "head_optuna", 1, epochs_recorded=False)
+    pruned_study(tmp_path / "logs" / "train" / "studies" / "head_optuna", 1)
 
 
 @pytest.mark.slow
