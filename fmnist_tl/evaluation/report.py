@@ -264,7 +264,7 @@ def write_report(
         shown = images[worst] if len(worst) else torch.empty(0, dtype=torch.uint8)  # rows read: the ones shown
         atomic_write_bytes(output_dir / "mistakes.png", plot_mistakes(shown, mistakes, title))
         # The model's own lineage when it has one (checkpoints record it), else run_dir's CSV log.
-        logs = model.history.logs(model._trainer)
+        logs = model.history.logs(collector.trainer)
         curves = write_curves(run_dir, output_dir, finetune_start, logs) if run_dir is not None or logs else None
         report["curves"] = curves.name if curves else None
     report["mistakes_shown"] = mistakes

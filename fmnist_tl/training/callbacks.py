@@ -199,10 +199,12 @@ class RecordTestOutputs(L.Callback):
     def __init__(self) -> None:
         self.logits: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
+        # The trainer that ran the test: the report reads its CSV log for the training curves.
+        self.trainer: L.Trainer | None = None
         self._hook: Any = None
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.logits, self.labels = [], []
+        self.logits, self.labels, self.trainer = [], [], trainer
         self._hook = pl_module.head.register_forward_hook(self._record)
 
     def _record(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
