@@ -16,12 +16,13 @@ def features(size: int, n_train: int, n_val: int, seed: int, cache: Path) -> tup
     import torchvision
     from torch.nn import functional as F
 
+    from fmnist_tl.core import atomic_path
     from fmnist_tl.data import IMAGENET_MEAN, IMAGENET_STD
     from fmnist_tl.data.raw_files import parse_idx, read_gz
 
     path = cache / f"features-{size}px-{n_train}-{n_val}-seed{seed}.pt"
     if path.is_file():
-        return tuple(torch.load(path))
+        return tuple(torch.load(path, weights_only=True))
     mirror = Path("/usr/share/datasets/fashion-mnist")
     images = parse_idx(read_gz(mirror / "train-images-idx3-ubyte.gz"), "train images", "images", None)
     labels = parse_idx(read_gz(mirror / "train-labels-idx1-ubyte.gz"), "train labels", "labels", None)
@@ -42,9 +43,8 @@ def features(size: int, n_train: int, n_val: int, seed: int, cache: Path) -> tup
     feats = torch.cat(out)
     feats = (feats - feats[:n_train].mean(0)) / (feats[:n_train].std(0) + 1e-6)
     data = (feats[:n_train], labels[:n_train], feats[n_train:], labels[n_train:])
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(data, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
     return data
 
 
@@ -61,11 +61,11 @@ class Curves:
         self.trained = 0
 
     def save(self) -> None:
+        from fmnist_tl.core import atomic_write_text
+
         if self.path is not None:
             stored = {**self.stored, **{k: r["curve"] for k, r in self.runs.items()}}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.with_suffix(".tmp").write_text(json.dumps(stored))
-            self.path.with_suffix(".tmp").replace(self.path)
+            atomic_write_text(self.path, json.dumps(stored))
 
     def value(self, seed: int, params: dict[str, Any], epoch: int) -> float:
         key = json.dumps([seed, sorted(params.items())])
