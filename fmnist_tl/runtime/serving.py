@@ -58,7 +58,7 @@ class OnnxClassifier:
     """
 
     def __init__(self, model: TransferClassifier, check_images: torch.Tensor) -> None:
-        self.channels_last_input = channels_last_input(model)
+        self.model = model  # its input_spec says the layout the graph takes (export_layout)
         module = UInt8Classifier(model).eval()
         with tempfile.TemporaryDirectory(prefix="fmnist-onnx-") as tmp:
             path = Path(tmp) / "model.onnx"
@@ -76,8 +76,8 @@ class OnnxClassifier:
         self.max_abs_logit_diff = off
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 2, 3, 1).contiguous() if self.channels_last_input else images.contiguous()
-        return torch.from_numpy(self.session.run(["logits"], {"images": x.cpu().numpy()})[0])
+        x = export_layout(self.model, images.cpu()).contiguous()
+        return torch.from_numpy(self.session.run(["logits"], {"images": x.numpy()})[0])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(images).float().softmax(-1)
