@@ -80,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tested, test = run_test(cfg, trainer, model, datamodule, precision)
 
     metrics = run_metrics(
-        cfg, trainer, model, test, tested, precision, feature_cache, started, ckpt_path, pruned, progress
+        cfg, trainer, model, test, tested, precision, feature_cache, started, ckpt_path, progress, pruned
     )
     if trainer.is_global_zero:
         write_run_record(cfg, metrics)

@@ -20,7 +20,7 @@ from fmnist_tl.core import atomic_write_json, atomic_write_text
 from fmnist_tl.evaluation import write_report
 from fmnist_tl.runtime.checks import config_hash
 from fmnist_tl.sweeps import write_summary
-from fmnist_tl.training import ModelCheckpoint, RecordTestOutputs, TransferClassifier, fit_progress
+from fmnist_tl.training import ModelCheckpoint, RecordTestOutputs, TransferClassifier
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +115,13 @@ def run_metrics(
     feature_cache: Any,
     started: float,
     resumed_from: str | None,
+    progress: tuple[int, int],
     pruned_at_epoch: int | None = None,
-    progress: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """metrics.json's record of a completed run (or of a sweep trial its pruner stopped after
     `pruned_at_epoch`), with the best checkpoint's validation figures. `progress`: the fit's
-    (epochs, global_step), `fit_progress` read before the test (the trainer's own after it, if not given)."""
-    epochs, global_step = progress or fit_progress(trainer)
+    (epochs, global_step), `fit_progress` read before the test resets the trainer's metrics."""
+    epochs, global_step = progress
     val = {k: _metric(trainer, k) for k in ("val/acc", "val/f1", "val/loss")}
     if isinstance(trainer.checkpoint_callback, ModelCheckpoint):
         val.update({k: v for k, v in trainer.checkpoint_callback.best_validation().items() if k in val})
