@@ -1,10 +1,10 @@
 """The demo page in a real browser: `python -m bench.demo_latency [--checkpoint CKPT] [--predictions 200]`.
 
 Starts `python -m fmnist_tl.demo` (default: a random-init ResNet50 at 224 px, the project's default
-model; speed does not depend on the weights) once per `--runtimes` (default: onnx, the page's CPU
-default, then torch, side by side in one run), opens it in headless Chromium (Debian's
-/usr/bin/chromium through Playwright) and uploads real Fashion-MNIST test images one after the
-other. For each it times the round trip as a user sees it: from handing the file to the page's
+model; speed does not depend on the weights) once per `--runtimes` (default: onnx, what the page's
+`--runtime auto` picks where it runs faster, then torch, side by side in one run), opens it in
+headless Chromium (Debian's /usr/bin/chromium through Playwright) and uploads real Fashion-MNIST
+test images one after the other. For each it times the round trip as a user sees it: from handing the file to the page's
 input to the top label shown. It samples the server's RSS (/proc) after the warm-up and every 50
 predictions. Writes bench/results/<date>-demo.json with the CPU model, the cores and the load
 average: the browser and the server share the cores, and so do other users of a shared machine.

@@ -110,7 +110,7 @@ def test_the_page_predicts_what_predict_predicts_and_shows_the_models_input(mode
 def test_onnx_runtime_predicts_what_predict_predicts(model, tmp_path):
     """The default CPU forward pass: the model exported to ONNX Runtime, checked at start."""
     examples = example_files(REPO / "docs" / "examples")
-    forward, runs_on = choose_forward(model, torch.device("cpu"), "auto", examples)
+    forward, runs_on = choose_forward(model, torch.device("cpu"), "onnx", examples)
     assert isinstance(forward, OnnxClassifier) and runs_on.startswith("ONNX Runtime on CPU")
     predictor = Predictor(model, top_k=3, forward=forward)
     files = [*examples, *(str(fashion_mnist_test_image(tmp_path, i)) for i in range(8))]
@@ -119,6 +119,28 @@ def test_onnx_runtime_predicts_what_predict_predicts(model, tmp_path):
             got = predictor(expected.path)
             assert list(got.top) == [name for name, _ in expected.top]
             assert list(got.top.values()) == pytest.approx([p for _, p in expected.top], abs=1e-4)
+
+
+@pytest.mark.parametrize("onnx_faster", [True, False])
+def test_auto_runs_whichever_runtime_is_faster_on_this_machine(model, monkeypatch, onnx_faster):
+    import fmnist_tl.demo as demo
+
+    real_forward_ms = demo.forward_ms
+    measured = []
+
+    def forward_ms(forward, images):
+        measured.append(real_forward_ms(forward, images, repeats=1))
+        return 1.0 if isinstance(forward, OnnxClassifier) == onnx_faster else 2.0
+
+    monkeypatch.setattr(demo, "forward_ms", forward_ms)
+    forward, runs_on = choose_forward(model, torch.device("cpu"), "auto", [])
+    assert len(measured) == 2 and all(ms > 0 for ms in measured)
+    if onnx_faster:
+        assert isinstance(forward, OnnxClassifier)
+        assert runs_on.startswith("ONNX Runtime on CPU (one image: ONNX Runtime 1 ms, PyTorch 2 ms, timed at start")
+    else:
+        assert forward is None
+        assert runs_on == "PyTorch on cpu (one image: ONNX Runtime 2 ms, PyTorch 1 ms, timed at start)"
 
 
 def test_onnx_logits_off_from_pytorchs_are_refused_and_auto_falls_back(model, monkeypatch, capsys):
